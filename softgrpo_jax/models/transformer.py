@@ -1,0 +1,315 @@
+"""One Flax NNX decoder for Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen and Llama 3.x / SmolLM2.
+
+Layout: the per-layer weights are stacked along a leading layer axis ``[L, ...]`` so the layers run as one
+``lax.scan`` (compile time flat in depth) or, with ``scan_layers=False``, unrolled. Linear weights are stored
+``[in, out]``. Shapes: B batch, T query length, S cache slots, D width, H query heads, G = H / Hkv, hd head dim, V vocab.
+
+The KV cache is a plain dict (a pytree) of fixed size, so decoding compiles once:
+  ``k, v``: [L, B, S, Hkv, hd]   keys / values per slot
+  ``mask``: [B, S] bool          slot holds a real (non-padding) token
+  ``pos``:  [B] int32            number of real tokens seen per row (the next RoPE position)
+  ``index``: [] int32            next slot to write (shared by the batch: prompts are left-padded)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from softgrpo_jax.models.config import ModelConfig
+
+NEG_INF = -1e30
+
+# PartitionSpecs over the named mesh axes ("data", "fsdp", "tensor"). Layer-stacked weights lead with None.
+PARAM_SPECS = {
+    "embed": P("tensor", "fsdp"),
+    "lm_head": P("fsdp", "tensor"),
+    "final_norm": P(None),
+    "attn_norm": P(None, None),
+    "mlp_norm": P(None, None),
+    "wq": P(None, "fsdp", "tensor"),
+    "wk": P(None, "fsdp", "tensor"),
+    "wv": P(None, "fsdp", "tensor"),
+    "bq": P(None, "tensor"),
+    "bk": P(None, "tensor"),
+    "bv": P(None, "tensor"),
+    "wo": P(None, "tensor", "fsdp"),
+    "bo": P(None, None),
+    "w_gate": P(None, "fsdp", "tensor"),
+    "w_up": P(None, "fsdp", "tensor"),
+    "w_down": P(None, "tensor", "fsdp"),
+}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter, keyed by the leaf name used in the NNX state."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {
+        "embed": (V, D),
+        "final_norm": (D,),
+        "attn_norm": (L, D),
+        "mlp_norm": (L, D),
+        "wq": (L, D, q),
+        "wk": (L, D, kv),
+        "wv": (L, D, kv),
+        "wo": (L, q, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        shapes.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+    if cfg.o_bias:
+        shapes["bo"] = (L, D)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+LAYER_KEYS = ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "w_gate", "w_up", "w_down")
+
+
+class Layers(nnx.Module):
+    """Container of the layer-stacked weights (one nnx.Param per weight kind, leading axis = layer)."""
+
+    def __init__(self, params: dict[str, nnx.Param]):
+        for k, v in params.items():
+            setattr(self, k, v)
+
+    def as_dict(self) -> dict[str, jax.Array]:
+        return {k: getattr(self, k)[...] for k in LAYER_KEYS if hasattr(self, k)}
+
+
+def _init_value(name, shape, dtype, key):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.startswith("b"):
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer (GQA, RMSNorm, SwiGLU, RoPE) with an ``inputs_embeds`` entry for soft tokens."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, abstract: bool = False):
+        self.config = cfg
+        rngs = rngs or nnx.Rngs(0)
+        shapes = param_shapes(cfg)
+        dt = cfg.jnp_param_dtype
+
+        def make(name):
+            if abstract:
+                value = jnp.zeros(shapes[name], dt)
+            else:
+                value = _init_value(name, shapes[name], dt, rngs.params())
+            return nnx.Param(value, pspec=PARAM_SPECS[name])
+
+        self.embed = make("embed")
+        self.final_norm = make("final_norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make("lm_head")
+        self.layers = Layers({k: make(k) for k in LAYER_KEYS if k in shapes})
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def embedding_table(self) -> jax.Array:
+        """The input embedding table E [V, D] (what soft tokens mix)."""
+        return self.embed[...]
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
+        cd = self.config.jnp_dtype
+        if self.config.tie_word_embeddings:
+            w = self.embed[...].astype(cd)
+            out = jnp.einsum("...d,vd->...v", h.astype(cd), w, preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("...d,dv->...v", h.astype(cd), self.lm_head[...].astype(cd),
+                             preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+        return init_cache(self.config, batch_size, max_len, dtype)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        return_hidden: bool = False,
+    ):
+        """Run the decoder.
+
+        Exactly one of ``input_ids`` [B, T] (int) or ``inputs_embeds`` [B, T, D] must be given.
+        ``attention_mask`` [B, T] marks real tokens (1) and padding (0), left or right padding alike.
+        ``positions`` [B, T] overrides the RoPE positions (default: count of real tokens before each one).
+        Returns float32 logits [B, T, V] (or the normed hidden states [B, T, D] with ``return_hidden``);
+        with a ``cache``, returns ``(out, new_cache)``.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cd = cfg.jnp_dtype
+        if input_ids is not None:
+            x = jnp.take(self.embed[...], input_ids, axis=0).astype(cd)
+        else:
+            if inputs_embeds.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds last dim {inputs_embeds.shape[-1]} != hidden_size {cfg.hidden_size}")
+            x = inputs_embeds.astype(cd)
+        B, T = x.shape[:2]
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+
+        if cache is None:
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            key_valid = mask
+            q_slot = jnp.arange(T)
+            start = None
+        else:
+            start = cache["index"]
+            if positions is None:
+                positions = cache["pos"][:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, start))
+            q_slot = start + jnp.arange(T)
+        S = key_valid.shape[1]
+        # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
+        attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
+        cos, sin = rope_tables(cfg, positions)
+
+        layer_params = self.layers.as_dict()
+        body = _make_layer_fn(cfg, cos, sin, attn_mask, start)
+        if cfg.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+
+        if cache is None:
+            kv_in = None
+        else:
+            kv_in = (cache["k"], cache["v"])
+        if cfg.scan_layers:
+            def scan_fn(carry, xs):
+                h, kv = carry
+                p, i = xs
+                h, kv = body(h, p, i, kv)
+                return (h, kv), None
+            (x, kv_out), _ = jax.lax.scan(scan_fn, (x, kv_in), (layer_params, jnp.arange(cfg.num_layers)))
+        else:
+            kv_out = kv_in
+            for i in range(cfg.num_layers):
+                p = {k: v[i] for k, v in layer_params.items()}
+                x, kv_out = body(x, p, i, kv_out)
+
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        out = x if return_hidden else self.logits_from_hidden(x)
+        if cache is None:
+            return out
+        new_cache = {
+            "k": kv_out[0],
+            "v": kv_out[1],
+            "mask": key_valid,
+            "pos": cache["pos"] + mask.sum(axis=1).astype(jnp.int32),
+            "index": start + T,
+        }
+        return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    dtype = dtype or cfg.jnp_dtype
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch_size, max_len), bool),
+        "pos": jnp.zeros((batch_size,), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def inv_frequencies(cfg: ModelConfig) -> jax.Array:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    inv_l = jnp.where(wavelen > low_wl, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * inv_l / rs.factor + smooth * inv_l
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return jnp.where(medium, smoothed, inv_l)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [B, T, hd] in float32 (HF's rotate-half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_frequencies(cfg)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, hd]; cos/sin [B, T, hd]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def _dense(x, w, b=None):
+    y = jnp.einsum("btd,df->btf", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(hd)
+
+    def layer(x, p: dict[str, Any], i, kv):
+        B, T, _ = x.shape
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        q = _dense(h, p["wq"], p.get("bq")).reshape(B, T, H, hd)
+        k = _dense(h, p["wk"], p.get("bk")).reshape(B, T, Hkv, hd)
+        v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if kv is not None:
+            ck, cv = kv
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
+            keys = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
+            vals = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
+            kv = (ck, cv)
+        else:
+            keys, vals = k, v
+        qg = q.reshape(B, T, Hkv, G, hd)
+        s = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(attn_mask[:, None, None, :, :], s, NEG_INF)
+        w = jax.nn.softmax(s, axis=-1).astype(x.dtype)
+        o = jnp.einsum("bkgts,bskh->btkgh", w, vals, preferred_element_type=jnp.float32).astype(x.dtype)
+        o = _dense(o.reshape(B, T, H * hd), p["wo"], p.get("bo"))
+        x = x + o
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        g = _dense(h, p["w_gate"])
+        u = _dense(h, p["w_up"])
+        x = x + _dense(jax.nn.silu(g) * u, p["w_down"])
+        return x, kv
+
+    return layer

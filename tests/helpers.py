@@ -1,0 +1,50 @@
+"""Tiny random checkpoints written by transformers itself (the independent reference)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+QWEN2 = dict(family="qwen2", vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+LLAMA = dict(family="llama", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+             num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True)
+
+
+def make_hf_model(path: str, family: str = "qwen2", seed: int = 0, **kw):
+    """Write a tiny random transformers checkpoint to ``path`` and return the (float32, eval) torch model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    base = dict(QWEN2 if family == "qwen2" else LLAMA)
+    base.pop("family")
+    base.update(kw)
+    base.setdefault("max_position_embeddings", 256)
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(**base)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**base)
+        model = transformers.LlamaForCausalLM(cfg)
+    # the default init leaves biases zero and norms one; randomise everything so parity is meaningful
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kw = {}
+        if attention_mask is not None:
+            kw["attention_mask"] = torch.tensor(attention_mask)
+        return model(torch.tensor(ids), **kw).logits.float().numpy()
