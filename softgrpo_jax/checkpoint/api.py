@@ -1,0 +1,92 @@
+"""``load_pretrained`` / ``save_pretrained``: one entry for HF directories, GGUF files and orbax checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+from softgrpo_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
+from softgrpo_jax.checkpoint.orbax_io import is_orbax_model, load_orbax, save_orbax
+from softgrpo_jax.models.transformer import Transformer
+
+EMBEDDED_ALIASES = ("smollm2", "smollm2-135m", "embedded")
+
+
+def _is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def detect_format(path: str) -> str:
+    if path in EMBEDDED_ALIASES:
+        return "embedded"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face directory, a .gguf "
+                                f"file, a softgrpo_jax orbax checkpoint, or 'smollm2' for the embedded default)")
+    if _is_gguf(path):
+        return "gguf"
+    if os.path.isdir(path):
+        if is_orbax_model(path):
+            return "orbax"
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf"
+    raise CheckpointError(f"{path}: not a Hugging Face directory (config.json + safetensors), a GGUF file or an "
+                          f"orbax model checkpoint (softgrpo_model.json)")
+
+
+def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
+    """Load a model from a Hugging Face directory, a llama.cpp ``.gguf`` file or an orbax checkpoint.
+
+    ``dtype`` is the parameter dtype (default float32), ``compute_dtype`` the activation dtype (default: ``dtype``),
+    ``mesh`` places every weight on its sharding as it is read. Extra keyword arguments override ModelConfig fields
+    (e.g. ``scan_layers=False``, ``remat=True``).
+    """
+    fmt = detect_format(path)
+    kw = dict(dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, **overrides)
+    if fmt == "hf":
+        return load_hf(path, **kw)
+    if fmt == "orbax":
+        return load_orbax(path, **kw)
+    if fmt == "gguf":
+        from softgrpo_jax.checkpoint.gguf import load_gguf
+
+        return load_gguf(path, **kw)
+    from softgrpo_jax.checkpoint.embedded import smollm2_gguf_path
+    from softgrpo_jax.checkpoint.gguf import load_gguf
+
+    return load_gguf(smollm2_gguf_path(), **kw)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer that goes with a model path (HF directory, GGUF file, orbax checkpoint with tokenizer files)."""
+    fmt = detect_format(path)
+    if fmt in ("gguf", "embedded"):
+        from softgrpo_jax.checkpoint.gguf import gguf_tokenizer
+
+        if fmt == "embedded":
+            from softgrpo_jax.checkpoint.embedded import smollm2_gguf_path
+
+            path = smollm2_gguf_path()
+        return gguf_tokenizer(path)
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no tokenizer files found ({e})") from None
+
+
+def save_pretrained(model: Transformer, path: str, *, tokenizer=None, format: str = "hf", **kw) -> str:
+    """Write ``model`` as a Hugging Face directory (``format="hf"``) or an orbax checkpoint (``"orbax"``).
+
+    Writes go to a temporary directory renamed into place, so a failure never leaves a half-written checkpoint.
+    """
+    if format == "hf":
+        return save_hf(model, path, tokenizer=tokenizer, **kw)
+    if format == "orbax":
+        out = save_orbax(model, path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+    raise ValueError(f"unknown checkpoint format {format!r}; use 'hf' or 'orbax' (GGUF is import-only)")

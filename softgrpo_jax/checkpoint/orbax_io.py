@@ -1,0 +1,74 @@
+"""The project's own model checkpoints: ``softgrpo_model.json`` (the ModelConfig) + an orbax PyTree of params."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from softgrpo_jax.checkpoint.hf import CheckpointError, atomic_dir
+from softgrpo_jax.distributed import state_shardings
+from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models.transformer import Transformer
+
+MARKER = "softgrpo_model.json"
+
+
+def is_orbax_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def save_orbax(model: Transformer, path: str) -> str:
+    import orbax.checkpoint as ocp
+
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with atomic_dir(path) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(os.path.abspath(tmp), "params"), state)
+            ckptr.wait_until_finished()
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write(json.dumps({"format": "softgrpo_jax/orbax-v1",
+                                "config": json.loads(model.config.to_json())}, indent=1))
+    return path
+
+
+def restore_params_into(model: Transformer, params_dir: str, mesh=None) -> Transformer:
+    """Restore an orbax params PyTree into ``model`` (shapes must match), placed on ``mesh`` if given."""
+    import orbax.checkpoint as ocp
+
+    state = nnx.state(model, nnx.Param)
+    if mesh is not None:
+        sh = state_shardings(state, mesh)
+        abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                nnx.to_pure_dict(state), nnx.to_pure_dict(sh))
+    else:
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.abspath(params_dir), abstract)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{params_dir}: orbax params do not match the model: {e}") from None
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model
+
+
+def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
+    with open(os.path.join(path, MARKER)) as f:
+        meta = json.load(f)
+    cfg = ModelConfig.from_json(json.dumps(meta["config"]))
+    if dtype is not None:
+        overrides["param_dtype"] = str(np.dtype(dtype))
+    if compute_dtype is not None:
+        overrides["dtype"] = str(np.dtype(compute_dtype))
+    cfg = cfg.replace(**overrides)
+    model = nnx.eval_shape(lambda: Transformer(cfg, abstract=True))
+    # materialise zeros lazily per leaf, then restore over them
+    graphdef, state = nnx.split(model)
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jax.numpy.zeros(var.get_value().shape, var.get_value().dtype))
+    model = nnx.merge(graphdef, state)
+    return restore_params_into(model, os.path.join(path, "params"), mesh=mesh)

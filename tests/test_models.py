@@ -1,0 +1,237 @@
+"""Model parity with transformers' PyTorch models, checkpoint round trips, cached decoding, sharding."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import make_hf_model, torch_logits
+from softgrpo_jax import load_pretrained, save_pretrained
+from softgrpo_jax.checkpoint import CheckpointError
+from softgrpo_jax.distributed import make_mesh, shard_model
+from softgrpo_jax.models import UnsupportedModelError
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+CASES = [
+    ("qwen2", dict(tie_word_embeddings=False)),  # GQA 4:1, q/k/v bias, untied
+    ("qwen2", dict(tie_word_embeddings=True, num_key_value_heads=8, vocab_size=101)),  # MHA, tied, odd vocab
+    ("llama", dict(tie_word_embeddings=True)),  # GQA 2:1, tied
+    ("llama", dict(tie_word_embeddings=False, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE,
+                   rope_theta=500000.0)),  # MQA, llama3 rope scaling, untied
+    ("llama", dict(attention_bias=True, head_dim=16)),  # q/k/v/o bias, explicit head_dim
+]
+
+
+@pytest.fixture(scope="module", params=range(len(CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def hf_pair(request, tmp_path_factory):
+    fam, kw = CASES[request.param]
+    d = str(tmp_path_factory.mktemp(f"hf{request.param}"))
+    tm = make_hf_model(d, fam, seed=request.param, **kw)
+    return d, tm
+
+
+def _ids(vocab, shape, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+def test_logits_parity(hf_pair):
+    d, tm = hf_pair
+    m = load_pretrained(d)
+    ids = _ids(m.config.vocab_size, (2, 37))  # longer than original_max_position_embeddings: scaling matters
+    ref = torch_logits(tm, ids)
+    out = np.asarray(m(jnp.asarray(ids)))
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_padded_batch_parity(hf_pair):
+    """Left- and right-padded rows give the transformers logits at their real positions."""
+    d, tm = hf_pair
+    m = load_pretrained(d)
+    V = m.config.vocab_size
+    ids = _ids(V, (3, 20), seed=1)
+    mask = np.ones((3, 20), np.int64)
+    mask[0, :6] = 0  # left padding
+    mask[1, 15:] = 0  # right padding
+    out = np.asarray(m(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    for b in range(3):
+        keep = mask[b].astype(bool)
+        ref = torch_logits(tm, ids[b:b + 1, keep])[0]
+        assert np.abs(out[b, keep] - ref).max() <= 1e-4
+
+
+def test_export_reload_in_transformers(hf_pair, tmp_path):
+    import torch
+    import transformers
+
+    d, tm = hf_pair
+    m = load_pretrained(d)
+    out_dir = str(tmp_path / "export")
+    save_pretrained(m, out_dir)
+    re = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    ids = _ids(m.config.vocab_size, (2, 19), seed=2)
+    a, b = torch_logits(re, ids), np.asarray(m(jnp.asarray(ids)))
+    assert np.abs(a - b).max() <= 1e-5
+    assert np.abs(a - torch_logits(tm, ids)).max() <= 1e-5
+
+
+def test_hf_orbax_hf_bit_exact(hf_pair, tmp_path):
+    from softgrpo_jax.checkpoint import safetensors_io as st
+
+    d, _ = hf_pair
+    m = load_pretrained(d)
+    save_pretrained(m, str(tmp_path / "ob"), format="orbax")
+    m2 = load_pretrained(str(tmp_path / "ob"))
+    assert m2.config == m.config
+    save_pretrained(m2, str(tmp_path / "hf2"))
+    a = dict(st.iter_tensors(os.path.join(d, "model.safetensors")))
+    b = dict(st.iter_tensors(str(tmp_path / "hf2" / "model.safetensors")))
+    if m.config.tie_word_embeddings:
+        a.pop("lm_head.weight", None)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_inputs_embeds_equals_ids(hf_pair):
+    d, _ = hf_pair
+    m = load_pretrained(d)
+    ids = jnp.asarray(_ids(m.config.vocab_size, (2, 11), seed=3))
+    emb = m.embedding_table()[ids]
+    np.testing.assert_array_equal(np.asarray(m(ids)), np.asarray(m(inputs_embeds=emb)))
+    with pytest.raises(ValueError, match="exactly one"):
+        m(ids, inputs_embeds=emb)
+    with pytest.raises(ValueError, match="exactly one"):
+        m()
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_decoding_equals_full_forward(hf_pair, scan):
+    d, _ = hf_pair
+    m = load_pretrained(d, scan_layers=scan)
+    V = m.config.vocab_size
+    ids = _ids(V, (2, 16), seed=4)
+    mask = np.ones((2, 16), bool)
+    mask[1, :5] = False  # a left-padded row
+    full = np.asarray(m(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    cache = m.init_cache(2, 24)
+    P = 9
+    logits, cache = m(jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]), cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(P, 16):
+        lg, cache = m(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]), cache=cache)
+        steps.append(np.asarray(lg))
+    got = np.concatenate(steps, axis=1)
+    assert np.abs(got[mask] - full[mask]).max() <= 1e-4
+    assert int(cache["index"]) == 16
+    np.testing.assert_array_equal(np.asarray(cache["pos"]), mask.sum(1))
+
+
+def test_sharded_forward_equals_unsharded(hf_pair):
+    assert jax.device_count() == 8
+    d, _ = hf_pair
+    m = load_pretrained(d)
+    ids = jnp.asarray(_ids(m.config.vocab_size, (8, 12), seed=5))
+    ref = np.asarray(m(ids))
+    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+        mesh = make_mesh(shape)
+        ms = load_pretrained(d, mesh=mesh)
+        wq = nnx.state(ms)["layers"]["wq"][...]
+        assert len(wq.sharding.device_set) == 8
+        f = nnx.jit(lambda mod, x: mod(x))
+        x = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+        out = np.asarray(f(ms, x))
+        assert np.abs(out - ref).max() <= 1e-5, shape
+    # shard_model on an already loaded model gives the same numbers
+    shard_model(m, make_mesh((2, 1, 4)))
+    assert np.abs(np.asarray(m(ids)) - ref).max() <= 1e-5
+
+
+def test_bf16_params_close(hf_pair):
+    d, tm = hf_pair
+    m = load_pretrained(d, dtype="bfloat16")
+    assert nnx.state(m)["embed"][...].dtype == jnp.bfloat16
+    ids = _ids(m.config.vocab_size, (1, 9), seed=6)
+    out = np.asarray(m(jnp.asarray(ids)))
+    assert out.dtype == np.float32
+    assert np.abs(out - torch_logits(tm, ids)).max() < 0.1
+
+
+# ------------------------------------------------------------------------------------------- bad checkpoints
+def _edit_config(d, **kw):
+    p = os.path.join(d, "config.json")
+    cfg = json.load(open(p))
+    cfg.update(kw)
+    json.dump(cfg, open(p, "w"))
+
+
+def test_bad_checkpoints(tmp_path):
+    from softgrpo_jax.checkpoint import safetensors_io as st
+
+    d = str(tmp_path / "m")
+    make_hf_model(d, "qwen2")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_pretrained(str(tmp_path / "nope"))
+    tensors = dict(st.iter_tensors(os.path.join(d, "model.safetensors")))
+    # missing tensor
+    bad = str(tmp_path / "missing")
+    os.makedirs(bad)
+    json.dump(json.load(open(os.path.join(d, "config.json"))), open(os.path.join(bad, "config.json"), "w"))
+    st.write_file(os.path.join(bad, "model.safetensors"),
+                  {k: np.array(v) for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(bad)
+    # extra tensor
+    st.write_file(os.path.join(bad, "model.safetensors"),
+                  {**{k: np.array(v) for k, v in tensors.items()}, "model.layers.0.foo.weight": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.foo\.weight"):
+        load_pretrained(bad)
+    # mis-shaped tensor
+    t2 = {k: np.array(v) for k, v in tensors.items()}
+    t2["model.layers.2.self_attn.k_proj.weight"] = t2["model.layers.2.self_attn.k_proj.weight"][:, :-1].copy()
+    st.write_file(os.path.join(bad, "model.safetensors"), t2)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight.*shape"):
+        load_pretrained(bad)
+    # config that does not match the weights
+    _edit_config(d, num_hidden_layers=4)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3"):
+        load_pretrained(d)
+    _edit_config(d, num_hidden_layers=3, architectures=["MistralForCausalLM"], model_type="mistral")
+    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM"):
+        load_pretrained(d)
+
+
+def test_sharded_index_and_atomic_save(tmp_path):
+    import torch
+    import transformers
+
+    d = str(tmp_path / "m")
+    tm = make_hf_model(d, "llama", tie_word_embeddings=False)
+    m = load_pretrained(d)
+    out = str(tmp_path / "sharded")
+    save_pretrained(m, out, max_shard_bytes=20_000)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    re = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(m.config.vocab_size, (1, 7))
+    assert np.abs(torch_logits(re, ids) - torch_logits(tm, ids)).max() == 0
+    m2 = load_pretrained(out)
+    assert np.array_equal(np.asarray(m2(jnp.asarray(ids))), np.asarray(m(jnp.asarray(ids))))
+    # a save that fails half-way leaves the previous export intact and no temp dirs behind
+    before = sorted(os.listdir(out))
+
+    class Boom:
+        def save_pretrained(self, path):
+            open(os.path.join(path, "tokenizer.json"), "w").write("{")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(m, out, tokenizer=Boom())
+    assert sorted(os.listdir(out)) == before
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
