@@ -1,0 +1,111 @@
+"""Math data: TFDS builders (user files or reasoning-gym), prompt templates, prompt-length filtering.
+
+``load_split(name, split)`` is the plain entry point: it prepares the TFDS data set if needed (array_record, no
+TensorFlow) and returns a list of ``{"id", "question", "answer", "source"}`` dicts.  tensorflow-datasets and
+reasoning-gym are imported only when a data set is loaded, so the prompt helpers work without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from softgrpo_jax.data.prompts import (  # noqa: F401 - re-exported
+    STYLES,
+    SUFFIX,
+    THINK_SYSTEM,
+    PromptSet,
+    build_prompt,
+    prepare_prompts,
+    prompt_opens_think,
+    resolve_style,
+    template_opens_think,
+    tokenize_and_filter,
+)
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "gsm8k")
+DATASETS = ("deepscaler",) + BENCHMARKS + ("reasoning_gym_math",)
+SPLITS = {"deepscaler": ("train",), "reasoning_gym_math": ("train", "test"), **{b: ("test",) for b in BENCHMARKS}}
+
+
+class Examples(list):
+    """A list of example dicts that also says where it came from and how many source rows were skipped."""
+
+    name: str = ""
+    split: str = ""
+    skipped: int = 0
+    source_file: str | None = None
+    metadata: dict
+
+    def __init__(self, items=(), *, name="", split="", skipped=0, source_file=None, metadata=None):
+        super().__init__(items)
+        self.name, self.split, self.skipped, self.source_file = name, split, skipped, source_file
+        self.metadata = dict(metadata or {})
+
+
+def _decode(v):
+    return v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def get_builder(name: str, *, data_dir: str | None = None, **config_kw):
+    """The TFDS builder of ``name`` (see :mod:`softgrpo_jax.data.builders`)."""
+    from softgrpo_jax.data import builders
+
+    return builders.get_builder(name, data_dir=data_dir, **config_kw)
+
+
+def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None, rebuild: bool = False,
+            **config_kw):
+    """Prepare (generate the array_record files of) data set ``name`` if needed; returns the ready builder.
+
+    For user-file data sets, the prepared copy is rebuilt when the source file found now differs (SHA-256) from the
+    one it was built from, or when ``rebuild``."""
+    import tensorflow_datasets as tfds
+
+    from softgrpo_jax.data import builders
+
+    builder = builders.get_builder(name, data_dir=data_dir, **config_kw)
+    root = data_dir or builders.default_data_dir()
+    mdir = os.path.expanduser(manual_dir) if manual_dir else builders.default_manual_dir(root)
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    prepared = os.path.exists(os.path.join(str(builder.data_dir), "dataset_info.json"))
+    if prepared and name in builders.FILE_STEMS and not rebuild:
+        recorded = builder.info.metadata.get("source_files", {}) if builder.info.metadata is not None else {}
+        for split, rec in recorded.items():
+            try:
+                current = builders.find_file(name, split, mdir)
+            except FileNotFoundError:
+                continue  # the source is gone: keep the prepared copy
+            if builders._sha256(current) != rec.get("sha256"):
+                log.info("%s/%s: source file %s changed since it was prepared; rebuilding", name, split, current)
+                rebuild = True
+    if prepared and rebuild:
+        mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    if not prepared or rebuild:
+        for split in builders.FILE_STEMS.get(name, {}):
+            builders.find_file(name, split, mdir)  # a clear FileNotFoundError before TFDS starts
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=mdir,
+                                                                                  download_mode=mode))
+        builder = builders.get_builder(name, data_dir=data_dir, **config_kw)  # re-read the written info
+    return builder
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+               rebuild: bool = False, **kw) -> Examples:
+    """Examples of ``split`` of data set ``name`` as a list of ``{"id", "question", "answer", "source"}`` dicts,
+    building the TFDS data set first if needed.  ``kw`` configures ``reasoning_gym_math`` (tasks, train_size,
+    test_size, seed).  The result's ``.skipped`` is the number of malformed source rows skipped for this split."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(SPLITS)}")
+    if split not in SPLITS[name]:
+        raise ValueError(f"{name} has splits {SPLITS[name]}, not {split!r}")
+    builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir, rebuild=rebuild, **kw)
+    source = builder.as_data_source(split)
+    items = [{k: _decode(v) for k, v in source[i].items()} for i in range(len(source))]
+    meta = dict(builder.info.metadata or {})
+    skipped = meta.get("skipped", {})
+    n_skipped = skipped.get(split, 0) if name != "reasoning_gym_math" else sum(skipped.values())
+    src = meta.get("source_files", {}).get(split, {}).get("path")
+    return Examples(items, name=name, split=split, skipped=int(n_skipped), source_file=src, metadata=meta)
