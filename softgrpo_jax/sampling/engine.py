@@ -1,0 +1,281 @@
+"""The rollout engine: jitted prefill + one jitted ``lax.while_loop`` decode with a donated KV cache.
+
+No host round trip per token. Prompts are left-padded into length buckets (powers of two) so a run compiles a handful
+of times. Data parallel: the batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``;
+parameters keep whatever sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the
+same seed gives the same rollouts whatever the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+from softgrpo_jax.ops import soft_embed
+from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, discrete_logprob_of, step
+
+FINISH_LENGTH, FINISH_STOP, FINISH_COLD_STOP = 0, 1, 2
+FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_COLD_STOP: "cold_stop"}
+
+
+@flax.struct.dataclass
+class Rollout:
+    """What one generation call produced (B rows, P prompt slots, L = max_new_tokens, K slots).
+
+    Response step j of row b: ``tokens[b, j]`` was emitted; ``topk_ids[b, j]`` / ``topk_ytil[b, j]`` are the K ids and
+    perturbed log-probs stored for it (SPEC.md 1.2; one-hot ``[tok, 0, ...]`` and ytil 0 for discrete steps);
+    ``weights[b, j]`` the input mixture of the next step; ``soft_mask`` marks soft steps.
+    """
+
+    prompt_tokens: jax.Array  # [B, P] int32, left-padded with pad_id
+    prompt_mask: jax.Array  # [B, P] bool
+    tokens: jax.Array  # [B, L] int32, right-padded with pad_id
+    response_mask: jax.Array  # [B, L] bool: up to and including the stop token
+    topk_ids: jax.Array  # [B, L, K] int32
+    topk_ytil: jax.Array  # [B, L, K] float32
+    weights: jax.Array  # [B, L, K] float32
+    soft_mask: jax.Array  # [B, L] bool
+    logprobs: jax.Array  # [B, L] float32 rollout log-probs (logging only)
+    lengths: jax.Array  # [B] int32 response lengths
+    think_lengths: jax.Array  # [B] int32 steps up to and including the end of thinking (0 for discrete rows)
+    finish_reason: jax.Array  # [B] int32: 0 length, 1 stop token, 2 cold stop abort
+    modes: jax.Array  # [B] int32 row modes
+    tau: jax.Array  # [B] float32: the tau that rebuilds each row's soft inputs from topk_ytil
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def _batch_spec(mesh, shape):
+    return NamedSharding(mesh, fit_spec(shape, P(BATCH_AXES, *([None] * (len(shape) - 1))), mesh))
+
+
+def _constrain_cache(cache, mesh):
+    if mesh is None:
+        return cache
+    out = {}
+    for k, v in cache.items():
+        if k in ("k", "v"):
+            spec = fit_spec(v.shape, P(None, BATCH_AXES, None, "tensor", None), mesh)
+        elif v.ndim:
+            spec = fit_spec(v.shape, P(BATCH_AXES, *([None] * (v.ndim - 1))), mesh)
+        else:
+            spec = P()
+        out[k] = jax.lax.with_sharding_constraint(v, NamedSharding(mesh, spec))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
+def _prefill(graphdef, state, tokens, mask, *, cache_len, mesh=None):
+    model = nnx.merge(graphdef, state)
+    cache = _constrain_cache(model.init_cache(tokens.shape[0], cache_len), mesh)
+    logits, cache = model(tokens, attention_mask=mask, cache=cache)
+    return logits[:, -1], _constrain_cache(cache, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "end_ids", "stop_ids", "pad_id", "steps",
+                                             "embed_impl", "mesh"), donate_argnames=("cache",))
+def _decode(graphdef, state, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
+            stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
+    model = nnx.merge(graphdef, state)
+    table = model.embedding_table()
+    B = logits0.shape[0]
+    K = cfg.max_topk
+    n_end = len(end_ids)
+    end_arr = jnp.asarray(end_ids if end_ids else (-1,), jnp.int32)
+    stop_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    cold = cfg.early_stopping_entropy_threshold > 0
+
+    buf = dict(
+        tokens=jnp.full((B, steps), pad_id, jnp.int32),
+        mask=jnp.zeros((B, steps), bool),
+        ids=jnp.zeros((B, steps, K), jnp.int32),
+        ytil=jnp.zeros((B, steps, K), jnp.float32),
+        weights=jnp.zeros((B, steps, K), jnp.float32),
+        soft=jnp.zeros((B, steps), bool),
+        logprob=jnp.zeros((B, steps), jnp.float32),
+    )
+    st = dict(
+        thinking=modes != DISCRETE,
+        done=jnp.zeros((B,), bool),
+        finish=jnp.zeros((B,), jnp.int32),
+        think_len=jnp.zeros((B,), jnp.int32),
+        hist=jnp.full((B, max(n_end, 1)), -1, jnp.int32),
+        low_ent=jnp.zeros((B,), jnp.int32),
+        force=jnp.full((B,), -1, jnp.int32),
+    )
+
+    def cond(carry):
+        i, _, _, st, _ = carry
+        return (i < steps) & ~jnp.all(st["done"])
+
+    def body(carry):
+        i, logits, cache, st, buf = carry
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
+        out = step(cfg, logits, keys, modes, st["thinking"])
+        token, ids, weights, ytil, soft, logprob = (out[k] for k in ("token", "ids", "weights", "ytil", "soft",
+                                                                        "logprob"))
+        thinking = st["thinking"]
+        onehot_w = jnp.broadcast_to((jnp.arange(K) == 0).astype(jnp.float32), weights.shape)
+
+        # forced think-end tokens (cold stop with a multi-token think-end string)
+        forced = st["force"] >= 0
+        f_tok = end_arr[jnp.clip(st["force"], 0, max(n_end - 1, 0))]
+        # cold stop: consecutive low-entropy soft steps -> emit the think-end string (thinking) or abort (discrete)
+        low_ent = jnp.where(out["entropy"] < cfg.early_stopping_entropy_threshold, st["low_ent"] + 1, 0) \
+            if cold else st["low_ent"]
+        trigger = cold & (low_ent >= cfg.early_stopping_length_threshold)
+        cold_think = trigger & soft & ~forced & (n_end > 0)
+        cold_abort = trigger & ~thinking & (modes != DISCRETE) & ~forced
+        f_tok = jnp.where(cold_think, end_arr[0], f_tok)
+        force_now = forced | cold_think
+        token = jnp.where(force_now, f_tok, token)
+
+        # think-end detection on the emitted token
+        hist = jnp.concatenate([st["hist"][:, 1:], token[:, None]], axis=1)
+        if n_end == 0:
+            matched = jnp.zeros((B,), bool)
+        elif cfg.think_end_match == "full":
+            matched = jnp.all(hist == end_arr[None, :], axis=1)
+        else:
+            matched = token == end_arr[-1]
+        matched = matched & thinking
+        f_next = jnp.where(force_now, jnp.where(cold_think, 1, st["force"] + 1), -1)
+        ends = matched | (force_now & (f_next >= n_end))
+        f_next = jnp.where(ends, -1, f_next)
+        to_onehot = ends | force_now
+        ids = jnp.where(to_onehot[:, None], jnp.zeros_like(ids).at[:, 0].set(token), ids)
+        weights = jnp.where(to_onehot[:, None], onehot_w, weights)
+        ytil = jnp.where(to_onehot[:, None], 0.0, ytil)
+        soft = soft & ~to_onehot
+        T = jnp.where(thinking, cfg.temperature, cfg.at_temperature)
+        logprob = jnp.where(to_onehot, discrete_logprob_of(logits, token, T), logprob)
+
+        active = ~st["done"]
+        stop = jnp.any(token[:, None] == stop_arr[None, :], axis=1)
+        done = st["done"] | (active & (stop | cold_abort))
+        finish = jnp.where(active & stop, 1, jnp.where(active & cold_abort, 2, st["finish"]))
+        think_len = jnp.where(active & thinking, i + 1, st["think_len"])
+        new_st = dict(thinking=thinking & ~ends, done=done, finish=finish, think_len=think_len, hist=hist,
+                      low_ent=jnp.where(ends, 0, low_ent), force=f_next)
+
+        tok_w = jnp.where(active, token, pad_id)
+        upd = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, axis=1)  # noqa: E731
+        buf = dict(
+            tokens=upd(buf["tokens"], tok_w),
+            mask=upd(buf["mask"], active),
+            ids=upd(buf["ids"], jnp.where(active[:, None], ids, 0)),
+            ytil=upd(buf["ytil"], jnp.where(active[:, None], ytil, 0.0)),
+            weights=upd(buf["weights"], jnp.where(active[:, None], weights, 0.0)),
+            soft=upd(buf["soft"], active & soft),
+            logprob=upd(buf["logprob"], jnp.where(active, logprob, 0.0)),
+        )
+        emb = soft_embed(table, ids, weights, impl=embed_impl).astype(cfg_dtype(model))
+        next_logits, cache = model(inputs_embeds=emb[:, None, :], attention_mask=(active & ~done)[:, None],
+                                   cache=cache)
+        return i + 1, next_logits[:, 0], cache, new_st, buf
+
+    i, _, cache, st, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), logits0, cache, st, buf))
+    return buf, st, cache  # returning the cache lets XLA alias it to the donated input (decode in place)
+
+
+def cfg_dtype(model):
+    return model.config.jnp_dtype
+
+
+class RolloutEngine:
+    """Generates rollouts for a model. ``generate`` takes token-id prompts and returns a :class:`Rollout`."""
+
+    def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
+                 stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
+                 embed_impl: str = "auto"):
+        self.graphdef, _ = nnx.split(model)
+        self.model = model
+        self.cfg = cfg
+        self.think_end_ids = tuple(int(t) for t in think_end_ids)
+        self.stop_ids = tuple(int(t) for t in stop_ids)
+        self.pad_id = int(pad_id)
+        self.mesh = mesh
+        self.min_bucket = min_bucket
+        self.embed_impl = embed_impl
+
+    @classmethod
+    def for_tokenizer(cls, model, cfg: SamplingConfig, tokenizer, *, think_end: str = "</think>", mesh=None,
+                      extra_stop_ids: Sequence[int] = (), **kw) -> "RolloutEngine":
+        """Take think-end ids, stop ids (EOS and the model's eos ids) and the pad id from a HF tokenizer."""
+        end = tokenizer.encode(think_end, add_special_tokens=False) if think_end else []
+        stops = set(model.config.eos_token_id) | set(extra_stop_ids)
+        if tokenizer.eos_token_id is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        return cls(model, cfg, think_end_ids=end, stop_ids=sorted(stops), pad_id=pad, mesh=mesh, **kw)
+
+    def prepare_prompts(self, prompts: Sequence[Sequence[int]], n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad token-id prompts (each repeated ``n`` times, consecutively) into a length bucket."""
+        if not prompts:
+            raise ValueError("no prompts")
+        rows = [list(p) for p in prompts for _ in range(n)]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("empty prompt")
+        Pn = bucket_length(max(len(r) for r in rows), self.min_bucket)
+        toks = np.full((len(rows), Pn), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), Pn), bool)
+        for b, r in enumerate(rows):
+            toks[b, Pn - len(r):] = r
+            mask[b, Pn - len(r):] = True
+        return toks, mask
+
+    def generate(self, prompts: Sequence[Sequence[int]], key: jax.Array, *, n: int = 1, modes=None,
+                 max_new_tokens: int | None = None, model: nnx.Module | None = None,
+                 row_offset: int = 0) -> Rollout:
+        """Sample ``n`` completions per prompt (rows ``[p0]*n + [p1]*n + ...``).
+
+        ``modes``: None (the config's mode), a mode name, or one name / int per row. ``row_offset`` shifts the global
+        row index that keys the noise (for a process holding a shard of a larger batch).
+        """
+        model = model or self.model
+        _, state = nnx.split(model)
+        cfg = self.cfg
+        steps = int(max_new_tokens or cfg.max_new_tokens)
+        toks, mask = self.prepare_prompts(prompts, n)
+        B = toks.shape[0]
+        if modes is None:
+            modes = [MODES[cfg.mode]] * B
+        elif isinstance(modes, str):
+            modes = [MODES[modes]] * B
+        modes_np = np.asarray([MODES[m] if isinstance(m, str) else int(m) for m in modes], np.int32)
+        if modes_np.shape != (B,):
+            raise ValueError(f"need one mode per row ({B} rows), got {modes_np.shape}")
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B) + row_offset)
+        args = [toks, mask, modes_np, row_keys]
+        if self.mesh is not None:
+            args = [jax.device_put(a, _batch_spec(self.mesh, a.shape)) for a in args]
+        toks_d, mask_d, modes_d, keys_d = args
+        logits0, cache = _prefill(self.graphdef, state, toks_d, mask_d, cache_len=toks.shape[1] + steps,
+                                  mesh=self.mesh)
+        buf, st, _ = _decode(self.graphdef, state, logits0, cache, modes_d, keys_d, cfg=cfg,
+                          end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id, steps=steps,
+                          embed_impl=self.embed_impl, mesh=self.mesh)
+        taus = np.where(modes_np == GUMBEL, cfg.tau, 1.0).astype(np.float32)
+        return Rollout(
+            prompt_tokens=toks_d, prompt_mask=mask_d, tokens=buf["tokens"], response_mask=buf["mask"],
+            topk_ids=buf["ids"], topk_ytil=buf["ytil"], weights=buf["weights"], soft_mask=buf["soft"],
+            logprobs=buf["logprob"], lengths=jnp.sum(buf["mask"], axis=1).astype(jnp.int32),
+            think_lengths=st["think_len"], finish_reason=st["finish"], modes=modes_d, tau=jnp.asarray(taus))

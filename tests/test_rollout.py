@@ -1,0 +1,264 @@
+"""Rollout engine: one soft step against NumPy (SPEC.md 7), cached decoding vs full forward, padding, sharding,
+think-end switching, cold stop, EOS and max-length endings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import make_hf_model
+from softgrpo_jax import load_pretrained
+from softgrpo_jax.distributed import make_mesh
+from softgrpo_jax.ops import soft_embed
+from softgrpo_jax.sampling import GUMBEL, RolloutEngine, SamplingConfig, filter_sorted, step
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("m"))
+    make_hf_model(d, "qwen2", seed=3)
+    return load_pretrained(d)
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
+
+
+# ------------------------------------------------------------------------------------------ NumPy reference
+def np_filter(p_sorted, top_k, top_p):
+    p = p_sorted.copy()
+    if top_k > 0:
+        p[top_k:] = 0
+    p = p / p.sum()
+    before = np.cumsum(p) - p
+    keep = before < top_p
+    keep[0] = True
+    p = np.where(keep, p, 0)
+    return p / p.sum()
+
+
+def np_soft_step(logits, E, cfg: SamplingConfig, noise_exp):
+    """SPEC.md 7, one row: returns ids, ytil, y (sorted), the token and the next embedding."""
+    lt = logits.astype(np.float64) / cfg.temperature
+    p = np.exp(lt - lt.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    pf = np_filter(p[order], cfg.top_k, cfg.top_p)
+    K = cfg.max_topk
+    p_hat = pf[:K] / pf[:K].sum()
+    ids = order[:K]
+    g = np.clip(-np.log(noise_exp), -1.5, 3.0)
+    ytil = np.log(p_hat + 1e-6) + cfg.noise_factor * g
+    y = np.exp((ytil - ytil.max()) / cfg.tau)
+    y /= y.sum()
+    o = np.argsort(-ytil, kind="stable")  # == order by y, without float32 underflow ties
+    ids, ytil, y = ids[o], ytil[o], y[o]
+    emb = (y / y.sum()) @ E[ids]
+    return ids, ytil, y, ids[0], emb
+
+
+def _noise_for(key, K):
+    k_noise, _ = jax.random.split(key)
+    return np.asarray(jax.random.exponential(k_noise, (K,)), np.float64)
+
+
+@pytest.mark.parametrize("K,top_k,top_p,tau", [(5, 5, 0.95, 0.1), (8, 12, 0.7, 0.5), (3, 0, 1.0, 1.0)])
+def test_soft_step_matches_numpy(K, top_k, top_p, tau):
+    rng = np.random.RandomState(K)
+    B, V = 6, 300
+    logits = rng.randn(B, V).astype(np.float32) * 3
+    E = rng.randn(V, 16).astype(np.float32)
+    cfg = SamplingConfig(mode="gumbel", max_topk=K, top_k=top_k, top_p=top_p, tau=tau, temperature=0.8)
+    keys = jax.random.split(jax.random.key(7), B)
+    out = step(cfg, jnp.asarray(logits), keys, jnp.full((B,), GUMBEL), jnp.ones((B,), bool))
+    emb = np.asarray(soft_embed(jnp.asarray(E), out["ids"], out["weights"]))
+    for b in range(B):
+        ids, ytil, y, tok, e = np_soft_step(logits[b], E, cfg, _noise_for(keys[b], K))
+        np.testing.assert_array_equal(np.asarray(out["ids"][b]), ids)
+        np.testing.assert_allclose(np.asarray(out["ytil"][b]), ytil, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["weights"][b]), y, rtol=1e-4, atol=1e-6)
+        assert int(out["token"][b]) == tok
+        np.testing.assert_allclose(emb[b], e, rtol=1e-4, atol=1e-5)
+        assert bool(out["soft"][b])
+
+
+def test_filter_sorted_matches_numpy():
+    rng = np.random.RandomState(0)
+    p = np.sort(rng.dirichlet(np.ones(40) * 0.3, size=5), axis=1)[:, ::-1]
+    for tk, tp in [(5, 0.95), (0, 0.5), (30, 0.9), (1, 1.0)]:
+        got = np.asarray(filter_sorted(jnp.asarray(p, jnp.float32), jnp.full((5,), tk), jnp.full((5,), tp), 0.0))
+        for b in range(5):
+            np.testing.assert_allclose(got[b], np_filter(p[b], tk, tp), atol=1e-6)
+
+
+def test_discrete_rows_sample_from_filtered_distribution():
+    """Discrete sampling frequencies follow the top-k/top-p-renormalised distribution."""
+    V = 20
+    logits = jnp.asarray(np.log(np.array([0.4, 0.3, 0.15, 0.1] + [0.05 / 16] * 16)), jnp.float32)
+    cfg = SamplingConfig(mode="discrete", top_k=3, top_p=1.0, max_topk=2)
+    n = 4000
+    keys = jax.random.split(jax.random.key(0), n)
+    out = step(cfg, jnp.broadcast_to(logits, (n, V)), keys, jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
+    counts = np.bincount(np.asarray(out["token"]), minlength=V) / n
+    np.testing.assert_allclose(counts[:3], np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.03)
+    assert counts[3:].sum() == 0
+    assert not np.asarray(out["soft"]).any()
+    np.testing.assert_array_equal(np.asarray(out["ids"][:, 1:]), 0)
+    np.testing.assert_allclose(np.asarray(out["logprob"]), np.asarray(jax.nn.log_softmax(logits))[np.asarray(
+        out["token"])], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ engine
+def _engine(model, **kw):
+    end = kw.pop("think_end_ids", ())
+    stops = kw.pop("stop_ids", ())
+    return RolloutEngine(model, SamplingConfig(**kw), think_end_ids=end, stop_ids=stops, pad_id=0)
+
+
+def test_cached_rollout_equals_full_forward(model):
+    """Every stored soft step equals the NumPy soft step on logits of a full (uncached) forward over
+    [prompt embeddings, previous soft embeddings]: the cache, the stored ids/ytil and the noise all agree."""
+    cfg = dict(mode="gumbel", max_new_tokens=7, max_topk=4, top_k=6, top_p=0.9, tau=0.3)
+    eng = _engine(model, **cfg)
+    key = jax.random.key(1)
+    r = eng.generate(PROMPTS[:2], key)
+    E = np.asarray(model.embedding_table())
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(2))
+    for b in range(2):
+        p = np.asarray(r.prompt_tokens[b])[np.asarray(r.prompt_mask[b])]
+        embs = [E[p]]
+        for j in range(7):
+            x = np.concatenate(embs, 0)[None]
+            logits = np.asarray(model(inputs_embeds=jnp.asarray(x)))[0, -1]
+            k = jax.random.fold_in(row_keys[b], j)
+            ids, ytil, y, tok, e = np_soft_step(logits, E, SamplingConfig(**cfg), _noise_for(k, 4))
+            np.testing.assert_array_equal(np.asarray(r.topk_ids[b, j]), ids)
+            np.testing.assert_allclose(np.asarray(r.topk_ytil[b, j]), ytil, atol=2e-4)
+            assert int(r.tokens[b, j]) == tok
+            embs.append(e[None].astype(np.float32))
+    assert np.asarray(r.soft_mask).all() and np.asarray(r.response_mask).all()
+
+
+@pytest.mark.parametrize("mode", ["gumbel", "soft"])
+def test_k1_equals_greedy(model, mode):
+    steps = 10
+    greedy = _engine(model, mode="discrete", top_k=1, max_topk=1, max_new_tokens=steps)
+    soft = _engine(model, mode=mode, top_k=5, max_topk=1, max_new_tokens=steps)
+    a = greedy.generate(PROMPTS, jax.random.key(0))
+    b = soft.generate(PROMPTS, jax.random.key(99))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert np.asarray(b.soft_mask).all() and not np.asarray(a.soft_mask).any()
+
+
+@pytest.mark.parametrize("mode", ["discrete", "gumbel"])
+def test_padded_batch_equals_one_at_a_time(model, mode):
+    eng = _engine(model, mode=mode, max_new_tokens=8)
+    key = jax.random.key(5)
+    r = eng.generate(PROMPTS, key)
+    for i, p in enumerate(PROMPTS):
+        s = eng.generate([p], key, row_offset=i)
+        np.testing.assert_array_equal(np.asarray(s.tokens[0]), np.asarray(r.tokens[i]))
+        np.testing.assert_array_equal(np.asarray(s.topk_ids[0]), np.asarray(r.topk_ids[i]))
+        np.testing.assert_allclose(np.asarray(s.topk_ytil[0]), np.asarray(r.topk_ytil[i]), atol=1e-5)
+
+
+def test_sharded_equals_unsharded(model):
+    assert jax.device_count() == 8
+    prompts = PROMPTS * 2
+    key = jax.random.key(11)
+    ref = _engine(model, mode="gumbel", max_new_tokens=6).generate(prompts, key, modes=["gumbel", "discrete"] * 4)
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        mesh = make_mesh(shape)
+        ms = load_pretrained_like(model, mesh)
+        eng = RolloutEngine(ms, SamplingConfig(mode="gumbel", max_new_tokens=6), pad_id=0, mesh=mesh)
+        r = eng.generate(prompts, key, modes=["gumbel", "discrete"] * 4)
+        assert len(r.tokens.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(ref.tokens))
+        np.testing.assert_array_equal(np.asarray(r.topk_ids), np.asarray(ref.topk_ids))
+        np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), atol=1e-5)
+
+
+def load_pretrained_like(model, mesh):
+    from flax import nnx
+
+    from softgrpo_jax.distributed import shard_model
+
+    g, s = nnx.split(model)
+    return shard_model(nnx.merge(g, jax.tree.map(lambda a: a, s)), mesh)
+
+
+def _first_fresh_step(tokens, lo=2):
+    """A step j >= lo whose token (and the pair ending at it) appears nowhere earlier in the row."""
+    for j in range(lo, len(tokens)):
+        if tokens[j] not in tokens[:j] and tokens[j - 1] != tokens[j]:
+            return j
+    pytest.skip("no fresh token in this rollout")  # pragma: no cover
+
+
+def test_think_end_switches_to_discrete(model):
+    key = jax.random.key(3)
+    free = _engine(model, mode="gumbel", max_new_tokens=12).generate(PROMPTS[:1], key)
+    toks = [int(t) for t in np.asarray(free.tokens[0])]
+    j = _first_fresh_step(toks)
+    end = (toks[j - 1], toks[j])
+    r = _engine(model, mode="gumbel", max_new_tokens=12, think_end_ids=end).generate(PROMPTS[:1], key)
+    soft = np.asarray(r.soft_mask[0])
+    assert soft[:j].all() and not soft[j:].any(), soft
+    np.testing.assert_array_equal(np.asarray(r.tokens[0, :j + 1]), toks[:j + 1])
+    np.testing.assert_array_equal(np.asarray(r.topk_ids[0, j]), [toks[j]] + [0] * 4)
+    np.testing.assert_array_equal(np.asarray(r.weights[0, j]), [1, 0, 0, 0, 0])
+    assert int(r.think_lengths[0]) == j + 1
+    # after thinking, discrete steps store one-hot ids and zero ytil
+    assert (np.asarray(r.topk_ids[0, j + 1:, 1:]) == 0).all() and (np.asarray(r.topk_ytil[0, j:]) == 0).all()
+    # the original's last-sub-token test ends at the first occurrence of the last sub-token
+    last = _engine(model, mode="gumbel", max_new_tokens=12, think_end_ids=(12345, toks[j]),
+                   think_end_match="last_subtoken").generate(PROMPTS[:1], key)
+    assert int(last.think_lengths[0]) == j + 1
+    full = _engine(model, mode="gumbel", max_new_tokens=12, think_end_ids=(12345, toks[j])).generate(
+        PROMPTS[:1], key)
+    assert np.asarray(full.soft_mask[0]).all()  # "12345" never emitted: the full string never matches
+
+
+def test_eos_and_max_length(model):
+    key = jax.random.key(4)
+    free = _engine(model, mode="discrete", max_new_tokens=10).generate(PROMPTS, key)
+    toks = np.asarray(free.tokens)
+    j = _first_fresh_step(list(toks[0]), lo=3)
+    r = _engine(model, mode="discrete", max_new_tokens=10, stop_ids=(int(toks[0, j]),)).generate(PROMPTS, key)
+    assert int(r.lengths[0]) == j + 1 and int(r.finish_reason[0]) == 1
+    m = np.asarray(r.response_mask[0])
+    assert m[:j + 1].all() and not m[j + 1:].any()
+    assert (np.asarray(r.tokens[0, j + 1:]) == 0).all()
+    others = [b for b in range(4) if int(toks[0, j]) not in toks[b]]
+    for b in others:
+        assert int(r.lengths[b]) == 10 and int(r.finish_reason[b]) == 0
+    np.testing.assert_array_equal(np.asarray(free.lengths), 10)
+
+
+def test_cold_stop(model):
+    key = jax.random.key(6)
+    end = (7, 9)
+    r = _engine(model, mode="gumbel", max_new_tokens=12, think_end_ids=end, early_stopping_entropy_threshold=1e9,
+                early_stopping_length_threshold=3).generate(PROMPTS[:2], key)
+    for b in range(2):
+        soft = np.asarray(r.soft_mask[b])
+        toks = np.asarray(r.tokens[b])
+        # steps 0,1 soft; step 2 triggers: the think-end string is emitted as one-hot steps 2,3
+        assert soft[:2].all() and not soft[2:].any(), soft
+        np.testing.assert_array_equal(toks[2:4], end)
+        assert int(r.think_lengths[b]) == 4
+        # in the discrete phase the same condition aborts the row after 3 more steps
+        assert int(r.finish_reason[b]) == 2 and int(r.lengths[b]) == 7
+    off = _engine(model, mode="gumbel", max_new_tokens=12, think_end_ids=end).generate(PROMPTS[:2], key)
+    assert np.asarray(off.soft_mask).sum() > 8  # cold stop off by default
+
+
+def test_same_seed_same_rollout(model):
+    eng = _engine(model, mode="gumbel", max_new_tokens=6)
+    a = eng.generate(PROMPTS, jax.random.key(2), n=2)
+    b = eng.generate(PROMPTS, jax.random.key(2), n=2)
+    c = eng.generate(PROMPTS, jax.random.key(3), n=2)
+    np.testing.assert_array_equal(np.asarray(a.topk_ytil), np.asarray(b.topk_ytil))
+    assert not np.array_equal(np.asarray(a.topk_ytil), np.asarray(c.topk_ytil))
+    # group rows get independent noise
+    assert not np.array_equal(np.asarray(a.topk_ytil[0]), np.asarray(a.topk_ytil[1]))
+    np.testing.assert_array_equal(np.asarray(a.prompt_tokens[0]), np.asarray(a.prompt_tokens[1]))
