@@ -1,0 +1,237 @@
+"""Per-position log-probabilities for SofT-GRPO training (SPEC.md 2 and 7).
+
+Shapes: B batch, T sequence (prompt + response), K top-K slots, V vocab, D width.
+
+A soft step stores K token ids and the perturbed log-probs ``ytil`` of the rollout (``log(p_hat + 1e-6) + g``).
+Its "log-prob" under the current policy is the Gumbel(0, 1) log-density of the noise it implies,
+``z = ytil - log(q + 1e-6)`` with q the policy's probabilities renormalised over the K ids (``gumbel_logprob``).
+A discrete step (prompt, answer, ``</think>``) uses the ordinary ``log_softmax`` (``discrete_logprob``).
+``token_logprobs`` rebuilds the rollout's soft inputs, runs the model and evaluates both at every position.
+
+All arithmetic here is float32, whatever dtype the logits arrive in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from softgrpo_jax.ops.soft_embed import soft_embed_fused
+
+# SPEC.md 2.2 constants of the original code (VERL/utils/torch_functional.py).
+GUMBEL_Z_MIN = -1.5
+GUMBEL_Z_MAX = 3.0
+GUMBEL_LAMBDA_MIN = -3.0
+Q_EPS = 1e-6
+
+NOISES = ("gumbel", "gaussian", "dirichlet")
+BATCH_KEYS = ("tokens", "attention_mask", "topk_ids", "topk_ytil")
+
+
+def _topk_log_q(logits: jax.Array, topk_ids: jax.Array) -> jax.Array:
+    """log q_k: the policy renormalised over the K stored ids, [..., K] float32.
+
+    ``P[a_k] / sum_j P[a_j]`` with ``P = softmax(logits)`` equals ``softmax(logits[a])`` over the K gathered logits
+    (the full-vocabulary normaliser cancels), which is how it is computed: no V-wide softmax, and no 0/0 when every
+    ``P[a_k]`` underflows. Duplicate ids count once per slot, as in the original.
+    """
+    la = jnp.take_along_axis(logits.astype(jnp.float32), topk_ids.astype(jnp.int32), axis=-1)
+    return jax.nn.log_softmax(la, axis=-1)
+
+
+def _masked_slot_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``values`` over slots where ``mask``; a row with no valid slot falls back to the mean over all slots."""
+    any_valid = jnp.any(mask, axis=-1, keepdims=True)
+    m = jnp.where(any_valid, mask, True)
+    safe = jnp.where(m, values, 0.0)  # where, not multiply: a NaN/inf in an excluded slot must not leak
+    return safe.sum(-1) / m.sum(-1).astype(jnp.float32)
+
+
+def gumbel_logprob(logits: jax.Array, topk_ids: jax.Array, topk_ytil: jax.Array) -> jax.Array:
+    """Gumbel-reparameterised log-probability of a soft step (SPEC.md 2.2).
+
+    Args:
+      logits: [..., V] the policy's (temperature-scaled) logits at the step.
+      topk_ids: [..., K] int the K token ids stored by the rollout.
+      topk_ytil: [..., K] the stored perturbed log-probs ``ytil = log(p_hat + 1e-6) + g``.
+    Returns:
+      [...] float32: ``mean_{k: lam_k > -3} phi(z_k)`` with ``q = renormalised P over the K ids``,
+      ``lam = log(q + 1e-6)``, ``z = clip(ytil - lam, -1.5, 3)``, ``phi(z) = -z - exp(-z)`` (standard Gumbel
+      log-pdf). The slot mask comes from the current policy's ``lam`` (no gradient through it); the clip zeroes the
+      gradient of clamped slots; ``d phi / d lam = 1 - exp(-z)`` elsewhere. If no slot has ``lam > -3`` (only
+      possible with K > 20) the mean runs over all K slots instead of dividing by zero.
+    """
+    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    lam = jnp.log(q + Q_EPS)
+    z = jnp.clip(topk_ytil.astype(jnp.float32) - lam, GUMBEL_Z_MIN, GUMBEL_Z_MAX)
+    phi = -z - jnp.exp(-z)
+    return _masked_slot_mean(phi, lam > GUMBEL_LAMBDA_MIN)
+
+
+def gaussian_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, *, std: float = 0.05,
+                     clamp: float = 0.15, threshold: float = 0.05) -> jax.Array:
+    """Gaussian-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} log N(clip(s_k, q_k - 0.15, q_k + 0.15); q_k, 0.05)``.
+
+    ``topk_s`` [..., K] holds the rollout's noisy probabilities ``s ~ N(p_hat, std^2)``; q as in ``gumbel_logprob``
+    (without the 1e-6). Returns [...] float32.
+    """
+    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    x = jnp.clip(topk_s.astype(jnp.float32), q - clamp, q + clamp)
+    logpdf = -0.5 * jnp.square((x - q) / std) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return _masked_slot_mean(logpdf, q > threshold)
+
+
+def dirichlet_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, *, alpha: float = 1.0,
+                      threshold: float = 0.05, clamp: tuple[float, float] = (-5.0, 3.0)) -> jax.Array:
+    """Dirichlet-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} clip(log Gamma(s_k; alpha q_k, rate 1), -5, 3)``.
+
+    ``topk_s`` [..., K] holds the rollout's Gamma draws. ``log Gamma(s; c, 1) = (c - 1) log s - s - lgamma(c)``.
+    Slots outside the mask are evaluated at safe values (q = 1, s = 1) so that q = 0 or s <= 0 there cannot
+    produce a NaN value or gradient. Returns [...] float32.
+    """
+    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    valid = q > threshold
+    s = topk_s.astype(jnp.float32)
+    ok = valid & (s > 0)
+    c = alpha * jnp.where(ok, q, 1.0)
+    s_safe = jnp.where(ok, s, 1.0)
+    logpdf = (c - 1.0) * jnp.log(s_safe) - s_safe - jax.scipy.special.gammaln(c)
+    logpdf = jnp.where(valid & ~ok, -jnp.inf, logpdf)  # a valid slot with s <= 0 has density 0
+    return _masked_slot_mean(jnp.clip(logpdf, clamp[0], clamp[1]), valid)
+
+
+def discrete_logprob(logits: jax.Array, ids: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[ids]`` over the full vocabulary: logits [..., V], ids [...] -> [...] float32."""
+    lf = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(lf, ids.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(lf, axis=-1)
+
+
+_SOFT_FNS = {"gumbel": gumbel_logprob, "gaussian": gaussian_logprob, "dirichlet": dirichlet_logprob}
+
+
+def discrete_positions(batch: Mapping[str, Any], *, discrete_from_ids: bool = False) -> jax.Array:
+    """[B, T] bool: positions whose stored step is discrete (one-hot input, log_softmax target).
+
+    Default: ``~soft_mask`` (the rollout's explicit mask). ``discrete_from_ids=True`` reproduces the original's test
+    ``all(topk_ids[..., 1:] == 0)`` (which also calls a soft step discrete when its slots 1..K-1 all hold id 0).
+    """
+    if discrete_from_ids:
+        return jnp.all(batch["topk_ids"][..., 1:] == 0, axis=-1)
+    if "soft_mask" not in batch:
+        raise KeyError("batch has no 'soft_mask': pass it, or call with discrete_from_ids=True to use the "
+                       "original all(topk_ids[..., 1:] == 0) test")
+    return ~jnp.asarray(batch["soft_mask"], bool)
+
+
+def _check_batch(batch: Mapping[str, Any], noise: str):
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; token_logprobs needs {list(BATCH_KEYS)} "
+                       "(+ 'soft_mask' unless discrete_from_ids=True)")
+    if noise not in _SOFT_FNS:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    B, T = batch["tokens"].shape
+    K = batch["topk_ids"].shape[-1]
+    for k, shape in (("attention_mask", (B, T)), ("topk_ids", (B, T, K)), ("topk_ytil", (B, T, K))):
+        if tuple(batch[k].shape) != shape:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {shape} "
+                             f"(tokens is {(B, T)}, K = {K})")
+
+
+def _tau_for(tau, B: int):
+    """A scalar tau, or a per-row [B] tau reshaped to [B, 1] (broadcasts over T inside soft_weights)."""
+    t = jnp.asarray(tau, jnp.float32)
+    if t.ndim == 0:
+        return t
+    if t.shape == (B,):
+        return t[:, None]
+    raise ValueError(f"tau must be a scalar or shape [B]={B}, got shape {t.shape}")
+
+
+def rebuild_inputs(table: jax.Array, batch: Mapping[str, Any], *, tau, discrete_from_ids: bool = False) -> jax.Array:
+    """The rollout's input embeddings [B, T, D] from stored ids and ytil (SPEC.md 2.1), under stop_gradient.
+
+    ``w = softmax(ytil / tau)`` with slots 1..K-1 masked at discrete positions (one-hot on slot 0), ``e = sum w E[ids]``.
+    No gradient reaches the table, the weights or anything upstream through this path.
+    """
+    ids = batch["topk_ids"]
+    disc = discrete_positions(batch, discrete_from_ids=discrete_from_ids)
+    emb = soft_embed_fused(jax.lax.stop_gradient(table), ids, jax.lax.stop_gradient(batch["topk_ytil"]),
+                           _tau_for(tau, ids.shape[0]), disc)
+    return jax.lax.stop_gradient(emb)
+
+
+def _position_logprobs(logits, tgt_tok, tgt_ids, tgt_ytil, tgt_disc, noise):
+    disc = discrete_logprob(logits, tgt_tok)
+    soft = _SOFT_FNS[noise](logits, tgt_ids, tgt_ytil)
+    return jnp.where(tgt_disc, disc, soft)
+
+
+def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float = 1.0, noise: str = "gumbel",
+                   chunk_size: int | None = None, discrete_from_ids: bool = False) -> jax.Array:
+    """Per-position log-probs of the stored targets under ``model`` (SPEC.md 2.1, 2.2, 7).
+
+    Args:
+      model: a ``Transformer`` (anything with ``embedding_table()``, ``__call__(inputs_embeds=..., attention_mask=...,
+        return_hidden=True)`` and ``logits_from_hidden``).
+      batch: ``tokens`` [B, T] int32, ``attention_mask`` [B, T] bool, ``topk_ids`` [B, T, K] int32,
+        ``topk_ytil`` [B, T, K] float32, ``soft_mask`` [B, T] bool (not needed with ``discrete_from_ids``).
+        Prompts left-padded, responses right-padded (real tokens contiguous).
+      tau: Gumbel-softmax temperature used to rebuild the inputs: scalar or [B].
+      temperature: logits are divided by it before any log-prob (``T_train``).
+      noise: "gumbel" (SofT-GRPO), "gaussian" or "dirichlet" (ablations) for soft targets.
+      chunk_size: if set, logits are produced ``chunk_size`` positions at a time (``lax.map`` over chunks, each chunk
+        rematerialised in the backward pass), so only [B, chunk_size, V] logits are ever live; None: all at once.
+      discrete_from_ids: use the original's ``all(ids[1:] == 0)`` discrete test instead of ``soft_mask``.
+    Returns:
+      [B, T] float32, aligned with the targets: ``out[:, t]`` is the log-prob of the step stored at position t
+      (``tokens[:, t]`` / ``topk_ids[:, t]``, ``topk_ytil[:, t]``), computed from the logits at position t - 1.
+      ``out[:, 0]`` is 0, and so is every t where position t or t - 1 is padding. Use it with a ``loss_mask`` that
+      marks the response positions t being scored.
+    Discrete targets (``discrete[t]``) score ``log_softmax(logits_{t-1})[tokens[t]]``; soft targets the noise density.
+    Inputs are rebuilt by ``rebuild_inputs`` under ``stop_gradient``: gradients never flow through input embeddings.
+    """
+    _check_batch(batch, noise)
+    tokens = jnp.asarray(batch["tokens"], jnp.int32)
+    mask = jnp.asarray(batch["attention_mask"], bool)
+    B, T = tokens.shape
+    disc = discrete_positions(batch, discrete_from_ids=discrete_from_ids)
+
+    emb = rebuild_inputs(model.embedding_table(), batch, tau=tau, discrete_from_ids=discrete_from_ids)
+    hidden = model(inputs_embeds=emb, attention_mask=mask, return_hidden=True)  # [B, T, D]
+
+    # position t-1 predicts the step stored at t
+    h = hidden[:, :-1]
+    tgt = (tokens[:, 1:], batch["topk_ids"][:, 1:].astype(jnp.int32), batch["topk_ytil"][:, 1:], disc[:, 1:])
+    temp = jnp.asarray(temperature, jnp.float32)
+
+    def chunk_fn(h_c, tok_c, ids_c, ytil_c, disc_c):
+        logits = model.logits_from_hidden(h_c).astype(jnp.float32) / temp
+        return _position_logprobs(logits, tok_c, ids_c, ytil_c, disc_c, noise)
+
+    n = T - 1
+    if chunk_size is None or chunk_size >= n:
+        lp = chunk_fn(h, *tgt)
+    else:
+        c = int(chunk_size)
+        if c <= 0:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        n_chunks = -(-n // c)
+        pad = n_chunks * c - n
+
+        def to_chunks(x):
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            x = x.reshape((B, n_chunks, c) + x.shape[2:])
+            return jnp.moveaxis(x, 1, 0)  # [n_chunks, B, c, ...]
+
+        body = jax.checkpoint(lambda xs: chunk_fn(*xs), policy=jax.checkpoint_policies.nothing_saveable)
+        out = jax.lax.map(body, tuple(to_chunks(x) for x in (h,) + tgt))  # [n_chunks, B, c]
+        lp = jnp.moveaxis(out, 0, 1).reshape(B, n_chunks * c)[:, :n]
+
+    valid = mask[:, 1:] & mask[:, :-1]
+    lp = jnp.where(valid, lp, 0.0)
+    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp.astype(jnp.float32)], axis=1)
