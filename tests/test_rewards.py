@@ -1,0 +1,234 @@
+"""Rewards: the original's strict string reward, the math-verify reward and the evaluation scorer, time-bounded."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from softgrpo_jax import rewards as R
+
+TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = R.ScoringPool(2, timeout_s=TIMEOUT)
+    yield p
+    p.close()
+
+
+# ------------------------------------------------------------------------------------------ Hendrycks normalisation
+
+@pytest.mark.parametrize("raw, norm", [
+    ("\\frac12", "\\frac{1}{2}"),
+    ("0.5", "\\frac{1}{2}"),
+    (".5", "\\frac{1}{2}"),
+    ("3/4", "\\frac{3}{4}"),
+    ("\\dfrac{3}{4}", "\\frac{3}{4}"),
+    ("\\tfrac{3}{4}", "\\frac{3}{4}"),
+    ("\\frac1{72}", "\\frac{1}{72}"),
+    ("x = 5", "5"),
+    ("5\\text{ cm}", "5"),
+    ("50\\%", "50"),
+    ("90^\\circ", "90"),
+    ("90^{\\circ}", "90"),
+    ("\\$18", "18"),
+    ("\\sqrt3", "\\sqrt{3}"),
+    ("\\left( 1, 2 \\right)", "(1,2)"),
+    ("a\n b", "ab"),
+    ("\\!10", "10"),
+    ("0.25", "0.25"),
+])
+def test_strip_string(raw, norm):
+    assert R.strip_string(raw) == norm
+
+
+def test_last_boxed_and_remove_boxed():
+    s = "first \\boxed{1} then \\boxed{\\frac{a}{b}} end"
+    assert R.last_boxed_only_string(s) == "\\boxed{\\frac{a}{b}}"
+    assert R.remove_boxed("\\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert R.last_boxed_only_string("\\fbox{7}") == "\\fbox{7}"
+    assert R.remove_boxed("\\fbox{7}") == "7"
+    assert R.last_boxed_only_string("so $\\boxed 5$.") == "\\boxed 5"
+    assert R.last_boxed_only_string("no box here") is None
+    assert R.last_boxed_only_string("\\boxed{unclosed") is None
+
+
+@pytest.mark.parametrize("text, ans", [
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("a \\boxed{1} b \\boxed{2}", "2"),
+    ("a \\boxed{1} b \\fbox{2}", "2"),
+    ("a \\fbox{1} b \\boxed{2}", "2"),
+    ("$\\boxed 42$", "42"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("nothing", None),
+    ("\\boxed{open", None),
+    ("\\boxed", None),
+])
+def test_extract_boxed_answer(text, ans):
+    assert R.extract_boxed_answer(text) == ans
+
+
+# ------------------------------------------------------------------------------------------ the reward table
+
+# (model output, gold, math_verify reward, strict_string reward)
+TABLE = [
+    ("So the answer is \\boxed{\\frac{1}{2}}.", "0.5", 1.0, 1.0),          # strip_string maps 0.5 -> \frac{1}{2}
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0, 1.0),
+    ("\\boxed{0.25}", "\\frac{1}{4}", 1.0, 0.0),                         # only math-verify knows 0.25 == 1/4
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0, 1.0),
+    ("\\boxed{\\frac34}", "\\frac{3}{4}", 1.0, 1.0),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0, 0.0),
+    ("\\boxed{\\sqrt{2}}", "\\sqrt2", 1.0, 1.0),
+    ("\\boxed{10\\text{ cm}}", "10", 1.0, 1.0),
+    ("\\boxed{10 \\text{ meters}}", "10", 1.0, 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0, 1.0),
+    ("\\boxed{\\$18}", "18", 1.0, 1.0),
+    ("\\boxed{18.00}", "18", 1.0, 0.0),
+    ("\\boxed{x = 3}", "3", 1.0, 1.0),
+    ("first \\boxed{7} but finally \\boxed{8}", "8", 1.0, 1.0),         # several boxes: the last counts
+    ("first \\boxed{8} but finally \\boxed{7}", "8", 0.0, 0.0),
+    ("the answer is 8", "8", 0.0, 0.0),                                # no box
+    ("\\boxed{7}", "8", 0.0, 0.0),                                     # wrong
+    ("\\boxed{-3}", "3", 0.0, 0.0),
+    ("\\boxed{\\frac{1}{3}}", "0.33", 0.0, 0.0),
+    ("\\fbox{4}", "4", 1.0, 1.0),
+    ("<think>hmm \\boxed{3}</think> The answer is \\boxed{5}", "5", 1.0, 1.0),
+    ("\\boxed{}", "0", 0.0, 0.0),
+]
+
+
+def test_reward_table_math_verify(pool):
+    outs, golds, want = [t[0] for t in TABLE], [t[1] for t in TABLE], np.array([t[2] for t in TABLE], np.float32)
+    got = R.score_batch(outs, golds, mode="math_verify", pool=pool, timeout_s=10.0)
+    bad = [(o, g, w, x) for o, g, w, x in zip(outs, golds, want, got) if w != x]
+    assert not bad, bad
+    assert got.dtype == np.float32 and got.shape == (len(TABLE),)
+
+
+def test_reward_table_strict_string():
+    outs, golds = [t[0] for t in TABLE], [t[1] for t in TABLE]
+    got = R.score_batch(outs, golds, mode="strict_string")
+    want = np.array([t[3] for t in TABLE], np.float32)
+    bad = [(o, g, w, x) for o, g, w, x in zip(outs, golds, want, got) if w != x]
+    assert not bad, bad
+
+
+def test_inline_matches_pool(pool):
+    outs, golds = [t[0] for t in TABLE[:8]], [t[1] for t in TABLE[:8]]
+    np.testing.assert_array_equal(R.score_batch(outs, golds, workers=0), R.score_batch(outs, golds, pool=pool))
+
+
+def test_math_reward_single(pool):
+    assert R.math_reward("\\boxed{\\frac{2}{4}}", "\\frac12", pool=pool) == 1.0
+    assert R.math_reward("\\boxed{3}", "4", pool=pool) == 0.0
+    assert R.math_reward("\\boxed{\\frac{2}{4}}", "\\frac12", mode="strict_string") == 0.0  # not simplified
+    with pytest.raises(ValueError, match="unknown reward mode"):
+        R.math_reward("\\boxed{1}", "1", mode="exact")
+
+
+# ------------------------------------------------------------------------------------------ adversarial inputs
+
+ADVERSARIAL = {
+    "power_tower": "\\boxed{9^{9^{9^{9}}}}",
+    "huge_factorial": "\\boxed{10^{10^{10}}!}",
+    "deep_braces": "\\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}",
+    "megabytes": "blah {x} " * 300_000 + "\\boxed{5}",
+    "megabyte_box": "\\boxed{" + "1+" * 600_000 + "1}",
+}
+
+
+def test_adversarial_outputs_score_zero_within_bound(pool):
+    before = pool.stats.timeouts
+    t0 = time.monotonic()
+    got = R.score_batch(list(ADVERSARIAL.values()), ["5"] * len(ADVERSARIAL), pool=pool, timeout_s=TIMEOUT)
+    elapsed = time.monotonic() - t0
+    # "megabytes" has a real box at the end: it is checked (and correct); everything else scores 0
+    assert got.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert pool.stats.timeouts - before >= 2  # the two sympy bombs were killed, not waited for
+    # 2 workers, 2 timed-out tasks + restarts: a few bounds at most, never a hang
+    assert elapsed < 3 * TIMEOUT + 10, elapsed
+    # the pool recovered: workers replaced, ordinary checks work
+    assert R.score_batch(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], ["0.5", "4"], pool=pool).tolist() == [1.0, 0.0]
+
+
+def test_adversarial_strict_string_is_fast():
+    t0 = time.monotonic()
+    got = R.score_batch(list(ADVERSARIAL.values()), ["5"] * len(ADVERSARIAL), mode="strict_string")
+    assert time.monotonic() - t0 < 5.0
+    assert got.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_pool_is_thread_safe(pool):
+    outs, golds = [t[0] for t in TABLE], [t[1] for t in TABLE]
+    want = np.array([t[2] for t in TABLE], np.float32)
+    results = [None] * 3
+
+    def work(i):
+        results[i] = R.score_batch(outs, golds, pool=pool, timeout_s=10.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in results:
+        np.testing.assert_array_equal(r, want)
+
+
+def test_pool_survives_a_killed_worker(pool):
+    pool._workers[0].proc.kill()
+    pool._workers[0].proc.wait()
+    got = R.score_batch(["\\boxed{2}"] * 4, ["2"] * 4, pool=pool)
+    assert got.tolist() == [1.0] * 4
+
+
+def test_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="workers"):
+        R.ScoringPool(0)
+    with pytest.raises(ValueError, match="gold answers"):
+        R.score_batch(["a"], [], workers=0)
+
+
+# ------------------------------------------------------------------------------------------ evaluation scorer
+
+# (completion, gold, gold format, correct): the seed's matheval.py rule judge on the full completion
+EVAL_TABLE = [
+    ("<think>try 3</think> so the answer is \\boxed{5}", "5", "expr", True),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "latex", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", "latex", True),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", "latex", True),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", "latex", True),
+    ("$\\boxed{10\\text{ cm}}$", "10", "latex", True),
+    ("\\boxed{70,000}", "70000", "expr", True),
+    ("The answer is 5.", "5", "expr", True),             # ExprExtractionConfig finds an unboxed answer
+    ("I first got 12, but the final answer is \\boxed{13}", "12", "expr", False),
+    ("\\boxed{7}", "8", "expr", False),
+    ("no answer at all", "8", "expr", False),
+    ("\\boxed{1} then \\boxed{2}", "2", "latex", False),  # boxed="all": both boxes -> the set {1, 2}
+]
+
+
+def test_eval_scorer_table(pool):
+    comps, golds, fmts = zip(*[(c, g, f) for c, g, f, _ in EVAL_TABLE])
+    res = R.eval_score_batch(list(comps), list(golds), gold_format=list(fmts), pool=pool, timeout_s=10.0)
+    want = [w for *_, w in EVAL_TABLE]
+    bad = [(c, g, w, x) for (c, g, _, w), x in zip(EVAL_TABLE, res.correct.tolist()) if w != x]
+    assert not bad, bad
+    assert res.answers[1] == res.answers[2] == "1/2"  # canonical answers for voting
+    assert res.answers[10] is None
+
+
+def test_eval_scorer_adversarial_and_size_cap(pool):
+    comps = [ADVERSARIAL["power_tower"], "x" * (R.MAX_COMPLETION_CHARS + 1) + "\\boxed{5}", "\\boxed{5}"]
+    t0 = time.monotonic()
+    res = R.eval_score_batch(comps, "5", gold_format="expr", pool=pool, timeout_s=TIMEOUT)
+    assert time.monotonic() - t0 < 2 * TIMEOUT + 10
+    assert res.correct.tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="gold_format"):
+        R.eval_score_batch(["x"], "1", gold_format="sympy", workers=0)
+
+
+def test_benchmark_gold_formats():
+    assert R.BENCHMARK_GOLD_FORMAT["aime24"] == "expr" and R.BENCHMARK_GOLD_FORMAT["math500"] == "latex"
