@@ -411,6 +411,9 @@ class _Worker:
         env.setdefault("MKL_NUM_THREADS", "1")
         env["SOFTGRPO_REWARD_WORKER_MEM_MB"] = str(mem_mb or 0)
         env.pop("XLA_FLAGS", None)
+        # the worker imports this package by name: make it findable however the parent found it
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", "softgrpo_jax.rewards", "--worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self.fd = self.proc.stdout.fileno()
