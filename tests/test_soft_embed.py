@@ -88,7 +88,8 @@ def test_interpreters_poison_outputs():
 def test_gpu_kernel_plain(k, d, dtype):
     table, ids, w, _, _ = _problem(k * 7 + d, N, k, d, dtype)
     # column blocks: 256 leaves a masked partial block for D=576, 512 divides 1536 and 3584
-    cfg = pallas_gpu.GpuConfig(block_tokens=8, block_cols=256 if d == 576 else 512, num_warps=4)
+    cfg = pallas_gpu.GpuConfig(block_tokens=8, block_cols=256 if d == 576 else 512, num_warps=4,
+                               cols_fastest=k % 2 == 1)  # both launch orders
     out = se.soft_embed(table, ids, w, impl="pallas", interpret=True, kernel="gpu", config=cfg)
     _assert_close(out, se.soft_embed(table, ids, w, impl="xla"), _numpy_ref(table, ids, w), dtype)
 
@@ -288,6 +289,9 @@ def test_kernels_lower_for_cuda_and_tpu(d):
                          (mod.soft_embed_fused, (table, ids, w, tau_rows, disc)),
                          (functools.partial(mod.soft_embed_fused, discrete=None), (table, ids, w, tau_one))):
             assert marker in export(jax.jit(fn))(*args).mlir_module()
+    # one program per token: 65536 token blocks exceed CUDA's grid-y limit, Pallas folds them into x
+    one = functools.partial(pallas_gpu.soft_embed, config=pallas_gpu.GpuConfig(block_tokens=1, num_warps=2))
+    assert f"grid_x = {n * pl.cdiv(d, 512)} " in cuda(jax.jit(one))(table, ids, w).mlir_module()
 
 
 def test_pallas_path_really_calls_a_kernel():

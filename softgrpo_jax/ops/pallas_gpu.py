@@ -20,9 +20,9 @@ Why the Triton lowering and not Mosaic GPU (JAX 0.11 deprecates Pallas Triton, w
   selected explicitly with ``pltriton.CompilerParams``; the 0.11 deprecation warning is silenced here. When Pallas
   drops Triton, port this kernel to ``jax_triton`` (same body) or to Mosaic GPU.
 
-Grid: one program per (block of ``block_tokens`` tokens, block of ``block_cols`` columns). Each program loads its
-tokens' K ids and weights (K vector loads; cached across the column programs), then K gathered [BT, BD] tiles, and
-writes one [BT, BD] tile. Rows past N and columns past D are masked, so N and D need no padding.
+Grid: one program per (block of ``block_tokens`` tokens, block of ``block_cols`` columns), column blocks adjacent by
+default. Each program loads its tokens' K ids and weights (K vector loads; cached across the column programs), then
+K gathered [BT, BD] tiles, and writes one [BT, BD] tile. Rows past N and columns past D are masked, so N and D need no padding.
 """
 
 from __future__ import annotations
@@ -36,18 +36,27 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+# JAX 0.11 warns "The Pallas Triton backend is deprecated" when it lowers a Triton kernel, which happens when the
+# enclosing jit compiles, outside any call-site filter: silence that one message (see the module docstring).
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
 # The name of the custom call Pallas Triton emits (exported as pltriton.CUSTOM_CALL_TARGET_NAME from JAX 0.11).
 CUSTOM_CALL_TARGET = getattr(pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-    """Tile and launch parameters. block_tokens and block_cols must be powers of two (a Triton requirement)."""
+    """Tile and launch parameters. block_tokens and block_cols must be powers of two (a Triton requirement).
+
+    cols_fastest: the column blocks of one token block are neighbouring programs (launched together), so a table row
+    is read in one burst by several SMs and the ids / weights / softmax of a block are fetched from DRAM once.
+    """
 
     block_tokens: int = 8
     block_cols: int = 512
     num_warps: int = 4
     num_stages: int = 1
+    cols_fastest: bool = True
 
     def __post_init__(self):
         for name in ("block_tokens", "block_cols"):
@@ -81,7 +90,7 @@ def default_config(n: int, d: int, k: int) -> GpuConfig:
 
 
 def _kernel(*refs, n: int, v: int, d: int, k_slots: int, bt: int, bd: int, fused: bool, tau_rows: bool,
-            has_disc: bool):
+            has_disc: bool, cols_fastest: bool):
     if fused:
         if has_disc:
             ids_ref, y_ref, tau_ref, disc_ref, table_ref, out_ref = refs
@@ -89,8 +98,9 @@ def _kernel(*refs, n: int, v: int, d: int, k_slots: int, bt: int, bd: int, fused
             ids_ref, y_ref, tau_ref, table_ref, out_ref = refs
     else:
         ids_ref, w_ref, table_ref, out_ref = refs
-    i = pl.program_id(0)
-    j = pl.program_id(1)
+    # i: token block, j: column block. Grid axis 0 is the fastest-varying (CUDA x); Pallas folds axes past
+    # CUDA's y/z limit (65535) into x, keeping the order.
+    i, j = (pl.program_id(1), pl.program_id(0)) if cols_fastest else (pl.program_id(0), pl.program_id(1))
     rows = i * bt + jnp.arange(bt, dtype=jnp.int32)
     rmask = rows < n
     cols = j * bd + jnp.arange(bd, dtype=jnp.int32)
@@ -134,22 +144,20 @@ def _call(table, ids, extra, *, fused, tau_rows, has_disc, config, interpret):
     cfg = config or default_config(n, d, k)
     bt, bd = cfg.block_tokens, cfg.block_cols
     kern = functools.partial(_kernel, n=n, v=v, d=d, k_slots=k, bt=bt, bd=bd, fused=fused, tau_rows=tau_rows,
-                             has_disc=has_disc)
+                             has_disc=has_disc, cols_fastest=cfg.cols_fastest)
     args = (ids, *extra, table)
+    grid = (pl.cdiv(n, bt), pl.cdiv(d, bd))
     call = pl.pallas_call(
         kern,
         out_shape=jax.ShapeDtypeStruct((n, d), table.dtype),
-        grid=(pl.cdiv(n, bt), pl.cdiv(d, bd)),
+        grid=grid[::-1] if cfg.cols_fastest else grid,
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(args),
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"soft_embed{'_fused' if fused else ''}_k{k}",
     )
-    with warnings.catch_warnings():
-        # JAX 0.11: "The Pallas Triton backend is deprecated" (see the module docstring).
-        warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-        return call(*args)
+    return call(*args)
 
 
 def soft_embed(table: jax.Array, ids: jax.Array, weights: jax.Array, *, config: GpuConfig | None = None,
