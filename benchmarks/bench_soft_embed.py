@@ -217,7 +217,8 @@ def main(argv=None):
     p.add_argument("--kernel", choices=["gpu", "tpu"], default=None,
                    help="which Pallas kernel (default: tpu on TPU, else gpu)")
     p.add_argument("--no-sweep", action="store_true", help="time only the default kernel configuration")
-    p.add_argument("--sweep-budget-s", type=float, default=240.0, help="time allowed for the config sweeps (all four together)")
+    p.add_argument("--sweep-budget-s", type=float, default=240.0,
+                   help="time allowed for the config sweeps (all four together)")
     p.add_argument("--decode-steps", type=int, default=None)
     p.add_argument("--out", default=None, help="also write the markdown to this file")
     a = p.parse_args(argv)
@@ -315,7 +316,8 @@ def main(argv=None):
         f"decode size: N={decode.n}. Floor = N*(K+1)*D*itemsize bytes (K rows read per token + output written); "
         "ids uniform over V.",
         "",
-        "| size | variant | time | floor TB/s | % of copy BW | vs XLA (same form) | kernel config | check (max rel err) |",
+        "| size | variant | time | floor TB/s | % of copy BW | vs XLA (same form) | kernel config "
+        "| check (max rel err) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     md = "\n".join(head + rows)

@@ -151,26 +151,23 @@ def test_fused_without_mask_and_default_config():
     _assert_close(out, ref, _numpy_ref(table, ids, se.soft_weights(ytil, 0.25)), jnp.float32)
 
 
-def _grads(fn, *args):
-    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * _COT), argnums=tuple(range(len(args))))(*args)
-
-
-_COT = None
+def _grads(fn, cot, *args):
+    """Gradients of <fn(*args), cot> with respect to every argument."""
+    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot), argnums=tuple(range(len(args))))(*args)
 
 
 @pytest.mark.parametrize("kernel,dtype", [("gpu", jnp.float32), ("gpu", jnp.bfloat16), ("tpu", jnp.float32)])
 def test_gradients_plain(kernel, dtype):
-    global _COT
     k, d = 5, 576
     table, ids, w, _, _ = _problem(21, N, k, d, dtype)
-    _COT = jax.random.normal(jax.random.key(0), (N, d))
+    cot = jax.random.normal(jax.random.key(0), (N, d))
     interp = True if kernel == "gpu" else TPU_INTERPRET
     cfg = pallas_gpu.GpuConfig(block_tokens=8, block_cols=64) if kernel == "gpu" else pallas_tpu.TpuConfig(8 * (
         2 if dtype == jnp.bfloat16 else 1))
     f_k = jax.jit(lambda t, w: se.soft_embed(t, ids, w, impl="pallas", interpret=interp, kernel=kernel, config=cfg))
     f_x = jax.jit(lambda t, w: se.soft_embed(t, ids, w, impl="xla"))
-    dt_k, dw_k = _grads(f_k, table, w)
-    dt_x, dw_x = _grads(f_x, table, w)
+    dt_k, dw_k = _grads(f_k, cot, table, w)
+    dt_x, dw_x = _grads(f_x, cot, table, w)
     assert dt_k.dtype == table.dtype and dw_k.dtype == w.dtype
     # bf16: XLA's autodiff scatter-adds repeated rows in bf16, the custom VJP in float32 then rounds once
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2 ** -5, atol=2 ** -5)
@@ -181,17 +178,19 @@ def test_gradients_plain(kernel, dtype):
 
 def test_gradients_fused():
     """d/d(table, ytil, tau) of the fused form against XLA's autodiff, per-row tau and a discrete mask."""
-    global _COT
     k, d, b, t = 8, 576, 3, 13
     table, ids, _, ytil, disc = _problem(5, b * t, k, d, jnp.float32, lead=(b, t))
     tau = jnp.asarray([[0.3], [0.7], [1.1]], jnp.float32)
-    _COT = jax.random.normal(jax.random.key(1), (b, t, d))
+    cot = jax.random.normal(jax.random.key(1), (b, t, d))
     cfg = pallas_gpu.GpuConfig(block_tokens=8, block_cols=64)
-    f_k = lambda tb, y, ta: se.soft_embed_fused(tb, ids, y, ta, disc, impl="pallas", interpret=True, kernel="gpu",  # noqa: E731
-                                                 config=cfg)
-    f_x = lambda tb, y, ta: se.soft_embed_fused(tb, ids, y, ta, disc, impl="xla")  # noqa: E731
-    gk = _grads(jax.jit(f_k), table, ytil, tau)
-    gx = _grads(jax.jit(f_x), table, ytil, tau)
+    def f_k(tb, y, ta):
+        return se.soft_embed_fused(tb, ids, y, ta, disc, impl="pallas", interpret=True, kernel="gpu", config=cfg)
+
+    def f_x(tb, y, ta):
+        return se.soft_embed_fused(tb, ids, y, ta, disc, impl="xla")
+
+    gk = _grads(jax.jit(f_k), cot, table, ytil, tau)
+    gx = _grads(jax.jit(f_x), cot, table, ytil, tau)
     for a, b_ in zip(gk, gx):
         assert a.shape == b_.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
@@ -284,7 +283,8 @@ def test_kernels_lower_for_cuda_and_tpu(d):
                              disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
                                  pallas_gpu.CUSTOM_CALL_TARGET)])
     tpu = functools.partial(jax.export.export, platforms=["tpu"])
-    for mod, export, marker in ((pallas_gpu, cuda, pallas_gpu.CUSTOM_CALL_TARGET), (pallas_tpu, tpu, "tpu_custom_call")):
+    for mod, export, marker in ((pallas_gpu, cuda, pallas_gpu.CUSTOM_CALL_TARGET),
+                                (pallas_tpu, tpu, "tpu_custom_call")):
         for fn, args in ((mod.soft_embed, (table, ids, w)),
                          (mod.soft_embed_fused, (table, ids, w, tau_rows, disc)),
                          (functools.partial(mod.soft_embed_fused, discrete=None), (table, ids, w, tau_one))):

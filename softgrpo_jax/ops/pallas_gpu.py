@@ -11,9 +11,9 @@ Why the Triton lowering and not Mosaic GPU (JAX 0.11 deprecates Pallas Triton, w
   coalesced 16-byte sectors per row, with all K loads of a tile in flight at once. Hopper's TMA has no gather mode
   (tile gather arrives with Blackwell), so a Mosaic GPU kernel would issue one TMA copy per 1-7 KiB row through shared
   memory plus barriers, or fall back to per-thread loads that Mosaic GPU's warpgroup model does not make simpler.
-- DESIGN.md records a first Triton kernel of this shape at 80-95% of the H200's copy bandwidth under jax 0.11.2: the
-  lowering is known to run on the project's cards. Its one failure (``Unimplemented primitive ... slice``) came from
-  slicing a loaded vector; this kernel never slices values, it loads each slot's ids straight from the ref.
+- DESIGN.md records a first Triton kernel of this shape at 80-95% of an H200's copy bandwidth on the project's GPU
+  machines (jax 0.11.2): the lowering is known to run there. Its one failure (``Unimplemented primitive ...
+  slice``) came from slicing a loaded vector; this kernel never slices values, it loads each slot's ids from the ref.
 - It runs under Pallas' generic interpreter (``interpret=True``) on CPU, so the tests here execute the kernel body,
   and its lowering to Triton IR runs on CPU too (``jax.export`` for ``cuda``), which the tests also check.
 - Migration: the default GPU backend of ``pallas_call`` is Mosaic GPU in both 0.10 and 0.11, so the Triton backend is
@@ -22,7 +22,8 @@ Why the Triton lowering and not Mosaic GPU (JAX 0.11 deprecates Pallas Triton, w
 
 Grid: one program per (block of ``block_tokens`` tokens, block of ``block_cols`` columns), column blocks adjacent by
 default. Each program loads its tokens' K ids and weights (K vector loads; cached across the column programs), then
-K gathered [BT, BD] tiles, and writes one [BT, BD] tile. Rows past N and columns past D are masked, so N and D need no padding.
+K gathered [BT, BD] tiles, and writes one [BT, BD] tile. Rows past N and columns past D are masked, so N and D need
+no padding.
 """
 
 from __future__ import annotations

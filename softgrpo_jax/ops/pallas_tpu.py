@@ -123,7 +123,7 @@ def _kernel(ids_smem, *refs, n: int, v: int, k_slots: int, bt: int, fused: bool,
 
 
 def _call(table, ids, extra_rows, tau_scalar, *, fused, has_disc, config, interpret):
-    """extra_rows: per-token inputs [N, c] (weights or ytil, then [N,1] tau rows / discrete); tau_scalar: [1] or None."""
+    """extra_rows: per-token [N, c] inputs (weights or ytil, then [N,1] tau rows / discrete); tau_scalar: [1]/None."""
     n, k = ids.shape
     v, d = table.shape
     cfg = config or TpuConfig()
