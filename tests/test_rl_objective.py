@@ -140,8 +140,21 @@ def test_gumbel_logprob_hand_values():
     ytil2[3] += 10.0
     got2 = rl.gumbel_logprob(jnp.asarray(logits, jnp.float32), jnp.asarray(ids), jnp.asarray(ytil2, jnp.float32))
     np.testing.assert_allclose(float(got2), expected, atol=2e-5)
-    # lowering the threshold slot below -3 removes it from the mean
     assert np_gumbel(logits, ids, ytil) == pytest.approx(expected, abs=1e-9)
+
+
+def test_gumbel_logprob_threshold_uses_lambda_with_eps():
+    # q_1 = e^-3 - 5e-7: log(q_1) < -3 but lam_1 = log(q_1 + 1e-6) > -3, so the slot counts (SPEC: +1e-6 first)
+    q1 = math.exp(-3) - 5e-7
+    q = np.array([1 - q1 - 0.3, q1, 0.3])
+    ids = np.array([0, 1, 2])
+    logits = np.log(q)
+    lam = np.log(q + 1e-6)
+    assert math.log(q1) < -3 < lam[1]
+    ytil = lam + np.array([0.5, 1.0, -0.2])
+    got = float(rl.gumbel_logprob(jnp.asarray(logits, jnp.float32), jnp.asarray(ids), jnp.asarray(ytil, jnp.float32)))
+    np.testing.assert_allclose(got, (PHI(0.5) + PHI(1.0) + PHI(-0.2)) / 3, atol=2e-5)
+    assert abs(got - (PHI(0.5) + PHI(-0.2)) / 2) > 1e-2
 
 
 def test_gumbel_logprob_random_vs_numpy():
@@ -359,6 +372,11 @@ def test_loss_invariants_and_empty_rows():
             jnp.asarray(pad(mask, False)), c), c)
         for k in ("loss", "pg_loss", "kl_loss", "clipfrac", "ratio_mean"):
             np.testing.assert_allclose(float(ext[k]), float(base[k]), rtol=1e-6, err_msg=f"{mode} {k}")
+        g = np.asarray(jax.grad(lambda x: rl.combine_loss(rl.ppo_loss_terms(
+            x, jnp.asarray(pad(old, -np.inf), jnp.float32), jnp.asarray(pad(ref, np.nan), jnp.float32),
+            jnp.asarray(pad(adv, 5.0), jnp.float32), jnp.asarray(pad(mask, False)), c), c))(
+            jnp.asarray(pad(lp, np.inf), jnp.float32)))
+        assert np.isfinite(g).all() and np.all(g[-1] == 0) and np.all(g[:-1][~mask] == 0)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -437,7 +455,7 @@ def make_batch(V, seed=0, K=3, P=5, R=8, tau=0.1):
 
 
 def reference_logprobs(torch_model, batch, tau, temperature):
-    """Independent path: NumPy soft embeddings -> transformers model (torch) -> NumPy log-probs, position by position."""
+    """Independent path: NumPy soft embeddings -> transformers (torch) model -> NumPy log-probs per position."""
     import torch
 
     E = torch_model.model.embed_tokens.weight.detach().numpy().astype(np.float64)
@@ -529,8 +547,8 @@ def test_token_logprobs_chunked_equals_unchunked(tiny):
     def f(m, c):
         return jnp.sum(w * rl.token_logprobs(m, batch, tau=0.1, chunk_size=c))
 
-    g1 = nnx.grad(functools.partial(f, c=None))(model)
-    g2 = nnx.grad(functools.partial(f, c=5))(model)
+    g1 = nnx.jit(nnx.grad(functools.partial(f, c=None)))(model)
+    g2 = nnx.jit(nnx.grad(functools.partial(f, c=5)))(model)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -552,9 +570,12 @@ def test_loss_fn_gradients_reach_only_the_policy(tiny):
     m = rl.finalize_metrics(terms, cfg)
     assert float(m["ratio_mean"]) == 1.0 and float(m["kl_loss"]) == 0.0 and float(m["clipfrac"]) == 0.0
     assert 0 < float(m["soft_fraction"]) < 1
+    graphdef, state = nnx.split(model)  # the (state, graphdef) form gives the same loss
+    np.testing.assert_allclose(float(rl.loss_fn(state, batch, old, ref, cfg, graphdef=graphdef)[0]),
+                               float(rl.loss_fn(model, batch, old, ref, cfg)[0]), rtol=1e-6)
 
     # the untied input table gets exactly zero gradient (inputs rebuilt under stop_gradient); other params get some
-    grads = _named_grads(nnx.grad(lambda mdl: rl.loss_fn(mdl, batch, old, ref, cfg)[0])(model))
+    grads = _named_grads(nnx.jit(nnx.grad(lambda mdl: rl.loss_fn(mdl, batch, old, ref, cfg)[0]))(model))
     assert any("embed" in k for k in grads) and any("lm_head" in k for k in grads)
     for k, g in grads.items():
         if "embed" in k:
@@ -571,7 +592,7 @@ def test_loss_fn_gradients_reach_only_the_policy(tiny):
         o = rl.token_logprobs(policy, batch, tau=0.1) + noise
         return rl.loss_fn(policy, batch, o, r, cfg)[0]
 
-    gp, gr = nnx.grad(both, argnums=(0, 1))(model, ref_model)
+    gp, gr = nnx.jit(nnx.grad(both, argnums=(0, 1)))(model, ref_model)
     for k, g in _named_grads(gr).items():
         assert np.all(g == 0), k
     gp = _named_grads(gp)
@@ -582,15 +603,15 @@ def test_loss_fn_gradients_reach_only_the_policy(tiny):
 def test_loss_fn_micro_batch_accumulation_equals_one_batch(tiny):
     _, model = tiny
     batch = make_batch(model.config.vocab_size, seed=5)
-    cfg = LossConfig(loss_agg_mode="seq-mean-token-mean")
+    cfg = LossConfig()  # token-mean: the two micro-batches hold 14 and 10 scored tokens, so naive averaging differs
     lp = rl.token_logprobs(model, batch, tau=0.1)
     noise = jnp.asarray(np.random.default_rng(2).normal(0, 0.5, lp.shape), jnp.float32)
     old, ref = lp + noise, lp - noise
-    vg = nnx.value_and_grad(rl.loss_fn, has_aux=True)
+    vg = nnx.jit(nnx.value_and_grad(rl.loss_fn, has_aux=True), static_argnums=4)
     (loss, terms), g_full = vg(model, batch, old, ref, cfg)
     norm = rl.loss_denominator(batch["loss_mask"], cfg)
     acc, g_acc, loss_acc = None, None, 0.0
-    for sl in (slice(0, 1), slice(1, 4)):
+    for sl in (slice(0, 2), slice(2, 4)):
         mb = {k: (v[sl] if k != "tau" else v) for k, v in batch.items()}
         (l, t), g = vg(model, mb, old[sl], ref[sl], cfg, normalizer=norm)
         loss_acc += float(l)
@@ -602,3 +623,8 @@ def test_loss_fn_micro_batch_accumulation_equals_one_batch(tiny):
     for k in gf:
         np.testing.assert_allclose(ga[k], gf[k], rtol=1e-4, atol=1e-7, err_msg=k)
     assert max(np.abs(v).max() for v in gf.values()) > 0
+    # verl's own scheme (mean of micro-batch means) is a different number here
+    naive = sum(float(rl.combine_loss(rl.ppo_loss_terms(lp[sl], old[sl], ref[sl], batch["advantages"][sl],
+                                                        batch["loss_mask"][sl], cfg), cfg)) for sl in
+                (slice(0, 2), slice(2, 4))) / 2
+    assert abs(naive - float(loss)) > 1e-4

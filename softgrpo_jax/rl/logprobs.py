@@ -155,7 +155,8 @@ def _tau_for(tau, B: int):
 def rebuild_inputs(table: jax.Array, batch: Mapping[str, Any], *, tau, discrete_from_ids: bool = False) -> jax.Array:
     """The rollout's input embeddings [B, T, D] from stored ids and ytil (SPEC.md 2.1), under stop_gradient.
 
-    ``w = softmax(ytil / tau)`` with slots 1..K-1 masked at discrete positions (one-hot on slot 0), ``e = sum w E[ids]``.
+    ``w = softmax(ytil / tau)`` with slots 1..K-1 masked at discrete positions (one-hot on slot 0),
+    ``e = sum w E[ids]``.
     No gradient reaches the table, the weights or anything upstream through this path.
     """
     ids = batch["topk_ids"]

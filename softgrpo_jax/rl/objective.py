@@ -3,8 +3,8 @@
 Soft and discrete positions share one formula; only the per-position log-probs differ (``rl.logprobs``).
 
 Micro-batch accumulation: ``ppo_loss_terms`` returns *sums* (numerators) and their denominators, never means, so the
-trainer can add the terms of several micro-batches and divide once (``finalize_metrics``), or, for the gradient, pass the
-whole mini-batch's denominator as ``normalizer`` to every micro-batch's ``loss_fn``: the summed micro-batch gradients
+trainer can add the terms of several micro-batches and divide once (``finalize_metrics``), or, for the gradient, pass
+the whole mini-batch's denominator as ``normalizer`` to every micro-batch's ``loss_fn``: the summed micro-batch gradients
 then equal the gradient of one big batch exactly. (verl itself averages per-micro-batch means, ``loss /
 gradient_accumulation``; pass ``normalizer = micro_denominator * n_micro`` to reproduce that instead.)
 
@@ -164,8 +164,10 @@ def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logp
       kl_token_sum, logprob_sum     token sums of the KL term and of logpi
     """
     mask = jnp.asarray(loss_mask, bool)
-    lp = logprobs.astype(jnp.float32)
-    old = jax.lax.stop_gradient(lp if old_logprobs is None else old_logprobs.astype(jnp.float32))
+    # unscored positions are replaced by 0 up front: garbage (inf/NaN) there reaches neither values nor gradients
+    lp = jnp.where(mask, logprobs.astype(jnp.float32), 0.0)
+    old = lp if old_logprobs is None else jnp.where(mask, old_logprobs.astype(jnp.float32), 0.0)
+    old = jax.lax.stop_gradient(old)
     adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     if adv.ndim == 1:
         adv = adv[:, None]
@@ -173,7 +175,7 @@ def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logp
     w, denom = aggregation_weights(mask, cfg.loss_agg_mode)
     mf = mask.astype(jnp.float32)
 
-    log_ratio = jnp.where(mask, lp - old, 0.0)  # padding cannot overflow exp or leak NaN
+    log_ratio = lp - old
     if cfg.log_ratio_clamp is not None:
         log_ratio = jnp.clip(log_ratio, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
@@ -191,8 +193,8 @@ def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logp
     pg = jnp.where(mask, pg, 0.0)
 
     if cfg.use_kl_loss and ref_logprobs is not None:
-        ref = jax.lax.stop_gradient(ref_logprobs.astype(jnp.float32))
-        kl = jnp.where(mask, kl_penalty(lp, jnp.where(mask, ref, lp), cfg.kl_type, cfg.kl_clamp), 0.0)
+        ref = jax.lax.stop_gradient(jnp.where(mask, ref_logprobs.astype(jnp.float32), 0.0))
+        kl = jnp.where(mask, kl_penalty(lp, ref, cfg.kl_type, cfg.kl_clamp), 0.0)
     else:
         kl = jnp.zeros_like(lp)
 
