@@ -4,8 +4,8 @@ Soft and discrete positions share one formula; only the per-position log-probs d
 
 Micro-batch accumulation: ``ppo_loss_terms`` returns *sums* (numerators) and their denominators, never means, so the
 trainer can add the terms of several micro-batches and divide once (``finalize_metrics``), or, for the gradient, pass
-the whole mini-batch's denominator as ``normalizer`` to every micro-batch's ``loss_fn``: the summed micro-batch gradients
-then equal the gradient of one big batch exactly. (verl itself averages per-micro-batch means, ``loss /
+the whole mini-batch's denominator as ``normalizer`` to every micro-batch's ``loss_fn``: the summed micro-batch
+gradients then equal the gradient of one big batch exactly. (verl itself averages per-micro-batch means, ``loss /
 gradient_accumulation``; pass ``normalizer = micro_denominator * n_micro`` to reproduce that instead.)
 
 Shapes: B sequences, T positions (prompt + response); every per-position array is [B, T] and aligned with
