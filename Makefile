@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/softgrpo demo
 
 smoke: $(STAMP)
-	$(BIN)/softgrpo demo --config configs/demo_smollm2.py --config.preset=smoke
+	$(BIN)/softgrpo demo --config configs/demo_smollm2_smoke.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

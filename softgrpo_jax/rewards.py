@@ -30,6 +30,7 @@ import atexit
 import functools
 import logging
 import os
+import re
 import pickle
 import selectors
 import struct
@@ -45,7 +46,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("math_verify", "strict_string")
+MODES = ("math_verify", "strict_string", "math_verify_lenient")
 GOLD_FORMATS = ("latex", "expr")
 # gold parsing of the seed's matheval.py, per benchmark (AIMEEvaluator / GSM8KEvaluator: Expr; MATH500 / AMC: Latex)
 BENCHMARK_GOLD_FORMAT = {"aime24": "expr", "aime25": "expr", "aime2024": "expr", "aime2025": "expr", "gsm8k": "expr",
@@ -210,6 +211,21 @@ def strict_string_reward(completion: str, gold: str) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Robust extraction (math_verify mode and answer voting)
 # ----------------------------------------------------------------------------------------------------------------
+
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_lenient_answer(text: str) -> str | None:
+    """The last ``\\boxed{}`` if there is one, else the last number in the text (commas dropped).
+
+    The fallback is for tiny models (the embedded SmolLM2-135M rarely writes a box); the seed's reward has no such
+    fallback. Only the last 2000 characters are searched, so the cost is bounded."""
+    boxed = extract_boxed_answer(text)
+    if boxed is not None:
+        return boxed
+    nums = _NUMBER_RE.findall(text[-2000:])
+    return nums[-1].replace(",", "") if nums else None
+
 
 def extract_boxed_answer(text: str) -> str | None:
     """Content of the *last* ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed x``) in ``text``; None if there is none
@@ -619,8 +635,9 @@ def score_batch(completions: Sequence[str], golds: Sequence[str], *, mode: str =
             out[i] = strict_string_reward(c, str(g))
         return out
     todo, args = [], []
+    extract = extract_lenient_answer if mode == "math_verify_lenient" else extract_boxed_answer
     for i, (c, g) in enumerate(zip(completions, golds)):
-        ans = extract_boxed_answer(c)
+        ans = extract(c)
         if _answer_ok(ans, max_answer_chars, max_brace_depth):
             todo.append(i)
             args.append((ans, str(g)))

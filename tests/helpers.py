@@ -48,3 +48,18 @@ def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = Non
         if attention_mask is not None:
             kw["attention_mask"] = torch.tensor(attention_mask)
         return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+def make_tiny_smollm_dir(path: str, seed: int = 0, **kw) -> str:
+    """A tiny random Llama that uses SmolLM2's real tokenizer (from the embedded GGUF): fast end-to-end runs with real
+    text, chat template and </think> handling."""
+    from softgrpo_jax import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    base = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base.update(kw)
+    make_hf_model(path, "llama", seed=seed, **base)
+    tok.save_pretrained(path)
+    return path

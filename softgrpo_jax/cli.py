@@ -1,0 +1,188 @@
+"""``softgrpo``: train | eval | sample | convert | demo.
+
+  softgrpo train  --config configs/deepscaler_1p5b.py [--config.rl.group_size=4 ...]
+  softgrpo eval   --config configs/eval_softgrpo_gumbel.py --config.model.path=DIR
+  softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--show-topk]
+  softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16]
+  softgrpo demo   [--config configs/demo_smollm2.py] [--config.preset=smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _split_config_args(argv):
+    rest, overrides = [], []
+    for a in argv:
+        if a.startswith("--config."):
+            overrides.append(a)
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def _load_cfg(path, overrides):
+    from softgrpo_jax.config import get_config
+
+    return get_config(path, overrides)
+
+
+def cmd_train(args, overrides):
+    from softgrpo_jax.train import Run
+
+    cfg = _load_cfg(args.config, overrides)
+    report = Run(cfg).train()
+    return 0 if not report.get("interrupted") else 130
+
+
+def cmd_eval(args, overrides):
+    import jax
+
+    from softgrpo_jax import evaluation, load_pretrained, load_tokenizer
+    from softgrpo_jax.config import eval_sampling_config
+    from softgrpo_jax.distributed import make_mesh
+    from softgrpo_jax.eval_runner import evaluate
+    from softgrpo_jax.sampling import RolloutEngine
+    from softgrpo_jax.train import load_problems, log
+
+    cfg = _load_cfg(args.config, overrides)
+    mesh = make_mesh(tuple(cfg.trainer.mesh))
+    model = load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                            mesh=mesh, scan_layers=cfg.model.scan_layers)
+    tok = load_tokenizer(cfg.model.path)
+    eng = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout), tok,
+                                      think_end=cfg.rollout.think_end, mesh=mesh, embed_impl=cfg.rollout.embed_impl)
+    bench = {}
+    for item in cfg.data.eval:
+        name, _, split = item.partition(":")
+        bench[name if name != "reasoning_gym_math" else "reasoning_gym"] = load_problems(
+            cfg, name, split or "test", tok, limit=cfg.data.eval_limit)[0]
+    from tqdm.auto import tqdm
+
+    total = sum(len(v) for v in bench.values()) * cfg.eval.n_samples
+    with tqdm(total=total, desc=f"eval ({cfg.eval.mode})", unit="sample") as pbar:
+        res, timing = evaluate(eng, tok, bench, n=cfg.eval.n_samples, batch_size=cfg.eval.batch_size,
+                               key=jax.random.key(cfg.eval.seed), scorer=cfg.eval.scorer,
+                               timeout_s=cfg.reward.timeout_s, progress=pbar.update)
+    out = os.path.join(os.path.abspath(cfg.trainer.output_dir), "eval")
+    ks = [k for k in cfg.eval.ks if k <= cfg.eval.n_samples] or [1]
+    summaries = evaluation.write_reports(out, res, ks=ks, config={"model": cfg.model.path, "mode": cfg.eval.mode},
+                                         title=cfg.name)
+    print(evaluation.markdown_table(summaries))
+    log(f"wrote {out}/summary.md, summary.json, pass_at_k.png ({timing})")
+    return 0
+
+
+def cmd_sample(args, overrides):
+    import jax
+    import numpy as np
+
+    from softgrpo_jax import load_pretrained, load_tokenizer
+    from softgrpo_jax.data.prompts import build_prompt
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+
+    model = load_pretrained(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.model)
+    cfg = SamplingConfig(mode=args.mode, max_topk=args.k, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, tau=args.tau, max_new_tokens=args.max_new_tokens,
+                         after_thinking_top_k=args.top_k, think_end_match=args.think_end_match)
+    eng = RolloutEngine.for_tokenizer(model, cfg, tok, think_end=args.think_end)
+    prompt = args.prompt if args.raw else build_prompt(tok, args.prompt, style=args.style)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = eng.generate([ids], jax.random.key(args.seed), n=args.n)
+    toks, lens = np.asarray(r.tokens), np.asarray(r.lengths)
+    for b in range(args.n):
+        L, T = int(lens[b]), int(r.think_lengths[b])
+        print(f"=== sample {b} ({args.mode}; {L} tokens, {T} soft-thinking steps, finish "
+              f"{['length', 'stop', 'cold_stop'][int(r.finish_reason[b])]})")
+        if args.show_topk and T:
+            ids_k, w = np.asarray(r.topk_ids[b]), np.asarray(r.weights[b])
+            for j in range(min(T, args.show_topk)):
+                cells = " ".join(f"{tok.decode([int(i)])!r}:{x:.2f}" for i, x in zip(ids_k[j], w[j]) if x > 1e-3)
+                print(f"  step {j:4d}  {cells}")
+        print("--- thinking (argmax tokens) ---" if T else "--- completion ---")
+        print(tok.decode(toks[b, :T].tolist(), skip_special_tokens=True) if T else
+              tok.decode(toks[b, :L].tolist(), skip_special_tokens=True))
+        if T:
+            print("--- answer ---")
+            print(tok.decode(toks[b, T:L].tolist(), skip_special_tokens=True))
+    return 0
+
+
+def cmd_convert(args, overrides):
+    from softgrpo_jax import load_pretrained, save_pretrained
+    from softgrpo_jax.checkpoint.api import detect_format, load_tokenizer
+
+    fmt = detect_format(args.src)
+    src = args.src
+    model = load_pretrained(src, dtype=args.dtype)
+    tok = None
+    try:
+        tok = load_tokenizer(src)
+    except Exception as e:  # noqa: BLE001 - a checkpoint without tokenizer files still converts
+        print(f"note: no tokenizer copied ({e})", file=sys.stderr)
+    save_pretrained(model, args.dst, tokenizer=tok, format=args.format)
+    print(f"converted {fmt} {src} -> {args.format} {args.dst}")
+    return 0
+
+
+def cmd_demo(args, overrides):
+    from softgrpo_jax.demo import run_demo
+
+    cfg = _load_cfg(args.config, overrides)
+    return run_demo(cfg)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = _split_config_args(argv)
+    ap = argparse.ArgumentParser(prog="softgrpo", description="SofT-GRPO in JAX/Flax")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train with SofT-GRPO or GRPO from a config")
+    p.add_argument("--config", required=True)
+    p = sub.add_parser("eval", help="pass@k evaluation from a config")
+    p.add_argument("--config", required=True)
+    p = sub.add_parser("demo", help="the embedded default end to end (SmolLM2-135M, reasoning-gym, CPU)")
+    p.add_argument("--config", default="configs/demo_smollm2.py")
+    p = sub.add_parser("sample", help="sample from a model in discrete, soft or gumbel mode")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--prompt", default="What is 17 + 25?")
+    p.add_argument("--mode", default="gumbel", choices=["discrete", "soft", "gumbel"])
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--k", type=int, default=5, help="K slots of a soft step")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--think-end", default="</think>")
+    p.add_argument("--think-end-match", default="full", choices=["full", "last_subtoken"])
+    p.add_argument("--style", default="auto")
+    p.add_argument("--raw", action="store_true", help="use the prompt text as is (no chat template)")
+    p.add_argument("--show-topk", type=int, default=0, metavar="N", help="print the first N soft steps' top-K")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("convert", help="convert between HF directories, GGUF (import) and orbax checkpoints")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--format", default="hf", choices=["hf", "orbax"])
+    p.add_argument("--dtype", default=None)
+    args = ap.parse_args(argv)
+    if overrides and args.cmd not in ("train", "eval", "demo"):
+        ap.error(f"--config.* overrides only apply to train/eval/demo, got {overrides}")
+    from softgrpo_jax.config import ConfigError
+    from softgrpo_jax.checkpoint import CheckpointError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
+                "demo": cmd_demo}[args.cmd](args, overrides)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"softgrpo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The SofT-GRPO / GRPO trainer: rollouts -> rewards -> advantages -> old/ref log-probs -> jitted, donated updates.
+
+One step (SPEC.md 3, 4):
+  1. ``train_batch_size`` prompts, each ``group_size`` times, through the rollout engine (Gumbel soft thinking for
+     SofT-GRPO, discrete sampling for the GRPO baseline);
+  2. math rewards on the decoded responses; group advantages ``(r - mean) / (std + 1e-6)``;
+  3. old log-probs (current params, before any update) and reference log-probs (frozen initial params);
+  4. ``train_batch_size / mini_batch_size`` optimiser updates, each one jitted function that accumulates exact
+     micro-batch gradients (sum/denominator pairs) and applies clip-by-global-norm + AdamW, skipping (and counting) an
+     update whose gradient norm is not finite.
+
+State (params, optimizer, step) is checkpointed with orbax; the data order and every PRNG key are functions of
+(seed, step), so a resumed run reproduces the uninterrupted run's metrics exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from softgrpo_jax.distributed import BATCH_AXES, fit_spec, is_main_process, make_mesh, state_shardings
+from softgrpo_jax.rl.logprobs import token_logprobs
+from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
+                                       loss_denominator, loss_fn)
+from softgrpo_jax.sampling import Rollout, RolloutEngine, bucket_length
+
+BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask", "loss_mask", "advantages", "tau")
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16) -> dict[str, np.ndarray]:
+    """Concatenate prompt and response into the trainer's [B, T] layout (SPEC.md 1.5, 7), trimming the response
+    to a length bucket that holds every row."""
+    g = jax.device_get
+    pt, pm = np.asarray(g(r.prompt_tokens)), np.asarray(g(r.prompt_mask))
+    lens = np.asarray(g(r.lengths))
+    L = min(r.tokens.shape[1], bucket_length(max(int(lens.max()), 1), min_bucket))
+    B, Pn = pt.shape
+    K = r.topk_ids.shape[-1]
+    prompt_ids = np.zeros((B, Pn, K), np.int32)
+    prompt_ids[..., 0] = pt
+    return dict(
+        tokens=np.concatenate([pt, np.asarray(g(r.tokens))[:, :L]], 1).astype(np.int32),
+        attention_mask=np.concatenate([pm, np.asarray(g(r.response_mask))[:, :L]], 1),
+        topk_ids=np.concatenate([prompt_ids, np.asarray(g(r.topk_ids))[:, :L]], 1).astype(np.int32),
+        topk_ytil=np.concatenate([np.zeros((B, Pn, K), np.float32), np.asarray(g(r.topk_ytil))[:, :L]], 1),
+        soft_mask=np.concatenate([np.zeros((B, Pn), bool), np.asarray(g(r.soft_mask))[:, :L]], 1),
+        loss_mask=np.concatenate([np.zeros((B, Pn), bool), np.asarray(g(r.response_mask))[:, :L]], 1),
+        advantages=np.asarray(advantages, np.float32),
+        tau=np.asarray(g(r.tau), np.float32),
+    )
+
+
+def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndarray]:
+    """[B, ...] -> [n_micro, B / n_micro, ...]."""
+    out = {}
+    for k, v in batch.items():
+        B = v.shape[0]
+        if B % n_micro:
+            raise ValueError(f"batch of {B} rows does not split into {n_micro} micro-batches")
+        out[k] = v.reshape((n_micro, B // n_micro) + v.shape[1:])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ optimizer
+def make_optimizer(lr: float, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip: float | None = 1.0,
+                   schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0,
+                   min_lr_ratio: float = 0.0) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay on every parameter, as torch.optim.AdamW) after a global-norm clip."""
+    if schedule == "constant":
+        sched = optax.constant_schedule(lr) if not warmup_steps else optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)], [warmup_steps])
+    elif schedule == "warmup_constant":
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup_steps, 1)),
+                                      optax.constant_schedule(lr)], [max(warmup_steps, 1)])
+    elif schedule == "warmup_cosine":
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+                                                   end_value=lr * min_lr_ratio)
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}; use constant, warmup_constant or warmup_cosine")
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    loss: LossConfig
+    n_micro: int
+
+
+def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_lp, ref_lp):
+    """One optimiser update over a mini-batch given as micro-batches [n_micro, mb, ...] (scanned)."""
+    cfg = settings.loss
+    normalizer = loss_denominator(mb["loss_mask"].reshape((-1,) + mb["loss_mask"].shape[2:]), cfg)
+
+    def micro(carry, xs):
+        gacc, tacc = carry
+        b, o, r = xs
+
+        def f(p):
+            return loss_fn(p, b, o, r, cfg, normalizer=normalizer, graphdef=graphdef)
+
+        (_, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
+        gacc = jax.tree.map(jnp.add, gacc, grads)
+        tacc = accumulate_terms(tacc, terms)
+        return (gacc, tacc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    first = jax.tree.map(lambda a: a[0], (mb, old_lp, ref_lp))
+    t0 = jax.eval_shape(lambda: loss_fn(params, first[0], first[1], first[2], cfg, normalizer=normalizer,
+                                        graphdef=graphdef)[1])
+    t0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t0)
+    (grads, terms), _ = jax.lax.scan(micro, (zeros, t0), (mb, old_lp, ref_lp))
+    gnorm = optax.tree.norm(grads)
+    finite = jnp.isfinite(gnorm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    metrics = finalize_metrics(terms, cfg)
+    metrics["grad_norm"] = gnorm
+    metrics["skipped"] = (~finite).astype(jnp.int32)
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+
+def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
+    """token_logprobs over micro-batches [n_micro, mb, ...] (lax.map keeps one micro-batch live)."""
+    model = nnx.merge(graphdef, params)
+
+    def one(b):
+        return token_logprobs(model, b, tau=b["tau"], temperature=loss_cfg.temperature, noise=loss_cfg.noise,
+                              chunk_size=loss_cfg.chunk_size, discrete_from_ids=loss_cfg.discrete_from_ids)
+
+    return jax.lax.map(one, mb)
+
+
+class PolicyState:
+    """Params + optimizer state + compiled update / log-prob functions over one mesh."""
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_cfg: LossConfig, mesh,
+                 ref_model: nnx.Module | None = None):
+        self.graphdef, self.params = nnx.split(model)
+        self.mesh = mesh
+        self.tx = tx
+        self.loss_cfg = loss_cfg
+        self.param_shardings = state_shardings(self.params, mesh) if mesh is not None else None
+        if ref_model is not None:
+            self.ref_params = nnx.state(ref_model)
+        else:
+            self.ref_params = jax.tree.map(jnp.copy, self.params)
+        self.opt_state = self._place_opt_state(tx.init(self.params))
+        self._update_cache: dict[int, Callable] = {}
+        self._lp = jax.jit(functools.partial(_logprobs, self.graphdef, loss_cfg))
+
+    def _place_opt_state(self, opt_state):
+        """Moments follow their parameter's sharding (eager zeros_like keeps it); scalars (step counts) are
+        replicated over the mesh, so every leaf lives on the same devices."""
+        if self.mesh is None:
+            return opt_state
+        rep = NamedSharding(self.mesh, P())
+
+        def place(a):
+            if isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == self.mesh:
+                return a
+            return jax.device_put(a, rep)
+
+        return jax.tree.map(place, opt_state)
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+    def batch_sharding(self, x: np.ndarray) -> Any:
+        """Micro-batched arrays [n_micro, mb, ...]: split the mb axis over the data-parallel axes."""
+        if self.mesh is None:
+            return None
+        spec = fit_spec(x.shape, P(None, BATCH_AXES, *([None] * (x.ndim - 2))), self.mesh)
+        return NamedSharding(self.mesh, spec)
+
+    def put(self, tree):
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda a: jax.device_put(a, self.batch_sharding(np.asarray(a))), tree)
+
+    def logprobs(self, params, mb) -> jax.Array:
+        return self._lp(params, mb)
+
+    def update(self, mb, old_lp, ref_lp) -> dict:
+        n_micro = int(mb["tokens"].shape[0])
+        fn = self._update_cache.get(n_micro)
+        if fn is None:
+            settings = UpdateSettings(self.loss_cfg, n_micro)
+            fn = jax.jit(functools.partial(_update, self.graphdef, self.tx, settings), donate_argnums=(0, 1))
+            self._update_cache[n_micro] = fn
+        self.params, self.opt_state, metrics = fn(self.params, self.opt_state, mb, old_lp, ref_lp)
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+class MetricsLog:
+    """JSONL (+ TensorBoard) metrics, written by process 0; on resume, later lines are dropped first."""
+
+    def __init__(self, out_dir: str, *, tensorboard: bool = True, resume_step: int = 0):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.main = is_main_process()
+        self.tb = None
+        if not self.main:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.path):
+            keep = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if rec.get("step", 0) <= resume_step and rec.get("kind", "train") == "train":
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                    elif rec.get("kind") != "train" and rec.get("step", 0) <= resume_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:  # pragma: no cover
+                self.tb = None
+
+    def write(self, step: int, metrics: dict, kind: str = "train"):
+        if not self.main:
+            return
+        rec = {"step": int(step), "kind": kind, **{k: _py(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+
+def _py(v):
+    v = jax.device_get(v)
+    if isinstance(v, np.ndarray):
+        return v.item() if v.size == 1 else v.tolist()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+class Checkpointer:
+    """orbax CheckpointManager over (params, opt_state, meta). Saves are atomic (orbax writes a temporary directory and
+    renames it), so a kill mid-save leaves the previous checkpoint as the latest good one."""
+
+    def __init__(self, directory: str, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.dir = os.path.abspath(directory)
+        self.mgr = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                           enable_async_checkpointing=False),
+            item_names=("params", "opt_state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict):
+        ocp = self.ocp
+        self.mgr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.mgr.wait_until_finished()
+
+    def restore(self, step: int, params, opt_state):
+        ocp = self.ocp
+
+        def abstract(t):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), t)
+
+        pure = nnx.to_pure_dict(params)
+        try:
+            out = self.mgr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract(pure)),
+                opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+                meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {self.dir}/{step} does not match this model/optimizer: {e}") from None
+        nnx.replace_by_pure_dict(params, out["params"])
+        return params, out["opt_state"], out["meta"]
+
+    def close(self):
+        self.mgr.close()
+
+
+class GracefulInterrupt:
+    """Turns SIGINT / SIGTERM into a flag checked between steps (a second signal aborts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[softgrpo] signal {signum}: finishing this step, saving a checkpoint, then stopping "
+              f"(again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False

@@ -1,0 +1,297 @@
+"""``softgrpo train``: the whole run from a config (data, model, rollouts, updates, checkpoints, evals, export)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from softgrpo_jax import evaluation, rewards
+from softgrpo_jax.config import eval_sampling_config, loss_config, sampling_config
+from softgrpo_jax.distributed import is_main_process, make_mesh
+from softgrpo_jax.rl.objective import group_advantages
+from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
+                                     rollout_to_batch, split_micro)
+from softgrpo_jax.sampling import RolloutEngine
+
+
+def log(msg: str):
+    if is_main_process():
+        print(f"[softgrpo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def _rg_kwargs(cfg: ConfigDict) -> dict:
+    rg = cfg.data.reasoning_gym
+    kw: dict[str, Any] = dict(train_size=rg.train_size, test_size=rg.test_size, seed=rg.seed)
+    if rg.tasks:
+        text = rg.tasks.strip()
+        if text[0] in "([":  # a Python literal: ((name, weight, ((key, value), ...)), ...)
+            import ast
+
+            kw["tasks"] = tuple(ast.literal_eval(text))
+        else:  # comma-separated task names, equal weights, default settings
+            kw["tasks"] = tuple(t.strip() for t in text.split(",") if t.strip())
+    return kw
+
+
+def load_problems(cfg: ConfigDict, name: str, split: str, tokenizer, *, limit: int = 0) -> tuple[list[dict], int]:
+    from softgrpo_jax import data as data_lib
+
+    kw = _rg_kwargs(cfg) if name == "reasoning_gym_math" else {}
+    ex = data_lib.load_split(name, split, data_dir=cfg.data.data_dir or None,
+                             manual_dir=cfg.data.manual_dir or None, **kw)
+    if limit:
+        ex = ex[:limit]
+    ps = data_lib.prepare_prompts(tokenizer, ex, style=cfg.data.prompt_style,
+                                  max_prompt_length=cfg.data.max_prompt_length)
+    skipped = getattr(ex, "skipped", 0)
+    if ps.num_filtered or skipped:
+        log(f"{name}:{split}: {ps.num_filtered} prompts longer than {cfg.data.max_prompt_length} tokens filtered, "
+            f"{skipped} malformed rows skipped")
+    return ps.examples, ps.num_filtered
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_for_step(problems: list[dict], step: int, batch_size: int, seed: int, shuffle: bool) -> list[dict]:
+    """The prompts of (0-based) step ``step``: a pure function of (seed, step), so resuming needs no iterator state."""
+    n = len(problems)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"training split has {n} problems, fewer than train_batch_size={batch_size}")
+    epoch, k = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch, shuffle)
+    return [problems[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
+# ------------------------------------------------------------------------------------------------------ run
+class Run:
+    """Everything a training run holds; ``Run(cfg).train()``."""
+
+    def __init__(self, cfg: ConfigDict, *, reward_fn=None):
+        """``reward_fn(texts, golds) -> float array`` replaces the configured math reward (custom tasks, tests)."""
+        from softgrpo_jax import load_pretrained, load_tokenizer
+
+        self.cfg = cfg
+        self.reward_fn = reward_fn
+        self.out = os.path.abspath(cfg.trainer.output_dir)
+        os.makedirs(self.out, exist_ok=True)
+        self.mesh = make_mesh(tuple(cfg.trainer.mesh))
+        if cfg.rl.algorithm not in ("softgrpo", "grpo"):
+            raise ValueError(f"rl.algorithm must be 'softgrpo' or 'grpo', got {cfg.rl.algorithm!r}")
+        mc = cfg.model
+        log(f"loading {mc.path} on mesh {dict(self.mesh.shape)}")
+        model = load_pretrained(mc.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype, mesh=self.mesh,
+                                scan_layers=mc.scan_layers, remat=mc.remat)
+        self.tokenizer = load_tokenizer(mc.path)
+        ref = None
+        if cfg.ref_model.path:
+            ref = load_pretrained(cfg.ref_model.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype,
+                                  mesh=self.mesh, scan_layers=mc.scan_layers)
+        self.problems, self.n_filtered = load_problems(cfg, cfg.data.train, cfg.data.train_split, self.tokenizer)
+        self.total_steps = cfg.trainer.total_steps or len(self.problems) // cfg.rl.train_batch_size
+        oc = cfg.optim
+        tx = make_optimizer(oc.lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
+                            grad_clip=oc.grad_clip, schedule=oc.schedule, warmup_steps=oc.warmup_steps,
+                            total_steps=self.total_steps, min_lr_ratio=oc.min_lr_ratio)
+        mode = "discrete" if cfg.rl.algorithm == "grpo" else cfg.rollout.mode
+        self.loss_cfg = loss_config(cfg.rl, noise=cfg.rollout.noise)
+        self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
+        self.rollout_mode = mode
+        samp = sampling_config(cfg.rollout).__class__(**{**sampling_config(cfg.rollout).__dict__, "mode": mode})
+        self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, think_end=cfg.rollout.think_end,
+                                                  mesh=self.mesh, embed_impl=cfg.rollout.embed_impl)
+        self.eval_engine = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout),
+                                                       self.tokenizer, think_end=cfg.rollout.think_end,
+                                                       mesh=self.mesh, embed_impl=cfg.rollout.embed_impl)
+        self.ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.trainer.keep_checkpoints)
+        self.key = jax.random.key(cfg.trainer.seed)
+        self.step = 0
+        self._check_batch_arithmetic()
+
+    def _check_batch_arithmetic(self):
+        rl = self.cfg.rl
+        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if rl.train_batch_size % rl.mini_batch_size:
+            raise ValueError(f"rl.train_batch_size={rl.train_batch_size} is not a multiple of "
+                             f"rl.mini_batch_size={rl.mini_batch_size}")
+        mini_rows = rl.mini_batch_size * rl.group_size
+        micro_rows = rl.micro_batch_size * n_dp
+        if mini_rows % micro_rows:
+            raise ValueError(f"a mini-batch of {mini_rows} sequences (mini_batch_size x group_size) does not split "
+                             f"into micro-batches of {micro_rows} (micro_batch_size={rl.micro_batch_size} per "
+                             f"data-parallel device x {n_dp} devices)")
+        self.n_micro = mini_rows // micro_rows
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        rl = cfg.rl
+        t0 = time.time()
+        problems = batch_for_step(self.problems, step, rl.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
+        key = jax.random.fold_in(self.key, step)
+        model = self.policy.model
+        r = self.engine.generate([p["prompt_ids"] for p in problems], key, n=rl.group_size, model=model)
+        jax.block_until_ready(r.tokens)
+        t1 = time.time()
+        toks = np.asarray(jax.device_get(r.tokens))
+        lens = np.asarray(jax.device_get(r.lengths))
+        texts = [self.tokenizer.decode(toks[b, :lens[b]].tolist(), skip_special_tokens=True)
+                 for b in range(toks.shape[0])]
+        golds = [str(p["answer"]) for p in problems for _ in range(rl.group_size)]
+        workers = cfg.reward.workers if cfg.reward.workers > 0 else None
+        if self.reward_fn is not None:
+            rew = np.asarray(self.reward_fn(texts, golds), np.float32)
+        else:
+            rew = rewards.score_batch(texts, golds, mode=cfg.reward.mode, workers=workers,
+                                      timeout_s=cfg.reward.timeout_s)
+        t2 = time.time()
+        adv = np.asarray(group_advantages(jax.numpy.asarray(rew), rl.group_size))
+        batch = rollout_to_batch(r, adv)
+        n_mini = rl.train_batch_size // rl.mini_batch_size
+        mini_rows = rl.mini_batch_size * rl.group_size
+        # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update
+        all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
+        old_lp = self.policy.logprobs(self.policy.params, all_mb)
+        ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp
+        jax.block_until_ready(ref_lp)
+        t3 = time.time()
+        upd = []
+        for _ in range(rl.ppo_epochs):
+            for m in range(n_mini):
+                sl = slice(m * self.n_micro, (m + 1) * self.n_micro)
+                mb = jax.tree.map(lambda a: a[sl], all_mb)
+                upd.append(self.policy.update(mb, old_lp[sl], ref_lp[sl]))
+        upd = jax.device_get(upd)
+        t4 = time.time()
+        resp_tokens = int(lens.sum())
+        think = np.asarray(jax.device_get(r.think_lengths))
+        soft = np.asarray(jax.device_get(r.soft_mask)).sum(1)
+        group_any = rew.reshape(-1, rl.group_size).max(1)
+        metrics = {
+            "reward_mean": float(rew.mean()),
+            "group_pass_rate": float(group_any.mean()),
+            "response_length": float(lens.mean()),
+            "thinking_length": float(think.mean()),
+            "soft_steps": float(soft.mean()),
+            "finished_fraction": float((np.asarray(jax.device_get(r.finish_reason)) == 1).mean()),
+            "advantage_abs_mean": float(np.abs(adv).mean()),
+            "rollout_logprob_mean": float(np.asarray(jax.device_get(
+                (r.logprobs * r.response_mask).sum() / np.maximum(r.response_mask.sum(), 1)))),
+        }
+        for k in upd[0]:
+            vals = np.asarray([u[k] for u in upd], np.float64)
+            metrics[k] = float(vals.sum() if k == "skipped" else (vals.max() if "_max" in k else vals.mean()))
+        metrics.update({
+            "time_rollout_s": t1 - t0, "time_reward_s": t2 - t1, "time_logprob_s": t3 - t2,
+            "time_update_s": t4 - t3, "step_time_s": t4 - t0,
+            "rollout_tokens_per_s": resp_tokens / max(t1 - t0, 1e-9),
+            "train_tokens_per_s": float(batch["attention_mask"].sum()) * rl.ppo_epochs / max(t4 - t3, 1e-9),
+        })
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------- eval
+    def eval_benchmarks(self) -> dict[str, list[dict]]:
+        out = {}
+        for item in self.cfg.data.eval:
+            name, _, split = item.partition(":")
+            split = split or "test"
+            probs, _ = load_problems(self.cfg, name, split, self.tokenizer, limit=self.cfg.data.eval_limit)
+            out[f"{name}:{split}" if name != "reasoning_gym_math" else "reasoning_gym"] = probs
+        return out
+
+    def evaluate(self, tag: str) -> dict:
+        from softgrpo_jax.eval_runner import evaluate
+
+        if not hasattr(self, "_bench"):
+            self._bench = self.eval_benchmarks()
+        e = self.cfg.eval
+        res, timing = evaluate(self.eval_engine, self.tokenizer, self._bench, n=e.n_samples, batch_size=e.batch_size,
+                               key=jax.random.key(e.seed), model=self.policy.model, scorer=e.scorer,
+                               timeout_s=self.cfg.reward.timeout_s)
+        ks = [k for k in e.ks if k <= e.n_samples] or [1]
+        summaries = evaluation.write_reports(os.path.join(self.out, "eval", tag), res, ks=ks,
+                                             config={"tag": tag, "mode": e.mode}, title=f"{self.cfg.name} ({tag})")
+        for name, s in summaries.items():
+            log(f"eval[{tag}] {name}: pass@1 {s['pass@1']:.3f} " + " ".join(
+                f"pass@{k} {s[f'pass@{k}']:.3f}" for k in ks if k > 1 and f"pass@{k}" in s))
+        return summaries
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def save(self, step: int):
+        meta = {"step": step, "seed": self.cfg.trainer.seed, "data_position": step * self.cfg.rl.train_batch_size,
+                "total_steps": self.total_steps, "config": json.loads(self.cfg.to_json_best_effort())}
+        self.ckpt.save(step, self.policy.params, self.policy.opt_state, meta)
+
+    def maybe_resume(self) -> int:
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return 0
+        params, opt, meta = self.ckpt.restore(latest, self.policy.params, self.policy.opt_state)
+        self.policy.params, self.policy.opt_state = params, opt
+        log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
+        return int(latest)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        start = self.maybe_resume()
+        mlog = MetricsLog(self.out, tensorboard=cfg.trainer.tensorboard, resume_step=start)
+        report: dict[str, Any] = {"out": self.out}
+        before_path = os.path.join(self.out, "eval", "before", "summary.json")
+        if cfg.trainer.eval_before and start == 0 and not os.path.exists(before_path):
+            report["before"] = self.evaluate("before")
+        pbar = None
+        if cfg.trainer.progress and is_main_process():
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=self.total_steps, initial=start, desc="SofT-GRPO" if self.rollout_mode != "discrete"
+                        else "GRPO", unit="step", dynamic_ncols=True)
+        interrupted = False
+        with GracefulInterrupt() as stop:
+            for step in range(start, self.total_steps):
+                m = self.train_step(step)
+                mlog.write(step + 1, m)
+                self.step = step + 1
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_length']:.0f}",
+                                     kl=f"{m['kl_token']:.2e}", gn=f"{m['grad_norm']:.2f}")
+                last = step + 1 == self.total_steps
+                if stop.requested or last or (cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0):
+                    self.save(step + 1)
+                if stop.requested:
+                    interrupted = True
+                    log(f"stopped after step {step + 1}; run the same command again to resume")
+                    break
+                if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0 and not last:
+                    s = self.evaluate(f"step_{step + 1}")
+                    mlog.write(step + 1, {f"{n}/pass@1": v["pass@1"] for n, v in s.items()}, kind="eval")
+        if pbar is not None:
+            pbar.close()
+        report["interrupted"] = interrupted
+        report["steps"] = self.step
+        if interrupted:
+            return report
+        if self.total_steps > start or not os.path.exists(os.path.join(self.out, "eval", "after", "summary.json")):
+            report["after"] = self.evaluate("after")
+        if cfg.trainer.export_hf and is_main_process():
+            from softgrpo_jax import save_pretrained
+
+            path = os.path.join(self.out, "hf_export")
+            save_pretrained(self.policy.model, path, tokenizer=self.tokenizer)
+            report["export"] = path
+            log(f"exported the trained policy to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
+        self.ckpt.close()
+        report["metrics"] = mlog.read()
+        return report
