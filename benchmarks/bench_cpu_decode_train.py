@@ -1,0 +1,204 @@
+"""CPU benchmark, side by side in one run on the same machine: SmolLM2-135M-Instruct (embedded GGUF, float32).
+
+decode: this engine (discrete and Gumbel soft modes) vs transformers ``generate`` (PyTorch, sampling top-k 5,
+        top-p 0.95), batch 16, 128 new tokens (EOS disabled so every row decodes the full length).
+train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO / GRPO update vs a transformers
+        causal-LM step with torch.optim.AdamW.
+
+    python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
+
+Prints a markdown table (tokens/s and ratios); compile time is reported separately and excluded from tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bench_ours_decode(model, tok, prompts, new, repeats, mode):
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+
+    cfg = SamplingConfig(mode=mode, max_topk=5, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=new)
+    eng = RolloutEngine(model, cfg, think_end_ids=(), stop_ids=(), pad_id=tok.pad_token_id or 0)
+    t = time.perf_counter()
+    r = eng.generate(prompts, jax.random.key(0))
+    jax.block_until_ready(r.tokens)
+    first = time.perf_counter() - t
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        r = eng.generate(prompts, jax.random.key(i + 1))
+        jax.block_until_ready(r.tokens)
+        times.append(time.perf_counter() - t)
+    n = int(np.asarray(r.lengths).sum())
+    best = min(times)
+    return dict(tokens=n, seconds=best, tok_s=n / best, compile_s=first - best, step_ms=1000 * best / new)
+
+
+def bench_torch_decode(tmodel, tok, prompts, new, repeats):
+    import torch
+
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    kw = dict(do_sample=True, top_k=5, top_p=0.95, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+    with torch.no_grad():
+        tmodel.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = tmodel.generate(ids, attention_mask=mask, **kw)
+            times.append(time.perf_counter() - t)
+    n = (out.shape[1] - P) * B
+    best = min(times)
+    return dict(tokens=n, seconds=best, tok_s=n / best, step_ms=1000 * best / new)
+
+
+def train_batch(B, L, K, vocab, soft: bool, seed=0):
+    rng = np.random.RandomState(seed)
+    P = 32
+    toks = rng.randint(0, vocab, (B, L)).astype(np.int32)
+    ids = np.zeros((B, L, K), np.int32)
+    ids[..., 0] = toks
+    ytil = np.zeros((B, L, K), np.float32)
+    sm = np.zeros((B, L), bool)
+    if soft:
+        sm[:, P:] = True
+        ids[:, P:, 1:] = rng.randint(0, vocab, (B, L - P, K - 1))
+        ytil[:, P:] = np.log(rng.dirichlet(np.ones(K), (B, L - P)) + 1e-6) + rng.gumbel(size=(B, L - P, K))
+    lm = np.zeros((B, L), bool)
+    lm[:, P:] = True
+    return dict(tokens=toks, attention_mask=np.ones((B, L), bool), topk_ids=ids, topk_ytil=ytil, soft_mask=sm,
+                loss_mask=lm, advantages=rng.randn(B).astype(np.float32), tau=np.full((B,), 0.1, np.float32))
+
+
+def bench_ours_train(model_path, B, L, repeats, soft):
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.config import base_config, loss_config
+    from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
+
+    model = load_pretrained(model_path)
+    pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
+    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, soft), 1))
+    old = pol.logprobs(pol.params, batch)
+    t = time.perf_counter()
+    jax.block_until_ready(pol.update(batch, old, old))
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(pol.update(batch, old, old))
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return dict(tokens=B * L, seconds=best, tok_s=B * L / best, compile_s=first - best)
+
+
+def bench_torch_train(tmodel, B, L, vocab, repeats):
+    import torch
+
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-6, weight_decay=0.01)
+    ids = torch.tensor(np.random.RandomState(0).randint(0, vocab, (B, L)))
+    tmodel.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = tmodel(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return dict(tokens=B * L, seconds=best, tok_s=B * L / best)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--train-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="tiny sizes: a plumbing check, not a measurement")
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args()
+    if args.small:
+        args.batch, args.new, args.train_batch, args.train_len, args.repeats = 2, 8, 2, 48, 1
+
+    import tempfile
+
+    import torch
+    import transformers
+
+    from softgrpo_jax import load_pretrained, load_tokenizer, save_pretrained
+    from softgrpo_jax.data.prompts import build_prompt
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_pretrained("smollm2")
+    tok = load_tokenizer("smollm2")
+    tmp = tempfile.mkdtemp()
+    save_pretrained(model, tmp, tokenizer=tok)  # the same float32 weights for transformers
+    tmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    questions = [f"What is {a} + {b}?" for a, b in zip(range(3, 40, 2), range(50, 10, -2))][:args.batch]
+    prompts = [tok(build_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
+
+    rows = []
+    d_disc = bench_ours_decode(model, tok, prompts, args.new, args.repeats, "discrete")
+    d_soft = bench_ours_decode(model, tok, prompts, args.new, args.repeats, "gumbel")
+    d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
+    rows.append(("decode", "transformers generate (sampling)", d_torch, None))
+    rows.append(("decode", "softgrpo_jax discrete", d_disc, d_disc["tok_s"] / d_torch["tok_s"]))
+    rows.append(("decode", "softgrpo_jax gumbel (K=5)", d_soft, d_soft["tok_s"] / d_torch["tok_s"]))
+    if not args.skip_train:
+        t_torch = bench_torch_train(tmodel, args.train_batch, args.train_len, model.config.vocab_size, args.repeats)
+        t_soft = bench_ours_train(tmp, args.train_batch, args.train_len, args.repeats, True)
+        t_disc = bench_ours_train(tmp, args.train_batch, args.train_len, args.repeats, False)
+        rows.append(("train", "transformers fwd+bwd+AdamW", t_torch, None))
+        rows.append(("train", "softgrpo_jax SofT-GRPO update", t_soft, t_soft["tok_s"] / t_torch["tok_s"]))
+        rows.append(("train", "softgrpo_jax GRPO update", t_disc, t_disc["tok_s"] / t_torch["tok_s"]))
+
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; SmolLM2-135M float32")
+    print(f"decode: batch {args.batch}, {args.new} new tokens; train: {args.train_batch} x {args.train_len} tokens\n")
+    print("| what | implementation | tokens/s | time (s) | vs transformers | compile (s) |")
+    print("|---|---|---|---|---|---|")
+    for what, name, r, ratio in rows:
+        print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
+              f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('compile_s', float('nan')):.1f} |")
+    print(f"\nGumbel / discrete decode step time: {d_soft['step_ms'] / d_disc['step_ms']:.3f} "
+          f"({d_soft['step_ms']:.1f} ms vs {d_disc['step_ms']:.1f} ms per step)")
+
+
+if __name__ == "__main__":
+    main()
