@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from softgrpo_jax import evaluation, rewards
 from softgrpo_jax.config import eval_sampling_config, loss_config, sampling_config
-from softgrpo_jax.distributed import is_main_process, make_mesh
+from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
                                      rollout_to_batch, split_micro)
@@ -145,20 +145,24 @@ class Run:
         r = self.engine.generate([p["prompt_ids"] for p in problems], key, n=rl.group_size, model=model)
         jax.block_until_ready(r.tokens)
         t1 = time.time()
-        toks = np.asarray(jax.device_get(r.tokens))
-        lens = np.asarray(jax.device_get(r.lengths))
-        texts = [self.tokenizer.decode(toks[b, :lens[b]].tolist(), skip_special_tokens=True)
-                 for b in range(toks.shape[0])]
-        golds = [str(p["answer"]) for p in problems for _ in range(rl.group_size)]
+        toks = to_host(r.tokens)  # every process calls to_host (a gather when the rollout spans processes)
+        lens = to_host(r.lengths)
+        # rewards: each process scores only the rows its devices hold, then the scores are shared
+        rows = local_rows(r.tokens)
+        texts = [self.tokenizer.decode(toks[b, :lens[b]].tolist(), skip_special_tokens=True) for b in rows]
+        all_golds = [str(p["answer"]) for p in problems for _ in range(rl.group_size)]
+        golds = [all_golds[b] for b in rows]
         workers = cfg.reward.workers if cfg.reward.workers > 0 else None
         if self.reward_fn is not None:
             rew = np.asarray(self.reward_fn(texts, golds), np.float32)
         else:
             rew = rewards.score_batch(texts, golds, mode=cfg.reward.mode, workers=workers,
                                       timeout_s=cfg.reward.timeout_s)
+        rew = allgather_rows(np.asarray(rew, np.float32), rows, toks.shape[0])
         t2 = time.time()
         adv = np.asarray(group_advantages(jax.numpy.asarray(rew), rl.group_size))
-        batch = rollout_to_batch(r, adv)
+        # response lengths are bucketed to powers of two, at least half the budget: at most two compiled shapes
+        batch = rollout_to_batch(r, adv, min_bucket=max(16, cfg.rollout.max_new_tokens // 2))
         n_mini = rl.train_batch_size // rl.mini_batch_size
         mini_rows = rl.mini_batch_size * rl.group_size
         # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update
@@ -176,8 +180,10 @@ class Run:
         upd = jax.device_get(upd)
         t4 = time.time()
         resp_tokens = int(lens.sum())
-        think = np.asarray(jax.device_get(r.think_lengths))
-        soft = np.asarray(jax.device_get(r.soft_mask)).sum(1)
+        think = to_host(r.think_lengths)
+        soft = to_host(r.soft_mask).sum(1)
+        finish = to_host(r.finish_reason)
+        rlp, rmask = to_host(r.logprobs), to_host(r.response_mask)
         group_any = rew.reshape(-1, rl.group_size).max(1)
         metrics = {
             "reward_mean": float(rew.mean()),
@@ -185,10 +191,9 @@ class Run:
             "response_length": float(lens.mean()),
             "thinking_length": float(think.mean()),
             "soft_steps": float(soft.mean()),
-            "finished_fraction": float((np.asarray(jax.device_get(r.finish_reason)) == 1).mean()),
+            "finished_fraction": float((finish == 1).mean()),
             "advantage_abs_mean": float(np.abs(adv).mean()),
-            "rollout_logprob_mean": float(np.asarray(jax.device_get(
-                (r.logprobs * r.response_mask).sum() / np.maximum(r.response_mask.sum(), 1)))),
+            "rollout_logprob_mean": float((rlp * rmask).sum() / max(rmask.sum(), 1)),
         }
         for k in upd[0]:
             vals = np.asarray([u[k] for u in upd], np.float64)
@@ -221,8 +226,11 @@ class Run:
                                key=jax.random.key(e.seed), model=self.policy.model, scorer=e.scorer,
                                timeout_s=self.cfg.reward.timeout_s)
         ks = [k for k in e.ks if k <= e.n_samples] or [1]
-        summaries = evaluation.write_reports(os.path.join(self.out, "eval", tag), res, ks=ks,
-                                             config={"tag": tag, "mode": e.mode}, title=f"{self.cfg.name} ({tag})")
+        if is_main_process():
+            summaries = evaluation.write_reports(os.path.join(self.out, "eval", tag), res, ks=ks,
+                                                 config={"tag": tag, "mode": e.mode}, title=f"{self.cfg.name} ({tag})")
+        else:
+            summaries = {b: evaluation.summarize(v, ks=ks) for b, v in res.items()}
         for name, s in summaries.items():
             log(f"eval[{tag}] {name}: pass@1 {s['pass@1']:.3f} " + " ".join(
                 f"pass@{k} {s[f'pass@{k}']:.3f}" for k in ks if k > 1 and f"pass@{k}" in s))
@@ -285,13 +293,19 @@ class Run:
             return report
         if self.total_steps > start or not os.path.exists(os.path.join(self.out, "eval", "after", "summary.json")):
             report["after"] = self.evaluate("after")
-        if cfg.trainer.export_hf and is_main_process():
+        if cfg.trainer.export_hf:
+            from flax import nnx
+
             from softgrpo_jax import save_pretrained
 
             path = os.path.join(self.out, "hf_export")
-            save_pretrained(self.policy.model, path, tokenizer=self.tokenizer)
+            model = self.policy.model
+            if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+                model = nnx.merge(self.policy.graphdef, jax.tree.map(to_host, self.policy.params))
+            if is_main_process():
+                save_pretrained(model, path, tokenizer=self.tokenizer)
+                log(f"exported the trained policy to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
             report["export"] = path
-            log(f"exported the trained policy to {path} (transformers.AutoModelForCausalLM.from_pretrained)")
         self.ckpt.close()
         report["metrics"] = mlog.read()
         return report

@@ -1,0 +1,130 @@
+"""The command line: convert, sample, eval, train (interrupted with SIGINT and resumed) and the demo smoke run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import make_hf_model, make_tiny_smollm_dir
+from softgrpo_jax.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_convert_hf_orbax_hf(tmp_path, capsys):
+    from softgrpo_jax import load_pretrained
+
+    src = str(tmp_path / "hf")
+    make_hf_model(src, "qwen2")
+    assert main(["convert", src, str(tmp_path / "ob"), "--format", "orbax"]) == 0
+    assert main(["convert", str(tmp_path / "ob"), str(tmp_path / "hf2")]) == 0
+    a, b = load_pretrained(src), load_pretrained(str(tmp_path / "hf2"))
+    ids = np.arange(12).reshape(2, 6) % a.config.vocab_size
+    np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_prints_trace(tmp_path, capsys):
+    d = make_tiny_smollm_dir(str(tmp_path / "m"))
+    assert main(["sample", "--model", d, "--mode", "gumbel", "--max-new-tokens", "8", "--show-topk", "3",
+                 "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== sample") == 2 and "step    0" in out and "thinking (argmax tokens)" in out
+
+
+def test_unknown_config_key_fails_cleanly(capsys):
+    assert main(["train", "--config", "configs/demo_smollm2_smoke.py", "--config.rl.grup_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'rl.grup_size'" in err and "rl.group_size" in err
+
+
+def test_eval_writes_reports(tmp_path):
+    d = make_tiny_smollm_dir(str(tmp_path / "m"))
+    out = str(tmp_path / "ev")
+    rc = main(["eval", "--config", "configs/demo_smollm2_smoke.py", f"--config.model.path={d}",
+               f"--config.trainer.output_dir={out}", "--config.eval.n_samples=3", "--config.eval.ks=(1,2,4)",
+               "--config.data.eval_limit=3", "--config.trainer.mesh=(1,1,-1)"])
+    assert rc == 0
+    s = json.load(open(os.path.join(out, "eval", "summary.json")))["summaries"]["reasoning_gym"]
+    assert s["n_problems"] == 3 and s["n_samples"] == 3
+    for k in ("pass@1", "pass@2", "unbiased_pass@2", "maj@2", "mean_response_tokens"):
+        assert k in s
+    assert os.path.getsize(os.path.join(out, "eval", "pass_at_k.png")) > 1000
+
+
+def test_train_sigint_then_resume(tmp_path):
+    d = make_tiny_smollm_dir(str(tmp_path / "m"))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "softgrpo_jax.cli", "train", "--config", "configs/demo_smollm2_smoke.py",
+           f"--config.model.path={d}", f"--config.trainer.output_dir={out}", "--config.trainer.total_steps=40",
+           "--config.trainer.save_every=1000", "--config.trainer.eval_before=false", "--config.data.eval_limit=2",
+           "--config.trainer.progress=false"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
+            break
+        if p.poll() is not None:
+            pytest.fail("train exited early:\n" + p.stdout.read())
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    log = p.communicate(timeout=240)[0]
+    assert p.returncode == 130, log
+    saved = sorted(int(x) for x in os.listdir(os.path.join(out, "checkpoints")) if x.isdigit())
+    assert saved, log  # the interrupt saved a checkpoint although save_every is 1000
+    done = [json.loads(line)["step"] for line in open(metrics)]
+    assert done == list(range(1, saved[-1] + 1))
+    # resume: the same command with fewer total steps finishes from the checkpoint
+    cmd[cmd.index("--config.trainer.total_steps=40")] = f"--config.trainer.total_steps={saved[-1] + 1}"
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resumed from" in r.stdout + r.stderr
+    steps = [json.loads(line)["step"] for line in open(metrics) if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, saved[-1] + 2))
+    assert os.path.isfile(os.path.join(out, "hf_export", "config.json"))
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path):
+    """The README's main job at its smoke setting, on the real embedded SmolLM2-135M; the export loads in
+    transformers and gives our logits."""
+    import torch
+    import transformers
+
+    from softgrpo_jax import load_pretrained
+
+    out = str(tmp_path / "demo")
+    cmd = [sys.executable, "-m", "softgrpo_jax.cli", "demo", "--config", "configs/demo_smollm2_smoke.py",
+           f"--config.trainer.output_dir={out}", "--config.trainer.progress=false"]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"demo smoke: {time.time() - t0:.0f} s")
+    report = open(os.path.join(out, "report.md")).read()
+    assert "| reasoning_gym | pass@1 |" in report and os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    train = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in train if m["kind"] == "train"] == [1, 2]
+    hf = os.path.join(out, "hf_export")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    ours = load_pretrained(hf)
+    ids = np.array([[1, 504, 3060, 28, 253, 2]])
+    with torch.no_grad():
+        ref = tm(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(ours(ids)) - ref).max() < 1e-3
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    assert tok.decode(tok("7 + 8 = 15")["input_ids"], skip_special_tokens=True) == "7 + 8 = 15"
