@@ -5,8 +5,8 @@ side in one run, same weights (the embedded GGUF, dequantised), same batch, leng
     python benchmarks/bench_cpu_forward.py --shapes 16x256 --repeats 3
 
 Each variant computes full float32 logits [B, T, V] for the whole batch (what a trainer's log-prob pass needs).
-Timings are the median (and best) of ``--repeats`` calls after one warm-up (compile) call; variants are interleaved per repeat,
-so load from other processes on a shared machine hits them alike. Prints a markdown table.
+Timings are the median (and best) of ``--repeats`` calls after one warm-up (compile) call; variants are interleaved
+per repeat, so load from other processes on a shared machine hits them alike. Prints a markdown table.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def write_tiny_gguf(path, arch="llama", *, seed=0, types=None, drop=(), extra=()
                        p + "attn_v.weight": (Hkv * hd, D), p + "attn_output.weight": (D, H * hd),
                        p + "ffn_gate.weight": (F, D), p + "ffn_up.weight": (F, D), p + "ffn_down.weight": (D, F)})
         if arch == "qwen2":
-            shapes.update({p + "attn_q.bias": (H * hd,), p + "attn_k.bias": (Hkv * hd,), p + "attn_v.bias": (Hkv * hd,)})
+            shapes.update({p + "attn_q.bias": (H * hd,), p + "attn_k.bias": (Hkv * hd,),
+                           p + "attn_v.bias": (Hkv * hd,)})
     expected = {}
     for name, shape in shapes.items():
         if name in drop:

@@ -4,8 +4,8 @@ llama.cpp; importing the package needs ``llm``, so the file is located without i
 
 What is cached, and why (measured on a 2-core Xeon, see benchmarks/RESULTS.md): dequantising the GGUF and building the
 model takes about 1-2 s, the same as reading a float32 Hugging Face copy back (and that copy would cost 517 MB of disk),
-so the weights are *not* cached. Rebuilding the tokenizer from the GGUF's vocabulary and merges takes transformers 3-11 s,
-while a saved ``tokenizer.json`` loads in 0.3 s: the tokenizer is cached under ``$SOFTGRPO_CACHE`` (default
+so the weights are *not* cached. Rebuilding the tokenizer from the GGUF's vocabulary and merges takes transformers
+3-11 s, while a saved ``tokenizer.json`` loads in 0.3 s: the tokenizer is cached under ``$SOFTGRPO_CACHE`` (default
 ``~/.cache/softgrpo_jax``), keyed by the GGUF file's size and mtime and the transformers version.
 """
 
