@@ -110,8 +110,10 @@ class Run:
         self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
         self.rollout_mode = mode
         samp = sampling_config(cfg.rollout).__class__(**{**sampling_config(cfg.rollout).__dict__, "mode": mode})
+        # prompts are left-padded to power-of-two buckets of at least 128 tokens: few compiled shapes
         self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, think_end=cfg.rollout.think_end,
-                                                  mesh=self.mesh, embed_impl=cfg.rollout.embed_impl)
+                                                  mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
+                                                  min_bucket=min(128, cfg.data.max_prompt_length))
         self.eval_engine = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout),
                                                        self.tokenizer, think_end=cfg.rollout.think_end,
                                                        mesh=self.mesh, embed_impl=cfg.rollout.embed_impl)
@@ -161,8 +163,10 @@ class Run:
         rew = allgather_rows(np.asarray(rew, np.float32), rows, toks.shape[0])
         t2 = time.time()
         adv = np.asarray(group_advantages(jax.numpy.asarray(rew), rl.group_size))
-        # response lengths are bucketed to powers of two, at least half the budget: at most two compiled shapes
-        batch = rollout_to_batch(r, adv, min_bucket=max(16, cfg.rollout.max_new_tokens // 2))
+        # response lengths are bucketed to powers of two of at least half the budget (the whole budget when it is
+        # short): at most two compiled shapes for the log-prob and update functions
+        budget = cfg.rollout.max_new_tokens
+        batch = rollout_to_batch(r, adv, min_bucket=budget if budget <= 256 else budget // 2)
         n_mini = rl.train_batch_size // rl.mini_batch_size
         mini_rows = rl.mini_batch_size * rl.group_size
         # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update

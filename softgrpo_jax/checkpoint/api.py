@@ -61,13 +61,13 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
 def load_tokenizer(path: str):
     """The tokenizer that goes with a model path (HF directory, GGUF file, orbax checkpoint with tokenizer files)."""
     fmt = detect_format(path)
-    if fmt in ("gguf", "embedded"):
+    if fmt == "embedded":
+        from softgrpo_jax.checkpoint.embedded import smollm2_tokenizer
+
+        return smollm2_tokenizer()  # cached as tokenizer files after the first build from the GGUF
+    if fmt == "gguf":
         from softgrpo_jax.checkpoint.gguf import gguf_tokenizer
 
-        if fmt == "embedded":
-            from softgrpo_jax.checkpoint.embedded import smollm2_gguf_path
-
-            path = smollm2_gguf_path()
         return gguf_tokenizer(path)
     import transformers
 
