@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 # 8 simulated CPU devices for mesh tests; must be set before JAX is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# each test process (pytest-xdist worker) prepares its TFDS data sets in its own folder: no build races
+# (set, not setdefault: xdist workers inherit the controller's environment)
+os.environ["SOFTGRPO_DATA_DIR"] = tempfile.mkdtemp(prefix="softgrpo-test-data-")
 
 import jax  # noqa: E402
 
