@@ -14,14 +14,15 @@ import jax
 import numpy as np
 
 from softgrpo_jax import rewards
+from softgrpo_jax.distributed import to_host
 from softgrpo_jax.sampling import RolloutEngine
 
 BENCHMARK_GOLD_FORMAT = {"aime24": "expr", "aime25": "expr", "gsm8k": "expr", "math500": "latex", "amc23": "latex"}
 
 
 def decode_rows(tokenizer, rollout, rows: Sequence[int] | None = None) -> list[str]:
-    toks = np.asarray(jax.device_get(rollout.tokens))
-    lens = np.asarray(jax.device_get(rollout.lengths))
+    toks = to_host(rollout.tokens)  # to_host: also when the rollout spans several processes (collective)
+    lens = to_host(rollout.lengths)
     rows = range(toks.shape[0]) if rows is None else rows
     return [tokenizer.decode(toks[b, :lens[b]].tolist(), skip_special_tokens=True) for b in rows]
 
@@ -38,9 +39,9 @@ def generate_samples(engine: RolloutEngine, tokenizer, problems: Sequence[dict],
         prompts = [problems[i]["prompt_ids"] for i, _ in chunk] + [problems[chunk[-1][0]]["prompt_ids"]] * pad
         r = engine.generate(prompts, key, n=1, row_offset=start, model=model)
         texts = decode_rows(tokenizer, r, range(len(chunk)))
-        lens = np.asarray(r.lengths)
-        think = np.asarray(r.think_lengths)
-        soft = np.asarray(r.soft_mask).sum(1)
+        lens = to_host(r.lengths)
+        think = to_host(r.think_lengths)
+        soft = to_host(r.soft_mask).sum(1)
         for j, (i, _) in enumerate(chunk):
             out[i]["texts"].append(texts[j])
             out[i]["response_tokens"].append(int(lens[j]))

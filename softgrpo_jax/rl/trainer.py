@@ -31,7 +31,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from softgrpo_jax.distributed import BATCH_AXES, fit_spec, is_main_process, make_mesh, state_shardings
+from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, make_mesh,
+                                     state_shardings, to_host)
 from softgrpo_jax.rl.logprobs import token_logprobs
 from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
                                        loss_denominator, loss_fn)
@@ -44,7 +45,7 @@ BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask"
 def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16) -> dict[str, np.ndarray]:
     """Concatenate prompt and response into the trainer's [B, T] layout (SPEC.md 1.5, 7), trimming the response
     to a length bucket that holds every row."""
-    g = jax.device_get
+    g = to_host  # the global rollout on every process (a collective gather when it spans several processes)
     pt, pm = np.asarray(g(r.prompt_tokens)), np.asarray(g(r.prompt_mask))
     lens = np.asarray(g(r.lengths))
     L = min(r.tokens.shape[1], bucket_length(max(int(lens.max()), 1), min_bucket))
@@ -193,7 +194,7 @@ class PolicyState:
     def put(self, tree):
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
-        return jax.tree.map(lambda a: jax.device_put(a, self.batch_sharding(np.asarray(a))), tree)
+        return jax.tree.map(lambda a: host_to_global(a, self.batch_sharding(np.asarray(a))), tree)
 
     def logprobs(self, params, mb) -> jax.Array:
         return self._lp(params, mb)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+from softgrpo_jax.distributed import BATCH_AXES, fit_spec, host_to_global
 from softgrpo_jax.ops import soft_embed
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, discrete_logprob_of, step
 
@@ -266,7 +266,10 @@ class RolloutEngine:
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B) + row_offset)
         args = [toks, mask, modes_np, row_keys]
         if self.mesh is not None:
-            args = [jax.device_put(a, _batch_spec(self.mesh, a.shape)) for a in args]
+            # host_to_global: with several processes, each transfers only the rows its devices hold
+            kd = np.asarray(jax.random.key_data(row_keys))
+            args = [host_to_global(a, _batch_spec(self.mesh, a.shape)) for a in (toks, mask, modes_np, kd)]
+            args[3] = jax.random.wrap_key_data(args[3], impl=jax.random.key_impl(row_keys))
         toks_d, mask_d, modes_d, keys_d = args
         logits0, cache = _prefill(self.graphdef, state, toks_d, mask_d, cache_len=toks.shape[1] + steps,
                                   mesh=self.mesh)
