@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from softgrpo_jax.distributed import constrain_batch
 from softgrpo_jax.models.config import ModelConfig
 
 NEG_INF = -1e30
@@ -124,6 +125,7 @@ class Transformer(nnx.Module):
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
         cd = self.config.jnp_dtype
+        h = constrain_batch(h)  # batch-sharded activations under a mesh (see distributed.constrain_batch)
         if self.config.tie_word_embeddings:
             w = self.embed[...].astype(cd)
             out = jnp.einsum("...d,vd->...v", h.astype(cd), w, preferred_element_type=jnp.float32)
@@ -284,6 +286,7 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
 
     def layer(x, p: dict[str, Any], i, kv):
         B, T, _ = x.shape
+        x = constrain_batch(x)  # no-op without distributed.activation_sharding
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         q = _dense(h, p["wq"], p.get("bq")).reshape(B, T, H, hd)
         k = _dense(h, p["wk"], p.get("bk")).reshape(B, T, Hkv, hd)
@@ -310,6 +313,6 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
         g = _dense(h, p["w_gate"])
         u = _dense(h, p["w_up"])
         x = x + _dense(jax.nn.silu(g) * u, p["w_down"])
-        return x, kv
+        return constrain_batch(x), kv
 
     return layer

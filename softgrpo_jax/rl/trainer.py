@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, make_mesh,
-                                     state_shardings, to_host)
+                                     state_shardings, to_host, with_activation_sharding)
 from softgrpo_jax.rl.logprobs import token_logprobs
 from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
                                        loss_denominator, loss_fn)
@@ -148,6 +148,16 @@ def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
     return jax.lax.map(one, mb)
 
 
+def make_update_fn(graphdef, tx, settings: UpdateSettings, mesh=None):
+    """The jitted update (params and optimizer state donated); activations batch-sharded on ``mesh``."""
+    return jax.jit(with_activation_sharding(mesh, functools.partial(_update, graphdef, tx, settings)),
+                   donate_argnums=(0, 1))
+
+
+def make_logprob_fn(graphdef, loss_cfg: LossConfig, mesh=None):
+    return jax.jit(with_activation_sharding(mesh, functools.partial(_logprobs, graphdef, loss_cfg)))
+
+
 class PolicyState:
     """Params + optimizer state + compiled update / log-prob functions over one mesh."""
 
@@ -164,7 +174,7 @@ class PolicyState:
             self.ref_params = jax.tree.map(jnp.copy, self.params)
         self.opt_state = self._place_opt_state(tx.init(self.params))
         self._update_cache: dict[int, Callable] = {}
-        self._lp = jax.jit(functools.partial(_logprobs, self.graphdef, loss_cfg))
+        self._lp = make_logprob_fn(self.graphdef, loss_cfg, mesh)
 
     def _place_opt_state(self, opt_state):
         """Moments follow their parameter's sharding (eager zeros_like keeps it); scalars (step counts) are
@@ -203,8 +213,7 @@ class PolicyState:
         n_micro = int(mb["tokens"].shape[0])
         fn = self._update_cache.get(n_micro)
         if fn is None:
-            settings = UpdateSettings(self.loss_cfg, n_micro)
-            fn = jax.jit(functools.partial(_update, self.graphdef, self.tx, settings), donate_argnums=(0, 1))
+            fn = make_update_fn(self.graphdef, self.tx, UpdateSettings(self.loss_cfg, n_micro), self.mesh)
             self._update_cache[n_micro] = fn
         self.params, self.opt_state, metrics = fn(self.params, self.opt_state, mb, old_lp, ref_lp)
         return metrics

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from softgrpo_jax.distributed import BATCH_AXES, fit_spec, host_to_global
+from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global
 from softgrpo_jax.ops import soft_embed
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, discrete_logprob_of, step
 
@@ -85,7 +85,8 @@ def _constrain_cache(cache, mesh):
 def _prefill(graphdef, state, tokens, mask, *, cache_len, mesh=None):
     model = nnx.merge(graphdef, state)
     cache = _constrain_cache(model.init_cache(tokens.shape[0], cache_len), mesh)
-    logits, cache = model(tokens, attention_mask=mask, cache=cache)
+    with activation_sharding(mesh):
+        logits, cache = model(tokens, attention_mask=mask, cache=cache)
     return logits[:, -1], _constrain_cache(cache, mesh)
 
 
@@ -191,7 +192,8 @@ def _decode(graphdef, state, logits0, cache, modes, row_keys, *, cfg: SamplingCo
                                    cache=cache)
         return i + 1, next_logits[:, 0], cache, new_st, buf
 
-    i, _, cache, st, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), logits0, cache, st, buf))
+    with activation_sharding(mesh):
+        i, _, cache, st, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), logits0, cache, st, buf))
     return buf, st, cache  # returning the cache lets XLA alias it to the donated input (decode in place)
 
 
