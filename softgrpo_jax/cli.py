@@ -5,6 +5,11 @@
   softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--show-topk]
   softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16]
   softgrpo demo   [--config configs/demo_smollm2.py] [--config.preset=smoke]
+  softgrpo plan   --config configs/deepscaler_7b.py --mesh 1,8,1 [--device h100 | --device-memory-gb 80]
+
+Multi-host (train, eval): every process runs the same command; add --coordinator HOST:PORT --num-processes N
+--process-id I (or SOFTGRPO_COORDINATOR / SOFTGRPO_NUM_PROCESSES / SOFTGRPO_PROCESS_ID), or nothing on Cloud TPU,
+under SLURM srun or Open MPI mpirun (auto-detected). See launch/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +35,36 @@ def _load_cfg(path, overrides):
     return get_config(path, overrides)
 
 
+def _init_distributed(args):
+    """Join the multi-host runtime before anything touches a device (no-op for a single process)."""
+    from softgrpo_jax.distributed import initialize
+
+    ids = [int(i) for i in args.local_device_ids.split(",")] if args.local_device_ids else None
+    info = initialize(args.coordinator, args.num_processes, args.process_id, local_device_ids=ids,
+                      cpu_collectives=args.cpu_collectives, mode=args.distributed)
+    if info["initialized"]:
+        import jax
+
+        print(f"[softgrpo] process {info['process_id']} of {info['num_processes']} ({info['how']}): "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+    return info
+
+
+def _add_distributed_flags(p):
+    g = p.add_argument_group("multi-host (see launch/README.md)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0 (env SOFTGRPO_COORDINATOR); auto-detected on Cloud TPU/SLURM/MPI")
+    g.add_argument("--num-processes", type=int, default=None, help="env SOFTGRPO_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, default=None, help="this process's rank (env SOFTGRPO_PROCESS_ID)")
+    g.add_argument("--local-device-ids", default=None, help="comma-separated local device ids this process uses")
+    g.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
+                   help="cross-process collectives for CPU devices (tests)")
+    g.add_argument("--distributed", default=None, choices=["auto", "off", "on"],
+                   help="auto (default): initialise when a coordinator is given or a cluster is detected")
+
+
 def cmd_train(args, overrides):
+    _init_distributed(args)
     from softgrpo_jax.train import Run
 
     cfg = _load_cfg(args.config, overrides)
@@ -39,6 +73,7 @@ def cmd_train(args, overrides):
 
 
 def cmd_eval(args, overrides):
+    _init_distributed(args)
     import jax
 
     from softgrpo_jax import evaluation, load_pretrained, load_tokenizer
@@ -129,6 +164,40 @@ def cmd_convert(args, overrides):
     return 0
 
 
+def cmd_plan(args, overrides):
+    import json
+    import math
+
+    from softgrpo_jax import plan as plan_lib
+
+    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    cfg = _load_cfg(args.config, overrides)
+    mesh = mesh or tuple(cfg.trainer.mesh)
+    if args.device_memory_gb is not None:
+        mem = args.device_memory_gb
+    elif args.device:
+        mem = plan_lib.DEVICES[args.device]
+    else:
+        mem = 80.0
+    import jax
+
+    if not args.local_devices:
+        n = args.num_devices or (math.prod(mesh) if -1 not in mesh else 8)
+        # simulated CPU devices; must be set before the first device query (jax is imported, not yet started)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+        jax.config.update("jax_platforms", "cpu")
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip()) if args.phases else None
+    spec = plan_lib.spec_from_config(cfg, mesh_shape=mesh, device_memory_gb=mem, phases=phases)
+    res = plan_lib.plan(spec, log=lambda m: print(f"  compiled {m}", file=sys.stderr, flush=True))
+    print(plan_lib.format_plan(res))
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    return 0 if res["fits"] else 1
+
+
 def cmd_demo(args, overrides):
     from softgrpo_jax.demo import run_demo
 
@@ -143,8 +212,22 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train with SofT-GRPO or GRPO from a config")
     p.add_argument("--config", required=True)
+    _add_distributed_flags(p)
     p = sub.add_parser("eval", help="pass@k evaluation from a config")
     p.add_argument("--config", required=True)
+    _add_distributed_flags(p)
+    p = sub.add_parser("plan", help="compile a config's rollout and train step on a (simulated) mesh and report "
+                                    "per-device memory (no weights needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's trainer.mesh)")
+    p.add_argument("--device", default=None, choices=["a100", "a100-40g", "h100", "h200", "v4", "v5e", "v5p", "v6e"],
+                   help="device whose memory (GiB per chip) to compare against")
+    p.add_argument("--device-memory-gb", type=float, default=None, help="memory per device, GiB (default 80)")
+    p.add_argument("--num-devices", type=int, default=None, help="simulated CPU devices (default: the mesh size)")
+    p.add_argument("--local-devices", action="store_true",
+                   help="compile for this machine's own devices (e.g. a real GPU node) instead of simulating")
+    p.add_argument("--phases", default=None, help="comma-separated subset of prefill,decode,logprobs,update")
+    p.add_argument("--json", default=None, help="also write the result as JSON")
     p = sub.add_parser("demo", help="the embedded default end to end (SmolLM2-135M, reasoning-gym, CPU)")
     p.add_argument("--config", default="configs/demo_smollm2.py")
     p = sub.add_parser("sample", help="sample from a model in discrete, soft or gumbel mode")
@@ -171,15 +254,17 @@ def main(argv=None):
     p.add_argument("--format", default="hf", choices=["hf", "orbax"])
     p.add_argument("--dtype", default=None)
     args = ap.parse_args(argv)
-    if overrides and args.cmd not in ("train", "eval", "demo"):
-        ap.error(f"--config.* overrides only apply to train/eval/demo, got {overrides}")
+    if overrides and args.cmd not in ("train", "eval", "demo", "plan"):
+        ap.error(f"--config.* overrides only apply to train/eval/demo/plan, got {overrides}")
     from softgrpo_jax.config import ConfigError
     from softgrpo_jax.checkpoint import CheckpointError
+    from softgrpo_jax.distributed import DistributedError
+    from softgrpo_jax.plan import PlanError
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
-                "demo": cmd_demo}[args.cmd](args, overrides)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+                "demo": cmd_demo, "plan": cmd_plan}[args.cmd](args, overrides)
+    except (ConfigError, CheckpointError, FileNotFoundError, DistributedError, PlanError) as e:
         print(f"softgrpo: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,101 @@
+"""Sharding plans: AOT compilation of the rollout and train step on a simulated mesh with abstract arrays, the memory
+report, the built-in model presets and the ``softgrpo plan`` command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from softgrpo_jax import plan as P
+from softgrpo_jax.models import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(family="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                   num_kv_heads=2, head_dim=8, param_dtype="float32", dtype="bfloat16", remat=True)
+
+
+def test_presets_match_published_sizes():
+    sizes = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": 1.777e9, "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 7.616e9,
+             "meta-llama/Llama-3.2-3B-Instruct": 3.213e9}
+    for name, n in sizes.items():
+        cfg = P.model_config(name)
+        assert abs(cfg.num_params() - n) / n < 2e-3, (name, cfg.num_params())
+    llama = P.model_config("Llama-3.2-3B-Instruct")
+    assert llama.tie_word_embeddings and llama.rope_scaling.factor == 32 and llama.head_dim == 128
+    with pytest.raises(P.PlanError, match="presets"):
+        P.model_config("org/NoSuchModel-9B")
+
+
+def test_plan_tiny_on_8_devices():
+    spec = P.PlanSpec(model=TINY, mesh_shape=(2, 2, 2), rollout_rows=16, prompt_len=10, max_new_tokens=24,
+                      micro_batch_size=1, mini_batch_rows=8, logprob_chunk_size=16, device_memory_gb=1.0)
+    res = P.plan(spec)
+    assert res["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert set(res["phases"]) == {"prefill", "decode", "logprobs", "update"}
+    s = res["sizes"]
+    assert (s["prompt_bucket"], s["train_seq_len"], s["micro_batch_rows"], s["micro_batches_per_update"],
+            s["micro_batches_per_step"]) == (16, 40, 4, 2, 4)
+    for name, ph in res["phases"].items():
+        assert ph["arguments"] > 0 and ph["peak"] >= ph["program"] > 0, (name, ph)
+    # the decode loop updates the KV cache in place: the donated cache is aliased to the output
+    # k and v, bf16, split 4 ways on the batch (data x fsdp) and 2 ways on the KV heads (tensor)
+    cache_bytes = 2 * TINY.num_layers * 16 * (16 + 24) * TINY.num_kv_heads * TINY.head_dim * 2 // 8
+    assert res["phases"]["decode"]["aliased"] >= cache_bytes
+    # the update donates params and optimizer state
+    upd = res["phases"]["update"]
+    assert upd["aliased"] >= res["resident"]["params"] + res["resident"]["opt_state"] - 64
+    # resident bytes per device: float32 params sharded by their PartitionSpecs (fsdp x tensor where they divide)
+    full = TINY.num_params() * 4
+    assert full / 8 <= res["resident"]["params"] <= full
+    assert res["resident"]["opt_state"] == pytest.approx(2 * res["resident"]["params"], abs=64)
+    assert res["fits"] and res["peak"] < 1 << 30
+    text = P.format_plan(res)
+    assert "decode" in text and "fits" in text and "simulated CPU devices" in text
+    tight = P.plan(P.PlanSpec(**{**spec.__dict__, "device_memory_gb": 1e-5, "phases": ("decode",)}))
+    assert not tight["fits"] and set(tight["phases"]) == {"decode"} and "DOES NOT FIT" in P.format_plan(tight)
+
+
+def test_plan_rejects_indivisible_batch():
+    spec = P.PlanSpec(model=TINY, mesh_shape=(1, 8, 1), rollout_rows=16, prompt_len=8, max_new_tokens=8,
+                      micro_batch_size=2, mini_batch_rows=8)
+    with pytest.raises(P.PlanError, match="micro-batches"):
+        P.plan(spec)
+
+
+def test_fsdp_shards_activations_in_the_update():
+    """Activations stay batch-sharded under FSDP (distributed.constrain_batch): doubling the fsdp axis at a fixed
+    per-device batch must not grow the update's temporaries (it did, ~2x, when GSPMD replicated the batch)."""
+    kw = dict(model=TINY.replace(vocab_size=2048), prompt_len=16, max_new_tokens=48, micro_batch_size=2,
+              logprob_chunk_size=None, phases=("update",))
+    r4 = P.plan(P.PlanSpec(mesh_shape=(1, 4, 1), rollout_rows=16, mini_batch_rows=8, **kw),
+                devices=jax.devices()[:4])
+    r8 = P.plan(P.PlanSpec(mesh_shape=(1, 8, 1), rollout_rows=32, mini_batch_rows=16, **kw))
+    t4, t8 = r4["phases"]["update"]["temporaries"], r8["phases"]["update"]["temporaries"]
+    assert t8 < 1.25 * t4, (t4, t8)
+
+
+def test_plan_command(tmp_path):
+    from helpers import make_hf_model
+
+    mdir = str(tmp_path / "m")
+    make_hf_model(mdir, "llama", seed=0)
+    out = str(tmp_path / "plan.json")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "softgrpo_jax.cli", "plan", "--config", "configs/demo_smollm2_smoke.py",
+           "--mesh", "1,4,1", "--device-memory-gb", "2", "--json", out, f"--config.model.path={mdir}",
+           "--config.rl.micro_batch_size=1", "--config.data.max_prompt_length=32"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "fits" in p.stdout and "'fsdp': 4" in p.stdout
+    res = json.load(open(out))
+    assert res["mesh"]["fsdp"] == 4 and res["sizes"]["rollout_rows"] == 4 and res["fits"]
+    assert np.isfinite(res["peak"]) and res["model"]["family"] == "llama"
+    # a mistyped key fails with the config's message, not a traceback
+    p = subprocess.run(cmd[:-1] + ["--config.rl.micro_batch=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "unknown config key" in p.stderr
