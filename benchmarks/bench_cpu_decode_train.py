@@ -180,6 +180,7 @@ def main():
     rows.append(("decode", "transformers generate (sampling)", d_torch, None))
     rows.append(("decode", "softgrpo_jax discrete", d_disc, d_disc["tok_s"] / d_torch["tok_s"]))
     rows.append(("decode", "softgrpo_jax gumbel (K=5)", d_soft, d_soft["tok_s"] / d_torch["tok_s"]))
+    print("decode results (printed early):", {n: round(r["tok_s"], 1) for _, n, r, _ in rows}, flush=True)
     if not args.skip_train:
         t_torch = bench_torch_train(tmodel, args.train_batch, args.train_len, model.config.vocab_size, args.repeats)
         t_soft = bench_ours_train(tmp, args.train_batch, args.train_len, args.repeats, True)
