@@ -35,7 +35,7 @@ case "$cmd" in
   train|eval)
     # every worker runs the same command; process 0 prints and writes logs/exports. nohup: survives ssh drops.
     ARGS=$(printf '%q ' "$@")
-    ssh_all "cd $REMOTE_DIR && (nohup .venv/bin/softgrpo $cmd $ARGS > /tmp/softgrpo_$cmd.log 2>&1 & echo \$! > /tmp/softgrpo.pid)"
+    ssh_all "cd $REMOTE_DIR && (nohup .venv/bin/softgrpo $cmd --distributed on $ARGS > /tmp/softgrpo_$cmd.log 2>&1 & echo \$! > /tmp/softgrpo.pid)"
     echo "started on all workers; follow with: $0 logs"
     ;;
   logs)

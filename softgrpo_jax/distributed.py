@@ -202,15 +202,22 @@ def detect_cluster(environ=None) -> str | None:
         return "ompi"
     if env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS") or env.get("TPU_WORKER_ID"):
         return "cloud_tpu"
-    if environ is None:
-        try:
-            from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
-
-            if running_in_cloud_tpu_vm:
-                return "cloud_tpu"
-        except Exception:  # noqa: BLE001 - private API moved: fall back to the environment variables above
-            pass
+    if environ is None and _on_tpu_vm():
+        return "cloud_tpu"
     return None
+
+
+def _on_tpu_vm() -> bool:
+    """A TPU VM (GCE queued resource or plain TPU VM): libtpu installed and TPU devices present. Checked without
+    starting a backend; JAX's own detection then finds the workers through the metadata server."""
+    import glob
+    import importlib.util
+
+    try:
+        has_libtpu = importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):
+        has_libtpu = False
+    return has_libtpu and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _int_env(name: str, env) -> int | None:
@@ -281,7 +288,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     try:
         jax.distributed.initialize(**kwargs)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise DistributedError(f"jax.distributed.initialize ({how}) failed: {e}. Check that every process got the "
                                f"same coordinator address and process count, that the coordinator port is open "
                                f"between hosts, and that nothing used a device before initialisation") from e
