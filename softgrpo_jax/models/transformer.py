@@ -126,13 +126,14 @@ class Transformer(nnx.Module):
         """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
         cd = self.config.jnp_dtype
         h = constrain_batch(h)  # batch-sharded activations under a mesh (see distributed.constrain_batch)
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, h.shape[-1]).astype(cd)  # one 2-D GEMM, and a 2-D GEMM for the weight gradient
         if self.config.tie_word_embeddings:
-            w = self.embed[...].astype(cd)
-            out = jnp.einsum("...d,vd->...v", h.astype(cd), w, preferred_element_type=jnp.float32)
+            out = jax.lax.dot_general(h2, self.embed[...].astype(cd), (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("...d,dv->...v", h.astype(cd), self.lm_head[...].astype(cd),
-                             preferred_element_type=jnp.float32)
-        return out.astype(jnp.float32)
+            out = jnp.dot(h2, self.lm_head[...].astype(cd), preferred_element_type=jnp.float32)
+        return out.reshape(lead + (out.shape[-1],)).astype(jnp.float32)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
         return init_cache(self.config, batch_size, max_len, dtype)
@@ -273,7 +274,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dense(x, w, b=None):
-    y = jnp.einsum("btd,df->btf", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    # a 2-D GEMM ([B*T, D] x [D, F]): its weight gradient is then one GEMM too; XLA:CPU runs the
+    # two-batch-dim contraction of "btd,btf->df" several times slower
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y.reshape(lead + (w.shape[-1],))
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -302,12 +307,19 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
             kv = (ck, cv)
         else:
             keys, vals = k, v
-        qg = q.reshape(B, T, Hkv, G, hd)
-        s = jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32) * scale
+        # GQA as batched matmuls with one contracting dim each: query head k*G + g uses KV head k. The layout
+        # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
+        S = keys.shape[1]
+        qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
+        kt = keys.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
+        vt = vals.transpose(0, 2, 1, 3)
+        s = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
+        s = s.reshape(B, Hkv, G, T, S)
         s = jnp.where(attn_mask[:, None, None, :, :], s, NEG_INF)
-        w = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-        o = jnp.einsum("bkgts,bskh->btkgh", w, vals, preferred_element_type=jnp.float32).astype(x.dtype)
-        o = _dense(o.reshape(B, T, H * hd), p["wo"], p.get("bo"))
+        w = jax.nn.softmax(s, axis=-1).astype(x.dtype).reshape(B, Hkv, G * T, S)
+        o = jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32).astype(x.dtype)
+        o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        o = _dense(o, p["wo"], p.get("bo"))
         x = x + o
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         g = _dense(h, p["w_gate"])
