@@ -283,7 +283,7 @@ def test_dtype_compute_dtype_and_mesh(tmp_path):
     sh = load_gguf(path, mesh=mesh)
     assert sh.layers.w_up[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     ids = jnp.asarray(np.arange(16).reshape(2, 8) % TINY["qwen2"]["V"])
-    np.testing.assert_allclose(np.asarray(sh(ids)), np.asarray(f32(ids)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sh(ids)), np.asarray(f32(ids)), atol=1e-4, rtol=1e-5)  # sharded reductions reorder float32 sums
 
 
 def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
