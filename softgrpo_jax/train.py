@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -109,7 +110,7 @@ class Run:
         self.loss_cfg = loss_config(cfg.rl, noise=cfg.rollout.noise)
         self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
         self.rollout_mode = mode
-        samp = sampling_config(cfg.rollout).__class__(**{**sampling_config(cfg.rollout).__dict__, "mode": mode})
+        samp = dataclasses.replace(sampling_config(cfg.rollout), mode=mode)
         # prompts are left-padded to power-of-two buckets of at least 128 tokens: few compiled shapes
         self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, think_end=cfg.rollout.think_end,
                                                   mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
