@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 from bench_cpu_forward import cpu_name  # noqa: E402  (same folder; run as a script)
 
 
-def bench_ours_decode(model, tok, prompts, new, repeats, mode):
+def bench_ours_decode(model, tok, prompts, new, repeats, mode, dtype=None):
     from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
 
     cfg = SamplingConfig(mode=mode, max_topk=5, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=new)
-    eng = RolloutEngine(model, cfg, think_end_ids=(), stop_ids=(), pad_id=tok.pad_token_id or 0)
+    eng = RolloutEngine(model, cfg, think_end_ids=(), stop_ids=(), pad_id=tok.pad_token_id or 0, dtype=dtype)
     t = time.perf_counter()
     r = eng.generate(prompts, jax.random.key(0))
     jax.block_until_ready(r.tokens)
@@ -164,12 +164,18 @@ def main():
     prompts = [tok(build_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
 
     rows = []
-    d_disc = bench_ours_decode(model, tok, prompts, args.new, args.repeats, "discrete")
-    d_soft = bench_ours_decode(model, tok, prompts, args.new, args.repeats, "gumbel")
+    tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
     d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
-    rows.append(("decode", "transformers generate (sampling)", d_torch, None))
-    rows.append(("decode", "softgrpo_jax discrete", d_disc, d_disc["tok_s"] / d_torch["tok_s"]))
-    rows.append(("decode", "softgrpo_jax gumbel (K=5)", d_soft, d_soft["tok_s"] / d_torch["tok_s"]))
+    d_torch16 = bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)
+    rows.append(("decode", "transformers generate (sampling), float32", d_torch, None))
+    rows.append(("decode", "transformers generate (sampling), bf16", d_torch16, None))
+    ours = {}
+    for dt, ref, ref_name in ((None, d_torch, "f32"), ("bfloat16", d_torch16, "bf16")):
+        for mode in ("discrete", "gumbel"):
+            r = bench_ours_decode(model, tok, prompts, args.new, args.repeats, mode, dtype=dt)
+            ours[(dt, mode)] = r
+            name = f"softgrpo_jax {mode}{' (K=5)' if mode == 'gumbel' else ''}, {'bf16' if dt else 'float32'}"
+            rows.append(("decode", name, r, r["tok_s"] / ref["tok_s"]))
     print("decode results (printed early):", {n: round(r["tok_s"], 1) for _, n, r, _ in rows}, flush=True)
     if not args.skip_train:
         t_torch = bench_torch_train(tmodel, args.train_batch, args.train_len, model.config.vocab_size, args.repeats)
@@ -187,8 +193,11 @@ def main():
     for what, name, r, ratio in rows:
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('compile_s', float('nan')):.1f} |")
-    print(f"\nGumbel / discrete decode step time: {d_soft['step_ms'] / d_disc['step_ms']:.3f} "
-          f"({d_soft['step_ms']:.1f} ms vs {d_disc['step_ms']:.1f} ms per step)")
+    print("\n(decode ratios: each engine row against transformers in the same dtype)")
+    for dt in (None, "bfloat16"):
+        a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
+        print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "
+              f"({a['step_ms']:.1f} ms vs {b['step_ms']:.1f} ms per new token, prefill included)")
 
 
 if __name__ == "__main__":

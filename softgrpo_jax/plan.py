@@ -312,19 +312,23 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     prefill_c = None
     if "prefill" in spec.phases or "decode" in spec.phases:
         t0 = time.time()
-        prefill_c = _prefill.lower(graphdef, params, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
+        # the accelerator layout (a layer scan, weights in the compute dtype), whatever platform simulates the mesh
+        ptree = nnx.to_pure_dict(params)
+        dcfg = cfg.replace(param_dtype=cfg.dtype)
+        ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding), ptree)
+        prefill_c = _prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
         if "prefill" in spec.phases:
             record("prefill", prefill_c, dict(ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
         t0 = time.time()
         logits_sh, cache_sh = prefill_c.output_shardings
         logits0 = jax.ShapeDtypeStruct((B, cfg.vocab_size), f32, sharding=logits_sh)
-        cache_shapes = jax.eval_shape(lambda: init_cache(cfg, B, cache_len))
+        cache_shapes = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
         cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), cache_shapes,
                              cache_sh)
         modes = _batch((B,), i32, mesh)
         keys = _batch((B,), jax.random.key(0).dtype, mesh)
-        dec = _decode.lower(graphdef, params, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
+        dec = _decode.lower(dcfg, ptree, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
                             stop_ids=(0,), pad_id=0, steps=L, embed_impl=spec.embed_impl, mesh=mesh).compile()
         record("decode", dec, dict(ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
             (tokens, pmask))), time.time() - t0)

@@ -111,21 +111,34 @@ def test_inputs_embeds_equals_ids(hf_pair):
         m()
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_cached_decoding_equals_full_forward(hf_pair, scan):
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "per_layer"])
+def test_cached_decoding_equals_full_forward(hf_pair, layout):
+    """Prefill + one-token steps through the KV cache give the full forward's logits, for the layer scan, the
+    unrolled stack and per-layer weights (``unstack_layers``, per-layer cache lists: the engine's CPU layout)."""
+    from softgrpo_jax.models.transformer import forward, unstack_layers
+
     d, _ = hf_pair
-    m = load_pretrained(d, scan_layers=scan)
-    V = m.config.vocab_size
+    m = load_pretrained(d, scan_layers=layout == "scan")
+    cfg = m.config
+    params = unstack_layers(m.param_tree()) if layout == "per_layer" else m.param_tree()
+    V = cfg.vocab_size
     ids = _ids(V, (2, 16), seed=4)
     mask = np.ones((2, 16), bool)
     mask[1, :5] = False  # a left-padded row
     full = np.asarray(m(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    cache = m.init_cache(2, 24)
+    cache = m.init_cache(2, 24, per_layer=layout == "per_layer")
+    if layout == "per_layer":
+        assert isinstance(cache["k"], list) and len(cache["k"]) == cfg.num_layers
     P = 9
-    logits, cache = m(jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]), cache=cache)
+    last, _ = forward(cfg, params, jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]),
+                      cache=cache, last_only=True)
+    logits, cache = forward(cfg, params, jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]),
+                            cache=cache)
+    assert np.abs(np.asarray(last) - np.asarray(logits)[:, -1]).max() <= 1e-5
     steps = [np.asarray(logits)]
     for t in range(P, 16):
-        lg, cache = m(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]), cache=cache)
+        lg, cache = forward(cfg, params, jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]),
+                            cache=cache)
         steps.append(np.asarray(lg))
     got = np.concatenate(steps, axis=1)
     assert np.abs(got[mask] - full[mask]).max() <= 1e-4

@@ -177,6 +177,42 @@ def test_sharded_equals_unsharded(model):
         np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), atol=1e-5)
 
 
+def test_layouts_agree_and_bf16_rollouts(model):
+    """The layer-scan and per-layer layouts decode the same rollout; a bf16 engine of the float32 model decodes
+    with bf16 weights and a bf16 cache, and its prefill logits stay within bf16 rounding of float32's."""
+    from softgrpo_jax.sampling.engine import _prefill
+
+    key = jax.random.key(21)
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=8)
+    modes = ["gumbel", "discrete"] * 2
+    outs = {}
+    for layout in ("scan", "per_layer"):
+        eng = RolloutEngine(model, cfg, pad_id=0, layout=layout)
+        assert eng.per_layer == (layout == "per_layer")
+        outs[layout] = eng.generate(PROMPTS, key, modes=modes)
+    a, b = outs["scan"], outs["per_layer"]
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.topk_ids), np.asarray(b.topk_ids))
+    np.testing.assert_allclose(np.asarray(a.topk_ytil), np.asarray(b.topk_ytil), atol=1e-5)
+
+    e16 = RolloutEngine(model, cfg, pad_id=0, dtype="bfloat16")
+    mcfg, params = e16.decode_params(model)
+    assert mcfg.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    toks, mask = e16.prepare_prompts(PROMPTS)
+    lg16, cache16 = _prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4)
+    f32cfg, p32 = RolloutEngine(model, cfg, pad_id=0).decode_params(model)
+    lg32, _ = _prefill(f32cfg, p32, toks, mask, cache_len=toks.shape[1] + 4)
+    assert jax.tree.leaves(cache16["k"])[0].dtype == jnp.bfloat16
+    err = np.abs(np.asarray(lg16) - np.asarray(lg32)).max()
+    assert 0 < err < 0.05 * np.abs(np.asarray(lg32)).max(), err
+    r16 = e16.generate(PROMPTS, key, modes=modes)
+    assert r16.topk_ytil.dtype == jnp.float32 and np.isfinite(np.asarray(r16.topk_ytil)).all()
+    assert np.asarray(r16.response_mask).all()
+    with pytest.raises(ValueError, match="layout"):
+        RolloutEngine(model, cfg, layout="rows")
+
+
 def load_pretrained_like(model, mesh):
     from flax import nnx
 

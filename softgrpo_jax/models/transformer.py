@@ -1,11 +1,13 @@
 """One Flax NNX decoder for Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen and Llama 3.x / SmolLM2.
 
 Layout: the per-layer weights are stacked along a leading layer axis ``[L, ...]`` so the layers run as one
-``lax.scan`` (compile time flat in depth) or, with ``scan_layers=False``, unrolled. Linear weights are stored
-``[in, out]``. Shapes: B batch, T query length, S cache slots, D width, H query heads, G = H / Hkv, hd head dim, V vocab.
+``lax.scan`` (compile time flat in depth) or, with ``scan_layers=False``, unrolled. :func:`forward` is the functional
+core (config + a dict of weights); :func:`unstack_layers` turns the stack into per-layer weights, which run unrolled
+(the rollout engine's layout on CPU). Linear weights are stored ``[in, out]``. Shapes: B batch, T query length,
+S cache slots, D width, H query heads, G = H / Hkv, hd head dim, V vocab.
 
 The KV cache is a plain dict (a pytree) of fixed size, so decoding compiles once:
-  ``k, v``: [L, B, S, Hkv, hd]   keys / values per slot
+  ``k, v``: [L, B, Hkv, S, hd]   keys / values per slot (per-layer weights: lists of L arrays [B, Hkv, S, hd])
   ``mask``: [B, S] bool          slot holds a real (non-padding) token
   ``pos``:  [B] int32            number of real tokens seen per row (the next RoPE position)
   ``index``: [] int32            next slot to write (shared by the batch: prompts are left-padded)
@@ -124,111 +126,164 @@ class Transformer(nnx.Module):
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
-        cd = self.config.jnp_dtype
-        h = constrain_batch(h)  # batch-sharded activations under a mesh (see distributed.constrain_batch)
-        lead = h.shape[:-1]
-        h2 = h.reshape(-1, h.shape[-1]).astype(cd)  # one 2-D GEMM, and a 2-D GEMM for the weight gradient
-        if self.config.tie_word_embeddings:
-            out = jax.lax.dot_general(h2, self.embed[...].astype(cd), (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)
-        else:
-            out = jnp.dot(h2, self.lm_head[...].astype(cd), preferred_element_type=jnp.float32)
-        return out.reshape(lead + (out.shape[-1],)).astype(jnp.float32)
+        return logits_from_hidden(self.config, self.param_tree(), h)
 
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-        return init_cache(self.config, batch_size, max_len, dtype)
+    def param_tree(self) -> dict[str, Any]:
+        """The weights as a plain dict (what :func:`forward` takes): ``embed``, ``final_norm``, ``lm_head`` (untied
+        models) and ``layers`` (the layer-stacked dict)."""
+        tree = {"embed": self.embed[...], "final_norm": self.final_norm[...], "layers": self.layers.as_dict()}
+        if not self.config.tie_word_embeddings:
+            tree["lm_head"] = self.lm_head[...]
+        return tree
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None, per_layer: bool = False) -> dict[str, Any]:
+        return init_cache(self.config, batch_size, max_len, dtype, per_layer=per_layer)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def __call__(
-        self,
-        input_ids: jax.Array | None = None,
-        *,
-        inputs_embeds: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        cache: dict[str, jax.Array] | None = None,
-        return_hidden: bool = False,
-    ):
-        """Run the decoder.
-
-        Exactly one of ``input_ids`` [B, T] (int) or ``inputs_embeds`` [B, T, D] must be given.
-        ``attention_mask`` [B, T] marks real tokens (1) and padding (0), left or right padding alike.
-        ``positions`` [B, T] overrides the RoPE positions (default: count of real tokens before each one).
-        Returns float32 logits [B, T, V] (or the normed hidden states [B, T, D] with ``return_hidden``);
-        with a ``cache``, returns ``(out, new_cache)``.
-        """
-        cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        cd = cfg.jnp_dtype
-        if input_ids is not None:
-            x = jnp.take(self.embed[...], input_ids, axis=0).astype(cd)
-        else:
-            if inputs_embeds.shape[-1] != cfg.hidden_size:
-                raise ValueError(f"inputs_embeds last dim {inputs_embeds.shape[-1]} != hidden_size {cfg.hidden_size}")
-            x = inputs_embeds.astype(cd)
-        B, T = x.shape[:2]
-        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-
-        if cache is None:
-            if positions is None:
-                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            key_valid = mask
-            q_slot = jnp.arange(T)
-            start = None
-        else:
-            start = cache["index"]
-            if positions is None:
-                positions = cache["pos"][:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, start))
-            q_slot = start + jnp.arange(T)
-        S = key_valid.shape[1]
-        # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
-        attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
-        cos, sin = rope_tables(cfg, positions)
-
-        layer_params = self.layers.as_dict()
-        body = _make_layer_fn(cfg, cos, sin, attn_mask, start)
-        if cfg.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-
-        if cache is None:
-            kv_in = None
-        else:
-            kv_in = (cache["k"], cache["v"])
-        if cfg.scan_layers:
-            def scan_fn(carry, xs):
-                h, kv = carry
-                p, i = xs
-                h, kv = body(h, p, i, kv)
-                return (h, kv), None
-            (x, kv_out), _ = jax.lax.scan(scan_fn, (x, kv_in), (layer_params, jnp.arange(cfg.num_layers)))
-        else:
-            kv_out = kv_in
-            for i in range(cfg.num_layers):
-                p = {k: v[i] for k, v in layer_params.items()}
-                x, kv_out = body(x, p, i, kv_out)
-
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        out = x if return_hidden else self.logits_from_hidden(x)
-        if cache is None:
-            return out
-        new_cache = {
-            "k": kv_out[0],
-            "v": kv_out[1],
-            "mask": key_valid,
-            "pos": cache["pos"] + mask.sum(axis=1).astype(jnp.int32),
-            "index": start + T,
-        }
-        return out, new_cache
+    def __call__(self, input_ids: jax.Array | None = None, **kw):
+        """Run the decoder: see :func:`forward` (this module's weights, this module's config)."""
+        return forward(self.config, self.param_tree(), input_ids, **kw)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+def unstack_layers(params: dict[str, Any], dtype=None) -> dict[str, Any]:
+    """``params`` (a :meth:`Transformer.param_tree`) with the layer stack split into a list of per-layer dicts and
+    every weight cast to ``dtype`` (None keeps it). :func:`forward` then runs the layers unrolled, each dot on a
+    weight of its own: on XLA:CPU this is what keeps small-batch (decode) dots on the fast GEMM path, bf16 above all
+    (a dot on a slice of a stacked weight, inside a scan or not, runs several times slower there)."""
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    out = {k: cast(v) for k, v in params.items() if k != "layers"}
+    stacked = params["layers"]
+    if isinstance(stacked, (list, tuple)):
+        out["layers"] = [{k: cast(v) for k, v in d.items()} for d in stacked]
+    else:
+        n = next(iter(stacked.values())).shape[0]
+        out["layers"] = [{k: cast(v[i]) for k, v in stacked.items()} for i in range(n)]
+    return out
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -> jax.Array:
+    """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
+    cd = cfg.jnp_dtype
+    h = constrain_batch(h)  # batch-sharded activations under a mesh (see distributed.constrain_batch)
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1]).astype(cd)  # one 2-D GEMM, and a 2-D GEMM for the weight gradient
+    if cfg.tie_word_embeddings:
+        out = jax.lax.dot_general(h2, params["embed"].astype(cd), (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    else:
+        out = jnp.dot(h2, params["lm_head"].astype(cd), preferred_element_type=jnp.float32)
+    return out.reshape(lead + (out.shape[-1],)).astype(jnp.float32)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: dict[str, Any],
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    cache: dict[str, Any] | None = None,
+    return_hidden: bool = False,
+    last_only: bool = False,
+):
+    """Run the decoder on ``params`` (a :meth:`Transformer.param_tree`, or :func:`unstack_layers` of one).
+
+    Exactly one of ``input_ids`` [B, T] (int) or ``inputs_embeds`` [B, T, D] must be given.
+    ``attention_mask`` [B, T] marks real tokens (1) and padding (0), left or right padding alike.
+    ``positions`` [B, T] overrides the RoPE positions (default: count of real tokens before each one).
+    Returns float32 logits [B, T, V] (or the normed hidden states [B, T, D] with ``return_hidden``; ``last_only``
+    keeps only the last position, [B, V] / [B, D], and skips the LM head elsewhere); with a ``cache``, returns
+    ``(out, new_cache)``. Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of
+    per-layer dicts runs unrolled. The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    cd = cfg.jnp_dtype
+    if input_ids is not None:
+        x = jnp.take(params["embed"], input_ids, axis=0).astype(cd)
+    else:
+        if inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds last dim {inputs_embeds.shape[-1]} != hidden_size {cfg.hidden_size}")
+        x = inputs_embeds.astype(cd)
+    B, T = x.shape[:2]
+    mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+
+    if cache is None:
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        key_valid = mask
+        q_slot = jnp.arange(T)
+        start = None
+    else:
+        start = cache["index"]
+        if positions is None:
+            positions = cache["pos"][:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, start))
+        q_slot = start + jnp.arange(T)
+    S = key_valid.shape[1]
+    # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
+    attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
+    cos, sin = rope_tables(cfg, positions)
+
+    layer_params = params["layers"]
+    per_layer = isinstance(layer_params, (list, tuple))
+    body = _make_layer_fn(cfg, cos, sin, attn_mask, start)
+    if cfg.remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    if per_layer:
+        ks, vs = [], []
+        for i, p in enumerate(layer_params):
+            x, kv = body(x, p, None, None if kv_in is None else (kv_in[0][i], kv_in[1][i]))
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        kv_out = None if cache is None else (ks, vs)
+    elif cfg.scan_layers:
+        def scan_fn(carry, xs):
+            h, kv = carry
+            p, i = xs
+            h, kv = body(h, p, i, kv)
+            return (h, kv), None
+        (x, kv_out), _ = jax.lax.scan(scan_fn, (x, kv_in), (layer_params, jnp.arange(cfg.num_layers)))
+    else:
+        kv_out = kv_in
+        for i in range(cfg.num_layers):
+            p = {k: v[i] for k, v in layer_params.items()}
+            x, kv_out = body(x, p, i, kv_out)
+
+    if last_only:
+        x = x[:, -1]
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    out = x if return_hidden else logits_from_hidden(cfg, params, x)
+    if cache is None:
+        return out
+    new_cache = {
+        "k": kv_out[0],
+        "v": kv_out[1],
+        "mask": key_valid,
+        "pos": cache["pos"] + mask.sum(axis=1).astype(jnp.int32),
+        "index": start + T,
+    }
+    return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, per_layer: bool = False
+               ) -> dict[str, Any]:
+    """An empty KV cache: ``k``/``v`` [L, B, Hkv, S, hd] (or, ``per_layer``, lists of L arrays [B, Hkv, S, hd])."""
     dtype = dtype or cfg.jnp_dtype
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if per_layer:
+        k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    else:
+        k = jnp.zeros((cfg.num_layers,) + shape, dtype)
+        v = jnp.zeros((cfg.num_layers,) + shape, dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "mask": jnp.zeros((batch_size, max_len), bool),
         "pos": jnp.zeros((batch_size,), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
@@ -284,6 +339,17 @@ def _dense(x, w, b=None):
     return y.astype(x.dtype)
 
 
+def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
+    """``dynamic_update_slice`` that stays in place for 16-bit float caches: XLA:CPU computes bf16 / f16 ops in f32,
+    which turns a bf16 update into convert -> update -> convert of the whole cache every step; the same bits as
+    uint16 are updated in place (a bitcast on every backend)."""
+    if buf.dtype.itemsize == 2 and jnp.issubdtype(buf.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type
+        out = jax.lax.dynamic_update_slice(bits(buf, jnp.uint16), bits(upd, jnp.uint16), index)
+        return bits(out, buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, upd, index)
+
+
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
@@ -299,20 +365,24 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if kv is not None:
-            ck, cv = kv
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
-            keys = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
-            vals = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
+            ck, cv = kv  # [L, B, Hkv, S, hd] with a layer index i, or one layer's [B, Hkv, S, hd] (i None)
+            kn = k.transpose(0, 2, 1, 3).astype(ck.dtype)  # [B, Hkv, T, hd]
+            vn = v.transpose(0, 2, 1, 3).astype(cv.dtype)
+            if i is None:
+                ck = _update_slots(ck, kn, (0, 0, start, 0))
+                cv = _update_slots(cv, vn, (0, 0, start, 0))
+                kt, vt = ck.astype(x.dtype), cv.astype(x.dtype)
+            else:
+                ck = _update_slots(ck, kn[None], (i, 0, 0, start, 0))
+                cv = _update_slots(cv, vn[None], (i, 0, 0, start, 0))
+                kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
+                vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
             kv = (ck, cv)
         else:
-            keys, vals = k, v
-        # GQA as batched matmuls with one contracting dim each: query head k*G + g uses KV head k. The layout
-        # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
-        S = keys.shape[1]
+            kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
+            vt = v.transpose(0, 2, 1, 3)
+        S = kt.shape[2]
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
-        kt = keys.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
-        vt = vals.transpose(0, 2, 1, 3)
         s = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
         s = s.reshape(B, Hkv, G, T, S)
         s = jnp.where(attn_mask[:, None, None, :, :], s, NEG_INF)

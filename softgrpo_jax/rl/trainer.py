@@ -48,7 +48,7 @@ def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16
     g = to_host  # the global rollout on every process (a collective gather when it spans several processes)
     pt, pm = np.asarray(g(r.prompt_tokens)), np.asarray(g(r.prompt_mask))
     lens = np.asarray(g(r.lengths))
-    L = min(r.tokens.shape[1], bucket_length(max(int(lens.max()), 1), min_bucket))
+    L = min(r.tokens.shape[1], bucket_length(max(int(lens.max()), 1), min_bucket, fine=False))
     B, Pn = pt.shape
     K = r.topk_ids.shape[-1]
     prompt_ids = np.zeros((B, Pn, K), np.int32)

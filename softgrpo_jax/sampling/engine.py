@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global
+from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
 from softgrpo_jax.ops import soft_embed
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, discrete_logprob_of, step
 
@@ -55,11 +57,33 @@ class Rollout:
         return self.tokens.shape[0]
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
+def bucket_length(n: int, minimum: int = 16, fine: bool = True) -> int:
+    """The bucket for a length ``n``: ``minimum`` times 1, 1.5, 2, 3, 4, 6, 8, ... (``fine``: padding stays under a
+    third of the bucket, and a run still compiles only a handful of shapes) or times powers of two."""
     b = minimum
     while b < n:
+        half = b + b // 2
+        if fine and half >= n and half % 8 == 0:
+            return half
         b *= 2
     return b
+
+
+def resolve_layout(layout: str, platform: str) -> bool:
+    """``layout`` -> whether the engine runs per-layer (unrolled) weights. ``auto``: per-layer on CPU, where XLA
+    keeps small-batch dots on its fast GEMM path only for whole arrays; a layer scan elsewhere (compile time flat
+    in depth)."""
+    if layout not in ("auto", "scan", "per_layer"):
+        raise ValueError(f"layout must be auto, scan or per_layer, got {layout!r}")
+    return platform == "cpu" if layout == "auto" else layout == "per_layer"
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "per_layer"))
+def _prepare(params, *, dtype, per_layer: bool):
+    """The weights the engine decodes with: cast to the rollout dtype, the layer stack split when per-layer."""
+    if per_layer:
+        return unstack_layers(params, dtype)
+    return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
 def _batch_spec(mesh, shape):
@@ -72,7 +96,11 @@ def _constrain_cache(cache, mesh):
     out = {}
     for k, v in cache.items():
         if k in ("k", "v"):
-            spec = fit_spec(v.shape, P(None, BATCH_AXES, None, "tensor", None), mesh)
+            if isinstance(v, list):  # per-layer [B, Hkv, S, hd]
+                out[k] = [jax.lax.with_sharding_constraint(a, NamedSharding(mesh, fit_spec(
+                    a.shape, P(BATCH_AXES, "tensor", None, None), mesh))) for a in v]
+                continue
+            spec = fit_spec(v.shape, P(None, BATCH_AXES, "tensor", None, None), mesh)
         elif v.ndim:
             spec = fit_spec(v.shape, P(BATCH_AXES, *([None] * (v.ndim - 1))), mesh)
         else:
@@ -81,21 +109,20 @@ def _constrain_cache(cache, mesh):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def _prefill(graphdef, state, tokens, mask, *, cache_len, mesh=None):
-    model = nnx.merge(graphdef, state)
-    cache = _constrain_cache(model.init_cache(tokens.shape[0], cache_len), mesh)
+@functools.partial(jax.jit, static_argnames=("mcfg", "cache_len", "mesh"))
+def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
+    per_layer = isinstance(params["layers"], list)
+    cache = _constrain_cache(init_cache(mcfg, tokens.shape[0], cache_len, per_layer=per_layer), mesh)
     with activation_sharding(mesh):
-        logits, cache = model(tokens, attention_mask=mask, cache=cache)
-    return logits[:, -1], _constrain_cache(cache, mesh)
+        logits, cache = forward(mcfg, params, tokens, attention_mask=mask, cache=cache, last_only=True)
+    return logits, _constrain_cache(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "end_ids", "stop_ids", "pad_id", "steps",
+@functools.partial(jax.jit, static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps",
                                              "embed_impl", "mesh"), donate_argnames=("cache",))
-def _decode(graphdef, state, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
+def _decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
             stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
-    model = nnx.merge(graphdef, state)
-    table = model.embedding_table()
+    table = params["embed"]
     B = logits0.shape[0]
     K = cfg.max_topk
     n_end = len(end_ids)
@@ -187,9 +214,9 @@ def _decode(graphdef, state, logits0, cache, modes, row_keys, *, cfg: SamplingCo
             soft=upd(buf["soft"], active & soft),
             logprob=upd(buf["logprob"], jnp.where(active, logprob, 0.0)),
         )
-        emb = soft_embed(table, ids, weights, impl=embed_impl).astype(cfg_dtype(model))
-        next_logits, cache = model(inputs_embeds=emb[:, None, :], attention_mask=(active & ~done)[:, None],
-                                   cache=cache)
+        emb = soft_embed(table, ids, weights, impl=embed_impl).astype(mcfg.jnp_dtype)
+        next_logits, cache = forward(mcfg, params, inputs_embeds=emb[:, None, :],
+                                     attention_mask=(active & ~done)[:, None], cache=cache)
         return i + 1, next_logits[:, 0], cache, new_st, buf
 
     with activation_sharding(mesh):
@@ -197,18 +224,19 @@ def _decode(graphdef, state, logits0, cache, modes, row_keys, *, cfg: SamplingCo
     return buf, st, cache  # returning the cache lets XLA alias it to the donated input (decode in place)
 
 
-def cfg_dtype(model):
-    return model.config.jnp_dtype
-
-
 class RolloutEngine:
     """Generates rollouts for a model. ``generate`` takes token-id prompts and returns a :class:`Rollout`."""
 
     def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
-                 embed_impl: str = "auto"):
-        self.graphdef, _ = nnx.split(model)
+                 embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto"):
+        """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
+        "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
+        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU, scan elsewhere)."""
         self.model = model
+        self.dtype = dtype
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self.per_layer = resolve_layout(layout, platform)
         self.cfg = cfg
         self.think_end_ids = tuple(int(t) for t in think_end_ids)
         self.stop_ids = tuple(int(t) for t in stop_ids)
@@ -228,6 +256,15 @@ class RolloutEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         return cls(model, cfg, think_end_ids=end, stop_ids=sorted(stops), pad_id=pad, mesh=mesh, **kw)
+
+    def decode_params(self, model: nnx.Module) -> tuple[ModelConfig, dict]:
+        """(config, weights) the engine decodes ``model`` with: cast to the engine's dtype, per-layer or stacked."""
+        dtype = jnp.dtype(self.dtype or model.config.dtype)
+        mcfg = model.config.replace(dtype=dtype.name, param_dtype=dtype.name)
+        params = model.param_tree()
+        if self.per_layer or any(a.dtype != dtype for a in jax.tree.leaves(params)):
+            params = _prepare(params, dtype=dtype, per_layer=self.per_layer)
+        return mcfg, params
 
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Left-pad token-id prompts (each repeated ``n`` times, consecutively) into a length bucket."""
@@ -253,7 +290,7 @@ class RolloutEngine:
         row index that keys the noise (for a process holding a shard of a larger batch).
         """
         model = model or self.model
-        _, state = nnx.split(model)
+        mcfg, params = self.decode_params(model)
         cfg = self.cfg
         steps = int(max_new_tokens or cfg.max_new_tokens)
         toks, mask = self.prepare_prompts(prompts, n)
@@ -273,9 +310,8 @@ class RolloutEngine:
             args = [host_to_global(a, _batch_spec(self.mesh, a.shape)) for a in (toks, mask, modes_np, kd)]
             args[3] = jax.random.wrap_key_data(args[3], impl=jax.random.key_impl(row_keys))
         toks_d, mask_d, modes_d, keys_d = args
-        logits0, cache = _prefill(self.graphdef, state, toks_d, mask_d, cache_len=toks.shape[1] + steps,
-                                  mesh=self.mesh)
-        buf, st, _ = _decode(self.graphdef, state, logits0, cache, modes_d, keys_d, cfg=cfg,
+        logits0, cache = _prefill(mcfg, params, toks_d, mask_d, cache_len=toks.shape[1] + steps, mesh=self.mesh)
+        buf, st, _ = _decode(mcfg, params, logits0, cache, modes_d, keys_d, cfg=cfg,
                           end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id, steps=steps,
                           embed_impl=self.embed_impl, mesh=self.mesh)
         taus = np.where(modes_np == GUMBEL, cfg.tau, 1.0).astype(np.float32)
