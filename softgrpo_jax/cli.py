@@ -89,7 +89,8 @@ def cmd_eval(args, overrides):
                             mesh=mesh, scan_layers=cfg.model.scan_layers)
     tok = load_tokenizer(cfg.model.path)
     eng = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout), tok,
-                                      think_end=cfg.rollout.think_end, mesh=mesh, embed_impl=cfg.rollout.embed_impl)
+                                      think_end=cfg.rollout.think_end, mesh=mesh, embed_impl=cfg.rollout.embed_impl,
+                                      dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
     bench = {}
     for item in cfg.data.eval:
         name, _, split = item.partition(":")

@@ -111,13 +111,15 @@ class Run:
         self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
         self.rollout_mode = mode
         samp = dataclasses.replace(sampling_config(cfg.rollout), mode=mode)
-        # prompts are left-padded to power-of-two buckets of at least 128 tokens: few compiled shapes
+        # prompts are left-padded to length buckets of at least 128 tokens: few compiled shapes
         self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, think_end=cfg.rollout.think_end,
                                                   mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
-                                                  min_bucket=min(128, cfg.data.max_prompt_length))
+                                                  min_bucket=min(128, cfg.data.max_prompt_length),
+                                                  dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
         self.eval_engine = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout),
                                                        self.tokenizer, think_end=cfg.rollout.think_end,
-                                                       mesh=self.mesh, embed_impl=cfg.rollout.embed_impl)
+                                                       mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
+                                                       dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
         self.ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.trainer.keep_checkpoints)
         self.key = jax.random.key(cfg.trainer.seed)
         self.step = 0

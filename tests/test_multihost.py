@@ -148,7 +148,9 @@ def test_two_processes_match_one(tmp_path):
         for k in one:
             if k.startswith("m_"):
                 np.testing.assert_allclose(got[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
-        np.testing.assert_allclose(got["params"], one["params"], atol=1e-6)
+        # one AdamW step of lr 3e-2: Adam's normalised update turns the gradients' float reduction-order differences
+        # (rtol ~1e-4 above) into a few 1e-6; 1e-5 is still 3e-4 of the step
+        np.testing.assert_allclose(got["params"], one["params"], atol=1e-5)
     assert float(one["m_grad_norm"]) > 0 and (one["lengths"] > 0).all()
 
 

@@ -234,6 +234,12 @@ class RolloutEngine:
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU, scan elsewhere)."""
         self.model = model
+        try:
+            ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"rollout dtype must be a floating dtype (float32, bfloat16, ...), got {dtype!r}")
         self.dtype = dtype
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self.per_layer = resolve_layout(layout, platform)
