@@ -1,9 +1,11 @@
-"""CPU benchmark, side by side in one run on the same machine: SmolLM2-135M-Instruct (embedded GGUF, float32).
+"""CPU benchmark, side by side in one run on the same machine: SmolLM2-135M-Instruct (embedded GGUF weights).
 
-decode: this engine (discrete and Gumbel soft modes) vs transformers ``generate`` (PyTorch, sampling top-k 5,
-        top-p 0.95), batch 16, 128 new tokens (EOS disabled so every row decodes the full length).
-train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO / GRPO update vs a transformers
-        causal-LM step with torch.optim.AdamW.
+decode: this engine (discrete and Gumbel soft modes; float32 and bf16 weights/cache) vs transformers ``generate``
+        (PyTorch, sampling top-k 5, top-p 0.95; float32 and bf16 models), batch 16, 128 new tokens (EOS disabled so
+        every row decodes the full length).
+train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO / GRPO update (float32; and bf16
+        compute with float32 master weights, rematerialised) vs a transformers causal-LM step with
+        torch.optim.AdamW (float32; and under torch.autocast bf16). Ratios compare like with like.
 
     python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
 
@@ -88,12 +90,12 @@ def train_batch(B, L, K, vocab, soft: bool, seed=0):
                 loss_mask=lm, advantages=rng.randn(B).astype(np.float32), tau=np.full((B,), 0.1, np.float32))
 
 
-def bench_ours_train(model_path, B, L, repeats, soft):
+def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False):
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.config import base_config, loss_config
     from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
 
-    model = load_pretrained(model_path)
+    model = load_pretrained(model_path, compute_dtype=compute_dtype, remat=remat)
     pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
     batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, soft), 1))
     old = pol.logprobs(pol.params, batch)
@@ -109,7 +111,9 @@ def bench_ours_train(model_path, B, L, repeats, soft):
     return dict(tokens=B * L, seconds=best, tok_s=B * L / best, compile_s=first - best)
 
 
-def bench_torch_train(tmodel, B, L, vocab, repeats):
+def bench_torch_train(tmodel, B, L, vocab, repeats, autocast=False):
+    import contextlib
+
     import torch
 
     opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-6, weight_decay=0.01)
@@ -118,7 +122,9 @@ def bench_torch_train(tmodel, B, L, vocab, repeats):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = tmodel(ids, labels=ids).loss
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = tmodel(ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
         opt.step()
@@ -178,12 +184,17 @@ def main():
             rows.append(("decode", name, r, r["tok_s"] / ref["tok_s"]))
     print("decode results (printed early):", {n: round(r["tok_s"], 1) for _, n, r, _ in rows}, flush=True)
     if not args.skip_train:
-        t_torch = bench_torch_train(tmodel, args.train_batch, args.train_len, model.config.vocab_size, args.repeats)
-        t_soft = bench_ours_train(tmp, args.train_batch, args.train_len, args.repeats, True)
-        t_disc = bench_ours_train(tmp, args.train_batch, args.train_len, args.repeats, False)
-        rows.append(("train", "transformers fwd+bwd+AdamW", t_torch, None))
-        rows.append(("train", "softgrpo_jax SofT-GRPO update", t_soft, t_soft["tok_s"] / t_torch["tok_s"]))
-        rows.append(("train", "softgrpo_jax GRPO update", t_disc, t_disc["tok_s"] / t_torch["tok_s"]))
+        tb, tl, V = args.train_batch, args.train_len, model.config.vocab_size
+        t_torch = bench_torch_train(tmodel, tb, tl, V, args.repeats)
+        t_torch16 = bench_torch_train(tmodel, tb, tl, V, args.repeats, autocast=True)
+        rows.append(("train", "transformers fwd+bwd+AdamW, float32", t_torch, None))
+        rows.append(("train", "transformers fwd+bwd+AdamW, bf16 autocast", t_torch16, None))
+        for soft in (True, False):
+            name = "SofT-GRPO" if soft else "GRPO"
+            r = bench_ours_train(tmp, tb, tl, args.repeats, soft)
+            rows.append(("train", f"softgrpo_jax {name} update, float32", r, r["tok_s"] / t_torch["tok_s"]))
+        r = bench_ours_train(tmp, tb, tl, args.repeats, True, compute_dtype="bfloat16", remat=True)
+        rows.append(("train", "softgrpo_jax SofT-GRPO update, bf16 compute + remat", r, r["tok_s"] / t_torch16["tok_s"]))
 
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; SmolLM2-135M float32")
@@ -193,7 +204,7 @@ def main():
     for what, name, r, ratio in rows:
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('compile_s', float('nan')):.1f} |")
-    print("\n(decode ratios: each engine row against transformers in the same dtype)")
+    print("\n(ratios: each row of this project against transformers in the same dtype)")
     for dt in (None, "bfloat16"):
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "

@@ -130,11 +130,20 @@ def test_cached_decoding_equals_full_forward(hf_pair, layout):
     if layout == "per_layer":
         assert isinstance(cache["k"], list) and len(cache["k"]) == cfg.num_layers
     P = 9
-    last, _ = forward(cfg, params, jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]),
-                      cache=cache, last_only=True)
+    # the engine's prefill: last position only, attention over the prompt's own slots (fresh_cache)
+    last, c_fresh = forward(cfg, params, jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]),
+                            cache=cache, last_only=True, fresh_cache=True)
     logits, cache = forward(cfg, params, jnp.asarray(ids[:, :P]), attention_mask=jnp.asarray(mask[:, :P]),
                             cache=cache)
     assert np.abs(np.asarray(last) - np.asarray(logits)[:, -1]).max() <= 1e-5
+    # the same cache either way, on the real tokens' slots (padding slots are never attended to)
+    valid = np.asarray(cache["mask"])  # [B, S]
+    for name in ("k", "v"):
+        for a, b in zip(jax.tree.leaves(c_fresh[name]), jax.tree.leaves(cache[name])):
+            a, b = np.moveaxis(np.asarray(a), -2, -3), np.moveaxis(np.asarray(b), -2, -3)  # [..., B, S, Hkv, hd]
+            np.testing.assert_allclose(a[..., valid, :, :], b[..., valid, :, :], atol=1e-5)
+    for name in ("mask", "pos", "index"):
+        np.testing.assert_array_equal(np.asarray(c_fresh[name]), np.asarray(cache[name]))
     steps = [np.asarray(logits)]
     for t in range(P, 16):
         lg, cache = forward(cfg, params, jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]),

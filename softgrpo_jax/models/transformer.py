@@ -186,6 +186,7 @@ def forward(
     cache: dict[str, Any] | None = None,
     return_hidden: bool = False,
     last_only: bool = False,
+    fresh_cache: bool = False,
 ):
     """Run the decoder on ``params`` (a :meth:`Transformer.param_tree`, or :func:`unstack_layers` of one).
 
@@ -194,7 +195,8 @@ def forward(
     ``positions`` [B, T] overrides the RoPE positions (default: count of real tokens before each one).
     Returns float32 logits [B, T, V] (or the normed hidden states [B, T, D] with ``return_hidden``; ``last_only``
     keeps only the last position, [B, V] / [B, D], and skips the LM head elsewhere); with a ``cache``, returns
-    ``(out, new_cache)``. Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of
+    ``(out, new_cache)``. ``fresh_cache`` promises the cache is empty (index 0, a prefill): attention then runs over the
+    T new tokens only, not over all S slots of the cache (scores [B, H, T, T], not [B, H, T, S]). Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of
     per-layer dicts runs unrolled. The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -224,11 +226,14 @@ def forward(
     S = key_valid.shape[1]
     # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
     attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
+    local = cache is not None and fresh_cache
+    if local:  # the new tokens sit in slots [0, T): attend over those only
+        attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
     cos, sin = rope_tables(cfg, positions)
 
     layer_params = params["layers"]
     per_layer = isinstance(layer_params, (list, tuple))
-    body = _make_layer_fn(cfg, cos, sin, attn_mask, start)
+    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local)
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
 
@@ -350,7 +355,7 @@ def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, upd, index)
 
 
-def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
+def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False):
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     scale = 1.0 / math.sqrt(hd)
@@ -378,8 +383,8 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start):
                 kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
                 vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
             kv = (ck, cv)
-        else:
-            kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
+        if kv is None or local:  # attend over this call's tokens (no cache, or a prefill into a fresh cache)
+            kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
             vt = v.transpose(0, 2, 1, 3)
         S = kt.shape[2]
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)

@@ -114,7 +114,8 @@ def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
     per_layer = isinstance(params["layers"], list)
     cache = _constrain_cache(init_cache(mcfg, tokens.shape[0], cache_len, per_layer=per_layer), mesh)
     with activation_sharding(mesh):
-        logits, cache = forward(mcfg, params, tokens, attention_mask=mask, cache=cache, last_only=True)
+        logits, cache = forward(mcfg, params, tokens, attention_mask=mask, cache=cache, last_only=True,
+                                fresh_cache=True)
     return logits, _constrain_cache(cache, mesh)
 
 
