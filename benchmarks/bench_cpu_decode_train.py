@@ -15,6 +15,7 @@ Prints a markdown table (tokens/s and ratios); compile time is reported separate
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -148,6 +149,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="tiny sizes: a plumbing check, not a measurement")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     if args.small:
         args.batch, args.new, args.train_batch, args.train_len, args.repeats = 2, 8, 2, 48, 1
@@ -169,32 +171,39 @@ def main():
     questions = [f"What is {a} + {b}?" for a, b in zip(range(3, 40, 2), range(50, 10, -2))][:args.batch]
     prompts = [tok(build_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
 
-    rows = []
-    tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
-    d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
-    d_torch16 = bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)
-    rows.append(("decode", "transformers generate (sampling), float32", d_torch, None))
-    rows.append(("decode", "transformers generate (sampling), bf16", d_torch16, None))
-    ours = {}
-    for dt, ref, ref_name in ((None, d_torch, "f32"), ("bfloat16", d_torch16, "bf16")):
-        for mode in ("discrete", "gumbel"):
-            r = bench_ours_decode(model, tok, prompts, args.new, args.repeats, mode, dtype=dt)
-            ours[(dt, mode)] = r
-            name = f"softgrpo_jax {mode}{' (K=5)' if mode == 'gumbel' else ''}, {'bf16' if dt else 'float32'}"
-            rows.append(("decode", name, r, r["tok_s"] / ref["tok_s"]))
-    print("decode results (printed early):", {n: round(r["tok_s"], 1) for _, n, r, _ in rows}, flush=True)
+    rows, ours = [], {}
+    if not args.skip_decode:
+        tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+        d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
+        d_torch16 = bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)
+        del tmodel16
+        rows.append(("decode", "transformers generate (sampling), float32", d_torch, None))
+        rows.append(("decode", "transformers generate (sampling), bf16", d_torch16, None))
+        for dt, ref in ((None, d_torch), ("bfloat16", d_torch16)):
+            for mode in ("discrete", "gumbel"):
+                r = bench_ours_decode(model, tok, prompts, args.new, args.repeats, mode, dtype=dt)
+                ours[(dt, mode)] = r
+                name = f"softgrpo_jax {mode}{' (K=5)' if mode == 'gumbel' else ''}, {'bf16' if dt else 'float32'}"
+                rows.append(("decode", name, r, r["tok_s"] / ref["tok_s"]))
+        print("decode results (printed early):", {n: round(r["tok_s"], 1) for _, n, r, _ in rows}, flush=True)
     if not args.skip_train:
-        tb, tl, V = args.train_batch, args.train_len, model.config.vocab_size
+        del model
+        gc.collect()
+        tb, tl, V = args.train_batch, args.train_len, tmodel.config.vocab_size
         t_torch = bench_torch_train(tmodel, tb, tl, V, args.repeats)
         t_torch16 = bench_torch_train(tmodel, tb, tl, V, args.repeats, autocast=True)
+        del tmodel
+        gc.collect()
         rows.append(("train", "transformers fwd+bwd+AdamW, float32", t_torch, None))
         rows.append(("train", "transformers fwd+bwd+AdamW, bf16 autocast", t_torch16, None))
         for soft in (True, False):
             name = "SofT-GRPO" if soft else "GRPO"
             r = bench_ours_train(tmp, tb, tl, args.repeats, soft)
             rows.append(("train", f"softgrpo_jax {name} update, float32", r, r["tok_s"] / t_torch["tok_s"]))
+            gc.collect()
         r = bench_ours_train(tmp, tb, tl, args.repeats, True, compute_dtype="bfloat16", remat=True)
-        rows.append(("train", "softgrpo_jax SofT-GRPO update, bf16 compute + remat", r, r["tok_s"] / t_torch16["tok_s"]))
+        rows.append(("train", "softgrpo_jax SofT-GRPO update, bf16 compute + remat", r,
+                     r["tok_s"] / t_torch16["tok_s"]))
 
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; SmolLM2-135M float32")
@@ -205,7 +214,7 @@ def main():
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('compile_s', float('nan')):.1f} |")
     print("\n(ratios: each row of this project against transformers in the same dtype)")
-    for dt in (None, "bfloat16"):
+    for dt in (None, "bfloat16") if ours else ():
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "
               f"({a['step_ms']:.1f} ms vs {b['step_ms']:.1f} ms per new token, prefill included)")

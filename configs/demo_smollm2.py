@@ -37,7 +37,7 @@ def get_config():
     c.optim.lr = 2e-5
     c.reward.mode = "math_verify_lenient"
     c.reward.workers = 1
-    c.trainer.total_steps = 12
+    c.trainer.total_steps = 16
     c.trainer.save_every = 2
     c.trainer.output_dir = "runs/demo-smollm2"
     c.trainer.mesh = (-1, 1, 1)

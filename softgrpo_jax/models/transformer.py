@@ -345,9 +345,11 @@ def _dense(x, w, b=None):
 
 
 def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
-    """``dynamic_update_slice`` that stays in place for 16-bit float caches: XLA:CPU computes bf16 / f16 ops in f32,
-    which turns a bf16 update into convert -> update -> convert of the whole cache every step; the same bits as
-    uint16 are updated in place (a bitcast on every backend)."""
+    """``dynamic_update_slice`` of one layer's cache that stays in place for 16-bit floats: XLA:CPU computes bf16 /
+    f16 ops in f32, which turns a bf16 update into convert -> update -> convert of the whole cache every step; the
+    same bits as uint16 are updated in place (a bitcast on every backend). Only for per-layer caches: on the
+    layer-stacked cache carried by a scan, the bitcast costs a copy of the whole stack instead (measured with
+    ``softgrpo plan``), so that path uses a plain update."""
     if buf.dtype.itemsize == 2 and jnp.issubdtype(buf.dtype, jnp.floating):
         bits = jax.lax.bitcast_convert_type
         out = jax.lax.dynamic_update_slice(bits(buf, jnp.uint16), bits(upd, jnp.uint16), index)
@@ -378,8 +380,8 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                 cv = _update_slots(cv, vn, (0, 0, start, 0))
                 kt, vt = ck.astype(x.dtype), cv.astype(x.dtype)
             else:
-                ck = _update_slots(ck, kn[None], (i, 0, 0, start, 0))
-                cv = _update_slots(cv, vn[None], (i, 0, 0, start, 0))
+                ck = jax.lax.dynamic_update_slice(ck, kn[None], (i, 0, 0, start, 0))
+                cv = jax.lax.dynamic_update_slice(cv, vn[None], (i, 0, 0, start, 0))
                 kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
                 vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
             kv = (ck, cv)

@@ -22,7 +22,7 @@ from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, 
 from softgrpo_jax.models.config import ModelConfig
 from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
 from softgrpo_jax.ops import soft_embed
-from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, discrete_logprob_of, step
+from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, step
 
 FINISH_LENGTH, FINISH_STOP, FINISH_COLD_STOP = 0, 1, 2
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_COLD_STOP: "cold_stop"}
@@ -193,8 +193,9 @@ def _decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: 
         weights = jnp.where(to_onehot[:, None], onehot_w, weights)
         ytil = jnp.where(to_onehot[:, None], 0.0, ytil)
         soft = soft & ~to_onehot
-        T = jnp.where(thinking, cfg.temperature, cfg.at_temperature)
-        logprob = jnp.where(to_onehot, discrete_logprob_of(logits, token, T), logprob)
+        # log softmax(logits / T)[token] from the step's logsumexp (the step's T: thinking rows are soft rows)
+        tok_lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] / out["temperature"] - out["lse"]
+        logprob = jnp.where(to_onehot, tok_lp, logprob)
 
         active = ~st["done"]
         stop = jnp.any(token[:, None] == stop_arr[None, :], axis=1)
@@ -244,6 +245,7 @@ class RolloutEngine:
         self.dtype = dtype
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self.per_layer = resolve_layout(layout, platform)
+        self._prepared = None
         self.cfg = cfg
         self.think_end_ids = tuple(int(t) for t in think_end_ids)
         self.stop_ids = tuple(int(t) for t in stop_ids)
@@ -269,8 +271,15 @@ class RolloutEngine:
         dtype = jnp.dtype(self.dtype or model.config.dtype)
         mcfg = model.config.replace(dtype=dtype.name, param_dtype=dtype.name)
         params = model.param_tree()
-        if self.per_layer or any(a.dtype != dtype for a in jax.tree.leaves(params)):
+        leaves = jax.tree.leaves(params)
+        if self.per_layer or any(a.dtype != dtype for a in leaves):
+            cached = self._prepared
+            if cached is not None and cached[0] == dtype and len(cached[1]) == len(leaves) and all(
+                    a is b for a, b in zip(cached[1], leaves)):
+                return mcfg, cached[2]  # the same weights as last call (e.g. evaluation batches)
             params = _prepare(params, dtype=dtype, per_layer=self.per_layer)
+            # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout)
+            self._prepared = (dtype, leaves, params) if self.per_layer else None
         return mcfg, params
 
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], n: int = 1) -> tuple[np.ndarray, np.ndarray]:

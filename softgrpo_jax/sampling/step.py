@@ -121,7 +121,8 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     Returns a dict of [B, ...] arrays: ``token`` (emitted id), ``ids`` [B, K], ``weights`` [B, K] (the input
     mixture for the next step; one-hot on slot 0 for discrete steps), ``ytil`` [B, K], ``soft`` [B] (this step was a
     soft step), ``logprob`` [B] (rollout log-prob: discrete log softmax(l/T)[x] before filtering, or the Gumbel
-    log-density of the noise for Gumbel steps, mean over slots with lp > -3), ``entropy`` [B].
+    log-density of the noise for Gumbel steps, mean over slots with lp > -3), ``entropy`` [B], and the row's
+    temperature ``temperature`` [B] with ``lse`` [B] = logsumexp(logits / temperature).
     """
     B, V = logits.shape
     K = cfg.max_topk
@@ -189,7 +190,7 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     soft_tok_lp = jnp.take_along_axis(top_l, jnp.zeros((B, 1), jnp.int32), axis=-1)[:, 0] - lse
     logprob = jnp.where(soft_row & (mode == GUMBEL), noise_lp, jnp.where(soft_row, soft_tok_lp, disc_lp))
     return dict(token=token, ids=out_ids, weights=weights, ytil=out_ytil, soft=soft_row, logprob=logprob,
-                entropy=entropy)
+                entropy=entropy, lse=lse, temperature=T)
 
 
 def discrete_logprob_of(logits: jax.Array, tok: jax.Array, temperature) -> jax.Array:
