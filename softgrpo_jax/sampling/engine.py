@@ -1,9 +1,12 @@
 """The rollout engine: jitted prefill + one jitted ``lax.while_loop`` decode with a donated KV cache.
 
-No host round trip per token. Prompts are left-padded into length buckets (powers of two) so a run compiles a handful
-of times. Data parallel: the batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``;
-parameters keep whatever sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the
-same seed gives the same rollouts whatever the device count.
+No host round trip per token. Prompts are left-padded into length buckets (1, 1.5, 2, 3, 4, ... x ``min_bucket``) so
+a run compiles a handful of times. The engine decodes with its own copy of the weights in its ``dtype`` (e.g. bf16
+rollouts of a float32 policy) and ``layout`` (per-layer unrolled weights on CPU, the layer scan elsewhere); the
+prefill attends over the prompt's own slots and computes logits for the last position only. Data parallel: the
+batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``; parameters keep whatever
+sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the same seed gives the same
+rollouts whatever the device count.
 """
 
 from __future__ import annotations
