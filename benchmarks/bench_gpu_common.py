@@ -178,3 +178,12 @@ def fmt_rate(x: float, unit: str) -> str:
         if x >= p:
             return f"{x / p:.2f} {s}{unit}"
     return f"{x:.2f} {unit}"
+
+
+def emit_report(report: str, out: str | None, ok: bool) -> int:
+    """Print the markdown report, also write it to ``out`` if given; the exit status (0 when every check passed)."""
+    print("\n" + report)
+    if out:
+        with open(out, "w") as f:
+            f.write(report + "\n")
+    return 0 if ok else 1

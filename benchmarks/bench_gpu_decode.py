@@ -37,28 +37,28 @@ import bench_gpu_common as C  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from softgrpo_jax.sampling import SamplingConfig  # noqa: E402
+from softgrpo_jax.sampling import RolloutEngine, SamplingConfig  # noqa: E402
 from softgrpo_jax.sampling.engine import _decode, _prefill  # noqa: E402
 from softgrpo_jax.sampling.step import MODES  # noqa: E402
 
 
 def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int):
     """(prefill s, decode s, buffers, state) of the engine's two jitted programs, best of ``reps`` timed runs."""
-    graphdef, state = nnx.split(model)
     B, Pn = prompts.shape
     cfg = SamplingConfig(mode=mode, max_topk=5, temperature=1.0, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=steps)
+    # the weights as RolloutEngine.generate decodes them (model dtype; layer scan on GPU, per-layer on CPU)
+    mcfg, params = RolloutEngine(model, cfg, pad_id=0, embed_impl=embed_impl).decode_params(model)
     toks = jnp.asarray(prompts)
     mask = jnp.ones_like(toks, dtype=bool)
     modes = jnp.full((B,), MODES[mode], jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(B))
 
     def prefill():
-        return C.block(_prefill(graphdef, state, toks, mask, cache_len=Pn + steps))
+        return C.block(_prefill(mcfg, params, toks, mask, cache_len=Pn + steps))
 
     def decode(logits0, cache):
-        return C.block(_decode(graphdef, state, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
+        return C.block(_decode(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
                                pad_id=0, steps=steps, embed_impl=embed_impl))
 
     logits0, cache = prefill()  # compile
@@ -226,12 +226,7 @@ def main():
               "Bandwidth util. = (weights + valid KV cache read per step) / step time / copy bandwidth; ours: decode "
               "steps only; transformers: its whole generate call / new tokens (prefill included). tokens/s: prefill + decode "
               "for both."]
-    report = "\n".join(lines)
-    print("\n" + report)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(report + "\n")
-    return 0 if ok else 1
+    return C.emit_report("\n".join(lines), a.out, ok)
 
 
 if __name__ == "__main__":

@@ -286,12 +286,7 @@ def main():
               "MFU = (6 x non-embedding params x tokens + 6 x L x T x D x tokens) / step time / the matmul rate "
               "measured above. The SofT-GRPO update does more work than an LM step (two extra gathers and the "
               "Gumbel terms per position) and uses float32 optimizer arithmetic; its MFU uses the same formula."]
-    report = "\n".join(lines)
-    print("\n" + report)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(report + "\n")
-    return 0 if ok else 1
+    return C.emit_report("\n".join(lines), a.out, ok)
 
 
 if __name__ == "__main__":

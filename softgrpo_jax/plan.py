@@ -316,9 +316,11 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         ptree = nnx.to_pure_dict(params)
         dcfg = cfg.replace(param_dtype=cfg.dtype)
         ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding), ptree)
+        # the engine decodes a cast copy; the policy's own weights stay resident beside it
+        b_master = b_params if cfg.param_dtype != cfg.dtype else 0
         prefill_c = _prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
         if "prefill" in spec.phases:
-            record("prefill", prefill_c, dict(ref_params=b_ref, opt_state=b_opt), time.time() - t0)
+            record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
         t0 = time.time()
         logits_sh, cache_sh = prefill_c.output_shardings
@@ -330,7 +332,7 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         keys = _batch((B,), jax.random.key(0).dtype, mesh)
         dec = _decode.lower(dcfg, ptree, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
                             stop_ids=(0,), pad_id=0, steps=L, embed_impl=spec.embed_impl, mesh=mesh).compile()
-        record("decode", dec, dict(ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
+        record("decode", dec, dict(params=b_master, ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
             (tokens, pmask))), time.time() - t0)
     if "logprobs" in spec.phases:
         t0 = time.time()

@@ -153,11 +153,8 @@ def unstack_layers(params: dict[str, Any], dtype=None) -> dict[str, Any]:
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
     out = {k: cast(v) for k, v in params.items() if k != "layers"}
     stacked = params["layers"]
-    if isinstance(stacked, (list, tuple)):
-        out["layers"] = [{k: cast(v) for k, v in d.items()} for d in stacked]
-    else:
-        n = next(iter(stacked.values())).shape[0]
-        out["layers"] = [{k: cast(v[i]) for k, v in stacked.items()} for i in range(n)]
+    n = next(iter(stacked.values())).shape[0]
+    out["layers"] = [{k: cast(v[i]) for k, v in stacked.items()} for i in range(n)]
     return out
 
 
@@ -195,9 +192,10 @@ def forward(
     ``positions`` [B, T] overrides the RoPE positions (default: count of real tokens before each one).
     Returns float32 logits [B, T, V] (or the normed hidden states [B, T, D] with ``return_hidden``; ``last_only``
     keeps only the last position, [B, V] / [B, D], and skips the LM head elsewhere); with a ``cache``, returns
-    ``(out, new_cache)``. ``fresh_cache`` promises the cache is empty (index 0, a prefill): attention then runs over the
-    T new tokens only, not over all S slots of the cache (scores [B, H, T, T], not [B, H, T, S]). Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of
-    per-layer dicts runs unrolled. The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
+    ``(out, new_cache)``. ``fresh_cache`` promises the cache is empty (index 0, a prefill): attention then runs over
+    the T new tokens only, not over all S slots of the cache (scores [B, H, T, T], not [B, H, T, S]).
+    Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of per-layer dicts runs unrolled.
+    The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -371,23 +369,25 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]: this call's keys / values
+        vt = v.transpose(0, 2, 1, 3)
         if kv is not None:
             ck, cv = kv  # [L, B, Hkv, S, hd] with a layer index i, or one layer's [B, Hkv, S, hd] (i None)
-            kn = k.transpose(0, 2, 1, 3).astype(ck.dtype)  # [B, Hkv, T, hd]
-            vn = v.transpose(0, 2, 1, 3).astype(cv.dtype)
             if i is None:
-                ck = _update_slots(ck, kn, (0, 0, start, 0))
-                cv = _update_slots(cv, vn, (0, 0, start, 0))
-                kt, vt = ck.astype(x.dtype), cv.astype(x.dtype)
+                ck = _update_slots(ck, kt.astype(ck.dtype), (0, 0, start, 0))
+                cv = _update_slots(cv, vt.astype(cv.dtype), (0, 0, start, 0))
             else:
-                ck = jax.lax.dynamic_update_slice(ck, kn[None], (i, 0, 0, start, 0))
-                cv = jax.lax.dynamic_update_slice(cv, vn[None], (i, 0, 0, start, 0))
-                kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
-                vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
+                ck = jax.lax.dynamic_update_slice(ck, kt[None].astype(ck.dtype), (i, 0, 0, start, 0))
+                cv = jax.lax.dynamic_update_slice(cv, vt[None].astype(cv.dtype), (i, 0, 0, start, 0))
             kv = (ck, cv)
-        if kv is None or local:  # attend over this call's tokens (no cache, or a prefill into a fresh cache)
-            kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
-            vt = v.transpose(0, 2, 1, 3)
+            if not local:  # attend over every slot of the cache (a fresh-cache prefill keeps this call's keys)
+                if i is None:
+                    kt, vt = ck.astype(x.dtype), cv.astype(x.dtype)
+                else:
+                    kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
+                    vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
+        # GQA as batched matmuls with one contracting dim each: query head k*G + g uses KV head k. The layout
+        # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
         S = kt.shape[2]
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
         s = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale

@@ -191,8 +191,3 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     logprob = jnp.where(soft_row & (mode == GUMBEL), noise_lp, jnp.where(soft_row, soft_tok_lp, disc_lp))
     return dict(token=token, ids=out_ids, weights=weights, ytil=out_ytil, soft=soft_row, logprob=logprob,
                 entropy=entropy, lse=lse, temperature=T)
-
-
-def discrete_logprob_of(logits: jax.Array, tok: jax.Array, temperature) -> jax.Array:
-    lt = logits.astype(jnp.float32) / jnp.reshape(jnp.asarray(temperature, jnp.float32), (-1, 1))
-    return jnp.take_along_axis(jax.nn.log_softmax(lt, -1), tok[:, None], -1)[:, 0]
