@@ -257,3 +257,85 @@ def test_sharded_index_and_atomic_save(tmp_path):
         save_pretrained(m, out, tokenizer=Boom())
     assert sorted(os.listdir(out)) == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------------------------------ bf16 training gradients
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("n,d,f", [(24, 48, 80), (13, 40, 96), (16, 12, 20)])
+def test_bf16_matmul_gradients(n, d, f, transpose_w):
+    """The mixed-precision matmul's hand-written backward against float64 NumPy: the weight gradient from bf16
+    operands with float32 accumulation (unrounded, in the weight's float32), the input gradient in bf16. Token
+    counts that are not multiples of 8 (padded) and widths too narrow for tiles (the plain path) included."""
+    from softgrpo_jax.models.transformer import matmul
+
+    rng = np.random.RandomState(n + d + f)
+    x = jnp.asarray(rng.randn(n, d), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(*((f, d) if transpose_w else (d, f))), jnp.float32)
+    c = jnp.asarray(rng.randn(n, f), jnp.float32)
+    gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w, transpose_w) * c), argnums=(0, 1)))(x, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+    x64 = np.asarray(x, np.float64)
+    w64 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    c64 = np.asarray(c.astype(jnp.bfloat16), np.float64)  # the cotangent is cast to bf16, as autocast does
+    ref_w = c64.T @ x64 if transpose_w else x64.T @ c64
+    ref_x = c64 @ w64 if transpose_w else c64 @ w64.T
+    np.testing.assert_allclose(np.asarray(gw), ref_w, rtol=0, atol=1e-4 * np.abs(ref_w).max())
+    np.testing.assert_allclose(np.asarray(gx, np.float64), ref_x, rtol=0, atol=1e-2 * np.abs(ref_x).max())
+    y = jax.jit(lambda x, w: matmul(x, w, transpose_w))(x, w)
+    np.testing.assert_allclose(np.asarray(y), x64 @ (w64.T if transpose_w else w64), rtol=0,
+                               atol=1e-4 * np.abs(np.asarray(y)).max())
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of every dot's operands in a compiled HLO module."""
+    import re
+
+    types = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+    return [tuple(types[o] for o in re.findall(r"%([\w.\-]+)", m.group(1))[:2])
+            for m in re.finditer(r" dot\(([^)]*)\)", hlo)]
+
+
+def test_bf16_weight_gradient_gemms_stay_bf16():
+    """On XLA:CPU the weight gradient x.T @ g must reach the GEMM as bf16 operands (plain autodiff hands it a
+    float32 cotangent, and XLA:CPU converts a bf16 dot contracting both operands' leading dim to float32)."""
+    from softgrpo_jax.models.transformer import matmul
+
+    x = jnp.ones((256, 64), jnp.bfloat16)
+    for transpose_w in (False, True):
+        w = jnp.ones((128, 64) if transpose_w else (64, 128), jnp.float32)
+        f = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w, transpose_w)), argnums=(0, 1)))
+        ops = _dot_operand_types(f.lower(x, w).compile().as_text())
+        assert len(ops) == 2, ops  # input gradient, weight gradient (the unused forward is dropped)
+        assert all(t == ("bf16", "bf16") for t in ops), ops
+        plain = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.dot(x, w.astype(x.dtype).T if transpose_w else
+                                                              w.astype(x.dtype), preferred_element_type=jnp.float32)),
+                                 argnums=(0, 1)))
+        assert any(t != ("bf16", "bf16") for t in _dot_operand_types(plain.lower(x, w).compile().as_text()))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bf16_training_gradients_close(hf_pair, remat):
+    """Gradients of a bf16-compute model (float32 master weights) stay within bf16 rounding of float32's, for every
+    parameter, tied or untied LM head, scanned layers with and without rematerialisation."""
+    d, _ = hf_pair
+    m32 = load_pretrained(d)
+    m16 = load_pretrained(d, compute_dtype="bfloat16", remat=remat)
+    ids = jnp.asarray(_ids(m32.config.vocab_size, (2, 12), seed=9))
+
+    def grads(m):
+        graphdef, params = nnx.split(m)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids)
+            lp = jax.nn.log_softmax(logits[:, :-1], -1)
+            return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
+
+        return jax.jit(jax.grad(loss))(params)
+
+    g32, g16 = grads(m32), grads(m16)
+    for path, a in jax.tree_util.tree_leaves_with_path(g32):
+        b = dict(jax.tree_util.tree_leaves_with_path(g16))[path]
+        assert b.dtype == jnp.float32
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        rel = np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
+        assert rel < 0.05, (jax.tree_util.keystr(path), rel)

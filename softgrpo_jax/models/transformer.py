@@ -165,10 +165,9 @@ def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1]).astype(cd)  # one 2-D GEMM, and a 2-D GEMM for the weight gradient
     if cfg.tie_word_embeddings:
-        out = jax.lax.dot_general(h2, params["embed"].astype(cd), (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
+        out = matmul(h2, params["embed"], transpose_w=True)
     else:
-        out = jnp.dot(h2, params["lm_head"].astype(cd), preferred_element_type=jnp.float32)
+        out = matmul(h2, params["lm_head"])
     return out.reshape(lead + (out.shape[-1],)).astype(jnp.float32)
 
 
@@ -335,11 +334,114 @@ def _dense(x, w, b=None):
     # a 2-D GEMM ([B*T, D] x [D, F]): its weight gradient is then one GEMM too; XLA:CPU runs the
     # two-batch-dim contraction of "btd,btf->df" several times slower
     lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = matmul(x.reshape(-1, x.shape[-1]), w)
     y = y.reshape(lead + (w.shape[-1],))
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """``x @ w`` (or ``x @ w.T``) for x [N, D] in the compute dtype and a weight w of any dtype (cast to x's):
+    float32 result, float32 accumulation.
+
+    With 16-bit x, the backward pass is written out (``_matmul16``) the way mixed-precision training does it
+    (torch autocast, MaxText): the output cotangent is cast to x's dtype, so both gradient GEMMs run in bf16 with
+    float32 accumulation, and the weight gradient is returned in the weight's own dtype straight from the float32
+    accumulator (a float32 master weight gets an unrounded gradient). Plain autodiff would instead multiply the
+    float32 cotangent by the bf16 operands, i.e. two float32 GEMMs."""
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        return _matmul16(x, w, transpose_w)
+    return _mm(x, w.astype(x.dtype), transpose_w)
+
+
+def _mm(a, b, transpose_b):
+    dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _tile(n: int) -> int:
+    """The largest power of two <= 64 that divides n."""
+    t = 64
+    while n % t:
+        t //= 2
+    return t
+
+
+def _tn_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a.T @ b`` for a [N, M], b [N, K] (the weight gradient: both operands' token dim contracted), float32.
+
+    On XLA:CPU (jax 0.10) a bf16 dot runs on its fast AMX / YNNPACK path only when the contracting dim of its left
+    operand is physically innermost; otherwise the whole GEMM is converted to float32 (230 against 820 GFLOP/s
+    here, benchmarks/RESULTS.md). A plain ``a.T`` (or a copy, or an optimisation barrier) is folded back into the
+    dot's dimension numbers before that check, and XLA:CPU's 2-D transpose runs at ~0.5 GB/s. So ``a.T`` is built
+    in two tiled steps ([N/bn, bn, M/bm, bm] -> [M/bm, N/bn, bm, bn] -> [M/bm, bm, N/bn, bn] = [M, N]), on the
+    uint16 bits (XLA:CPU computes bf16 data movement in float32): each step moves whole tiles, 20x faster than the
+    2-D transpose, and the dot sees a row-major [M, N] operand. N is zero-padded to a multiple of 8 when needed
+    (zero rows add nothing). Other backends get ``a.T`` (their GEMMs take any layout)."""
+    if jax.default_backend() != "cpu" or a.dtype.itemsize != 2 or a.shape[1] % 8:
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    if a.shape[0] % 8:
+        pad = 8 - a.shape[0] % 8
+        a = jnp.pad(a, ((0, pad), (0, 0)))
+        b = jnp.pad(b, ((0, pad), (0, 0)))
+    return jnp.dot(_transpose_tiled(a), b, preferred_element_type=jnp.float32)
+
+
+def _transpose_tiled(a: jax.Array) -> jax.Array:
+    """``a.T`` of a 2-D array with both dims multiples of 8, in two tiled steps on the raw bits (see ``_tn_dot``)."""
+    N, M = a.shape
+    bn, bm = _tile(N), _tile(M)
+    utype = {2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type
+    u = bits(a, utype).reshape(N // bn, bn, M // bm, bm).transpose(2, 0, 3, 1)
+    return bits(u.transpose(0, 2, 1, 3).reshape(M, N), a.dtype)
+
+
+def _tiles_ok(*dims: int) -> bool:
+    return jax.default_backend() == "cpu" and all(d % 8 == 0 for d in dims)
+
+
+@jax.custom_vjp
+def _matmul16_t(x, w):
+    return _mm(x, w.astype(x.dtype), True)
+
+
+@jax.custom_vjp
+def _matmul16_n(x, w):
+    return _mm(x, w.astype(x.dtype), False)
+
+
+def _matmul16(x, w, transpose_w):
+    return (_matmul16_t if transpose_w else _matmul16_n)(x, w)
+
+
+def _fwd(transpose_w):
+    def fwd(x, w):
+        return _mm(x, w.astype(x.dtype), transpose_w), (x, w)
+    return fwd
+
+
+def _bwd(transpose_w):
+    def bwd(res, g):
+        x, w = res
+        g = g.astype(x.dtype)  # [N, F]
+        wc = w.astype(x.dtype)  # [D, F] (or [F, D])
+        dx = _mm(g, wc, not transpose_w).astype(x.dtype)  # g @ w.T (or g @ w)
+        if not transpose_w:
+            dw = _tn_dot(x, g)  # [D, F] = x.T @ g
+        elif _tiles_ok(*x.shape, g.shape[1]):
+            # [F, D] = (x.T @ g).T: transposing x [N, D] and the [D, F] result moves far less than g [N, F] when F
+            # is a vocabulary (the tied LM head: 0.42 s against 0.56 s for SmolLM2's, 16 x 256 tokens)
+            dw = _transpose_tiled(_tn_dot(x, g))
+        else:
+            dw = _tn_dot(g, x)
+        return dx, dw.astype(w.dtype)
+    return bwd
+
+
+_matmul16_t.defvjp(_fwd(True), _bwd(True))
+_matmul16_n.defvjp(_fwd(False), _bwd(False))
 
 
 def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
