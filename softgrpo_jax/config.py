@@ -76,6 +76,10 @@ def base_config() -> ConfigDict:
         mini_batch_size=32,  # prompts per optimiser update
         micro_batch_size=2,  # sequences per forward/backward (gradient accumulation inside one jitted update)
         ppo_epochs=1,
+        old_logprobs="auto",  # auto | recompute: the rollout policy's log-probs (PPO ratio denominator). auto: when
+        #   a step makes a single update (one mini-batch, one epoch) they equal the current policy's, taken under
+        #   stop_gradient inside the update instead of a separate forward pass (ratio 1, as recomputing gives up to
+        #   rounding); recompute: always a separate pass before the updates, as verl does
         clip_ratio_low=0.2,
         clip_ratio_high=0.2,
         clip_ratio_c=3.0,

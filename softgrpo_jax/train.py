@@ -174,16 +174,19 @@ class Run:
         mini_rows = rl.mini_batch_size * rl.group_size
         # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update
         all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
-        old_lp = self.policy.logprobs(self.policy.params, all_mb)
+        if rl.old_logprobs not in ("auto", "recompute"):
+            raise ValueError(f"rl.old_logprobs must be 'auto' or 'recompute', got {rl.old_logprobs!r}")
+        on_policy = rl.old_logprobs == "auto" and n_mini == 1 and rl.ppo_epochs == 1
+        old_lp = None if on_policy else self.policy.logprobs(self.policy.params, all_mb)
         ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp
-        jax.block_until_ready(ref_lp)
+        jax.block_until_ready((old_lp, ref_lp))
         t3 = time.time()
         upd = []
         for _ in range(rl.ppo_epochs):
             for m in range(n_mini):
                 sl = slice(m * self.n_micro, (m + 1) * self.n_micro)
                 mb = jax.tree.map(lambda a: a[sl], all_mb)
-                upd.append(self.policy.update(mb, old_lp[sl], ref_lp[sl]))
+                upd.append(self.policy.update(mb, *(None if a is None else a[sl] for a in (old_lp, ref_lp))))
         upd = jax.device_get(upd)
         t4 = time.time()
         resp_tokens = int(lens.sum())
