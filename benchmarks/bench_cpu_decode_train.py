@@ -91,12 +91,12 @@ def train_batch(B, L, K, vocab, soft: bool, seed=0):
                 loss_mask=lm, advantages=rng.randn(B).astype(np.float32), tau=np.full((B,), 0.1, np.float32))
 
 
-def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False):
+def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, **kw):
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.config import base_config, loss_config
     from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
 
-    model = load_pretrained(model_path, compute_dtype=compute_dtype, remat=remat)
+    model = load_pretrained(model_path, compute_dtype=compute_dtype, remat=remat, **kw)
     pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
     batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, soft), 1))
     old = pol.logprobs(pol.params, batch)
