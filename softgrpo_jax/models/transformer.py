@@ -379,7 +379,7 @@ def _tn_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     uint16 bits (XLA:CPU computes bf16 data movement in float32): each step moves whole tiles, 20x faster than the
     2-D transpose, and the dot sees a row-major [M, N] operand. N is zero-padded to a multiple of 8 when needed
     (zero rows add nothing). Other backends get ``a.T`` (their GEMMs take any layout)."""
-    if jax.default_backend() != "cpu" or a.dtype.itemsize != 2 or a.shape[1] % 8:
+    if not _cpu_single_device() or a.dtype.itemsize != 2 or a.shape[1] % 8:
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     if a.shape[0] % 8:
         pad = 8 - a.shape[0] % 8
@@ -398,8 +398,17 @@ def _transpose_tiled(a: jax.Array) -> jax.Array:
     return bits(u.transpose(0, 2, 1, 3).reshape(M, N), a.dtype)
 
 
+def _cpu_single_device() -> bool:
+    """XLA:CPU without a multi-device activation mesh: the tiled transposes would break GSPMD's batch sharding
+    (``tests/test_plan.py`` caught the update's temporaries doubling under fsdp), so sharded runs use plain dots."""
+    from softgrpo_jax.distributed import _ACTIVATION_MESH
+
+    mesh = _ACTIVATION_MESH.get()
+    return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1)
+
+
 def _tiles_ok(*dims: int) -> bool:
-    return jax.default_backend() == "cpu" and all(d % 8 == 0 for d in dims)
+    return _cpu_single_device() and all(d % 8 == 0 for d in dims)
 
 
 @jax.custom_vjp
