@@ -127,6 +127,11 @@ def activation_sharding(mesh: Mesh | None):
         _ACTIVATION_MESH.reset(token)
 
 
+def current_activation_mesh() -> Mesh | None:
+    """The mesh of the enclosing :func:`activation_sharding` (None outside one)."""
+    return _ACTIVATION_MESH.get()
+
+
 def with_activation_sharding(mesh: Mesh | None, fn: Callable) -> Callable:
     """``fn`` traced under :func:`activation_sharding` (wrap before ``jax.jit``; the mesh is fixed per wrapper)."""
     if mesh is None:
@@ -149,7 +154,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     choice in the log-prob pass of the 1.5B model (8 devices, 2 sequences of 2048 tokens each): 18.6 GiB of
     temporaries per device (full-batch float32 logits) against 1.6 GiB with the constraint.
     """
-    mesh = _ACTIVATION_MESH.get()
+    mesh = current_activation_mesh()
     if mesh is None or not getattr(x, "ndim", 0):
         return x
     spec = fit_spec(x.shape, P(BATCH_AXES, *([None] * (x.ndim - 1))), mesh)

@@ -138,6 +138,8 @@ class Run:
                              f"into micro-batches of {micro_rows} (micro_batch_size={rl.micro_batch_size} per "
                              f"data-parallel device x {n_dp} devices)")
         self.n_micro = mini_rows // micro_rows
+        if rl.old_logprobs not in ("auto", "recompute"):
+            raise ValueError(f"rl.old_logprobs must be 'auto' or 'recompute', got {rl.old_logprobs!r}")
 
     # ---------------------------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict:
@@ -172,10 +174,9 @@ class Run:
         batch = rollout_to_batch(r, adv, min_bucket=budget if budget <= 256 else budget // 2)
         n_mini = rl.train_batch_size // rl.mini_batch_size
         mini_rows = rl.mini_batch_size * rl.group_size
-        # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update
+        # old (unless on-policy: see rl.old_logprobs) and reference log-probs over the whole batch, micro-batch by
+        # micro-batch, before any update
         all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
-        if rl.old_logprobs not in ("auto", "recompute"):
-            raise ValueError(f"rl.old_logprobs must be 'auto' or 'recompute', got {rl.old_logprobs!r}")
         on_policy = rl.old_logprobs == "auto" and n_mini == 1 and rl.ppo_epochs == 1
         old_lp = None if on_policy else self.policy.logprobs(self.policy.params, all_mb)
         ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp

@@ -237,7 +237,6 @@ def test_on_policy_old_logprobs_skip_the_extra_pass(tmp_path):
         for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "kl_token"):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
         assert b["ratio_mean"] == 1.0 and b["clipfrac"] == 0.0
-    bad = Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.rl.old_logprobs=sometimes"]),
-              reward_fn=_letter_reward)
-    with pytest.raises(ValueError, match="old_logprobs"):
-        bad.train()
+    with pytest.raises(ValueError, match="old_logprobs"):  # at start-up, before any rollout
+        Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.rl.old_logprobs=sometimes"]),
+            reward_fn=_letter_reward)

@@ -15,6 +15,7 @@ The KV cache is a plain dict (a pytree) of fixed size, so decoding compiles once
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from softgrpo_jax.distributed import constrain_batch
+from softgrpo_jax.distributed import constrain_batch, current_activation_mesh
 from softgrpo_jax.models.config import ModelConfig
 
 NEG_INF = -1e30
@@ -401,9 +402,7 @@ def _transpose_tiled(a: jax.Array) -> jax.Array:
 def _cpu_single_device() -> bool:
     """XLA:CPU without a multi-device activation mesh: the tiled transposes would break GSPMD's batch sharding
     (``tests/test_plan.py`` caught the update's temporaries doubling under fsdp), so sharded runs use plain dots."""
-    from softgrpo_jax.distributed import _ACTIVATION_MESH
-
-    mesh = _ACTIVATION_MESH.get()
+    mesh = current_activation_mesh()
     return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1)
 
 
@@ -411,46 +410,31 @@ def _tiles_ok(*dims: int) -> bool:
     return _cpu_single_device() and all(d % 8 == 0 for d in dims)
 
 
-@jax.custom_vjp
-def _matmul16_t(x, w):
-    return _mm(x, w.astype(x.dtype), True)
-
-
-@jax.custom_vjp
-def _matmul16_n(x, w):
-    return _mm(x, w.astype(x.dtype), False)
-
-
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul16(x, w, transpose_w):
-    return (_matmul16_t if transpose_w else _matmul16_n)(x, w)
+    return _mm(x, w.astype(x.dtype), transpose_w)
 
 
-def _fwd(transpose_w):
-    def fwd(x, w):
-        return _mm(x, w.astype(x.dtype), transpose_w), (x, w)
-    return fwd
+def _matmul16_fwd(x, w, transpose_w):
+    return _mm(x, w.astype(x.dtype), transpose_w), (x, w)
 
 
-def _bwd(transpose_w):
-    def bwd(res, g):
-        x, w = res
-        g = g.astype(x.dtype)  # [N, F]
-        wc = w.astype(x.dtype)  # [D, F] (or [F, D])
-        dx = _mm(g, wc, not transpose_w).astype(x.dtype)  # g @ w.T (or g @ w)
-        if not transpose_w:
-            dw = _tn_dot(x, g)  # [D, F] = x.T @ g
-        elif _tiles_ok(*x.shape, g.shape[1]):
-            # [F, D] = (x.T @ g).T: transposing x [N, D] and the [D, F] result moves far less than g [N, F] when F
-            # is a vocabulary (the tied LM head: 0.42 s against 0.56 s for SmolLM2's, 16 x 256 tokens)
-            dw = _transpose_tiled(_tn_dot(x, g))
-        else:
-            dw = _tn_dot(g, x)
-        return dx, dw.astype(w.dtype)
-    return bwd
+def _matmul16_bwd(transpose_w, res, g):
+    x, w = res
+    g = g.astype(x.dtype)  # [N, F]
+    dx = _mm(g, w.astype(x.dtype), not transpose_w).astype(x.dtype)  # g @ w.T (or g @ w)
+    if not transpose_w:
+        dw = _tn_dot(x, g)  # [D, F] = x.T @ g
+    elif _tiles_ok(*x.shape, g.shape[1]):
+        # [F, D] = (x.T @ g).T: transposing x [N, D] and the [D, F] result moves far less than g [N, F] when F is
+        # a vocabulary (the tied LM head: 0.42 s against 0.56 s for SmolLM2's, 16 x 256 tokens)
+        dw = _transpose_tiled(_tn_dot(x, g))
+    else:
+        dw = _tn_dot(g, x)
+    return dx, dw.astype(w.dtype)
 
 
-_matmul16_t.defvjp(_fwd(True), _bwd(True))
-_matmul16_n.defvjp(_fwd(False), _bwd(False))
+_matmul16.defvjp(_matmul16_fwd, _matmul16_bwd)
 
 
 def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
