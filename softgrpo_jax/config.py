@@ -30,6 +30,7 @@ def base_config() -> ConfigDict:
         compute_dtype="float32",  # activations: "bfloat16" on accelerators
         scan_layers=True,
         remat=False,
+        attention="auto",  # auto (cuDNN flash attention for bf16 on NVIDIA GPUs, else XLA) | xla | cudnn
     ))
     c.ref_model = ConfigDict(dict(path=""))  # "" = a frozen copy of the initial policy
     c.data = ConfigDict(dict(
@@ -67,7 +68,7 @@ def base_config() -> ConfigDict:
         embed_impl="auto",
         dtype="",  # weights + activations while decoding; "" = model.compute_dtype ("bfloat16": bf16 rollouts and
         #            evals of a float32 policy, as the original's sglang rollouts; 1.8x faster decoding on this CPU)
-        layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU)
+        layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU)
     ))
     c.rl = ConfigDict(dict(
         algorithm="softgrpo",  # softgrpo | grpo (the baseline: discrete rollouts, same trainer)

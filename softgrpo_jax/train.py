@@ -94,7 +94,7 @@ class Run:
         mc = cfg.model
         log(f"loading {mc.path} on mesh {dict(self.mesh.shape)}")
         model = load_pretrained(mc.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype, mesh=self.mesh,
-                                scan_layers=mc.scan_layers, remat=mc.remat)
+                                scan_layers=mc.scan_layers, remat=mc.remat, attention=mc.attention)
         self.tokenizer = load_tokenizer(mc.path)
         ref = None
         if cfg.ref_model.path:

@@ -339,3 +339,58 @@ def test_bf16_training_gradients_close(hf_pair, remat):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         rel = np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
         assert rel < 0.05, (jax.tree_util.keystr(path), rel)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_fused_attention_path_equals_xla(hf_pair, monkeypatch, remat):
+    """attention="cudnn" (rows reordered real-tokens-first, causal + padding-length attention through
+    jax.nn.dot_product_attention) gives the XLA path's logits at real positions and the same parameter gradients,
+    for left-padded, right-padded, holed and unpadded rows. On CPU the same call runs with XLA's implementation in
+    place of cuDNN; benchmarks/bench_gpu_train.py checks cuDNN itself against the XLA path on a GPU."""
+    import softgrpo_jax.models.transformer as T
+
+    monkeypatch.setattr(T, "_DPA_IMPLEMENTATION", "xla")
+    d, _ = hf_pair
+    m_x = load_pretrained(d, remat=remat, attention="xla")
+    m_c = load_pretrained(d, remat=remat, attention="cudnn")
+    assert T.resolve_attention(m_c.config) == "cudnn" and T.resolve_attention(m_x.config) == "xla"
+    V = m_x.config.vocab_size
+    ids = jnp.asarray(_ids(V, (4, 19), seed=11))
+    mask = np.ones((4, 19), bool)
+    mask[0, :5] = False  # left padding
+    mask[1, 13:] = False  # right padding
+    mask[2, :3] = mask[2, 15:] = False  # both (a prompt + response row)
+    mask[2, 8] = False  # and a hole: the reordering is exact for any mask
+    mask = jnp.asarray(mask)
+    w = jnp.asarray(np.random.RandomState(3).standard_normal((4, 19, V)), jnp.float32) * mask[..., None]
+
+    def run(m):
+        graphdef, params = nnx.split(m)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+            return jnp.sum(jax.nn.log_softmax(logits, -1) * w), logits
+
+        (l, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, g
+
+    lx, gx = run(m_x)
+    lc, gc = run(m_c)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(lc)[real], np.asarray(lx)[real], atol=2e-4, rtol=2e-4)
+    assert np.isfinite(np.asarray(lc)).all()
+    for path, a in jax.tree_util.tree_leaves_with_path(gx):
+        b = np.asarray(dict(jax.tree_util.tree_leaves_with_path(gc))[path], np.float64)
+        a = np.asarray(a, np.float64)
+        assert np.isfinite(b).all()
+        np.testing.assert_allclose(b, a, atol=1e-5 + 1e-4 * np.abs(a).max(), err_msg=jax.tree_util.keystr(path))
+    # unpadded rows (no mask: no reordering, causal only) and last_only
+    np.testing.assert_allclose(np.asarray(m_c(ids)), np.asarray(m_x(ids)), atol=2e-4, rtol=2e-4)
+
+
+def test_attention_option_validated():
+    from softgrpo_jax.models import ModelConfig
+
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=4, attention="flash")

@@ -33,6 +33,9 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder hyper-parameters. ``param_dtype`` stores weights, ``dtype`` is the compute dtype.
@@ -62,8 +65,14 @@ class ModelConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat: bool = False
+    # attention over a whole sequence (training, log-probs; not cached decoding): "xla" (batched GEMMs + softmax,
+    # the [B, H, T, S] scores materialised), "cudnn" (cuDNN flash attention through jax.nn.dot_product_attention;
+    # 16-bit compute dtypes on NVIDIA GPUs), "auto" (cudnn where it applies, else xla).
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.family not in MODEL_TYPES:
             raise UnsupportedModelError(f"unknown model family {self.family!r}; supported: {sorted(MODEL_TYPES)}")
         if self.num_heads % self.num_kv_heads:

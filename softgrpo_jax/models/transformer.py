@@ -227,11 +227,24 @@ def forward(
     local = cache is not None and fresh_cache
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
+    perm = dpa = None
+    if cache is None and resolve_attention(cfg) == "cudnn":
+        # Fused attention with a causal + padding mask, which needs each row's real tokens first: reorder every row
+        # stably (real tokens in order, then the padding), run all layers on that order (everything but attention
+        # is per position, RoPE takes the permuted positions) and restore the order at the end. Exact for any
+        # mask: a real query at slot t sees the real keys at slots <= t in both orders.
+        seqlen = None
+        if attention_mask is not None:
+            perm = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)
+            x = jnp.take_along_axis(x, perm[..., None], axis=1)
+            positions = jnp.take_along_axis(positions, perm, axis=1)
+            seqlen = mask.sum(axis=1).astype(jnp.int32)
+        dpa = (seqlen,)
     cos, sin = rope_tables(cfg, positions)
 
     layer_params = params["layers"]
     per_layer = isinstance(layer_params, (list, tuple))
-    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local)
+    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local, dpa)
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
 
@@ -257,6 +270,8 @@ def forward(
             p = {k: v[i] for k, v in layer_params.items()}
             x, kv_out = body(x, p, i, kv_out)
 
+    if perm is not None:
+        x = jnp.take_along_axis(x, jnp.argsort(perm, axis=1)[..., None], axis=1)
     if last_only:
         x = x[:, -1]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -450,7 +465,38 @@ def _update_slots(buf: jax.Array, upd: jax.Array, index) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, upd, index)
 
 
-def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False):
+# jax.nn.dot_product_attention's implementation for attention="cudnn"; the tests run the same path on CPU with "xla"
+_DPA_IMPLEMENTATION = "cudnn"
+
+
+def resolve_attention(cfg: ModelConfig) -> str:
+    """``cfg.attention`` -> "xla" or "cudnn". auto: cuDNN flash attention for bf16 / f16 compute on an NVIDIA GPU
+    with a head dim cuDNN takes (a multiple of 8, at most 128), else the XLA path."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    if cfg.jnp_dtype not in (jnp.bfloat16, jnp.float16) or cfg.head_dim % 8 or cfg.head_dim > 128:
+        return "xla"
+    try:
+        dev = jax.devices()[0]
+        cuda = dev.platform == "gpu" and "cuda" in dev.client.platform_version.lower()
+    except Exception:  # noqa: BLE001 - no backend details: stay on the portable path
+        cuda = False
+    return "cudnn" if cuda else "xla"
+
+
+def _attention_dpa(q, k, v, seqlen, scale):
+    """Causal attention through ``jax.nn.dot_product_attention`` for rows whose real tokens come first
+    (``seqlen`` [B] of them, None: all). q [B, T, H, hd], k / v [B, T, Hkv, hd] -> [B, T, H, hd]; rows past a
+    row's length are zeroed (cuDNN leaves them undefined, and they must not reach a weight gradient)."""
+    o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=seqlen,
+                                     key_value_seq_lengths=seqlen, implementation=_DPA_IMPLEMENTATION)
+    if seqlen is not None:
+        valid = jnp.arange(q.shape[1])[None, :] < seqlen[:, None]
+        o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+    return o
+
+
+def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, dpa=None):
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     scale = 1.0 / math.sqrt(hd)
@@ -464,6 +510,9 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if dpa is not None:  # whole sequences, no cache (see forward)
+            o = _attention_dpa(q, k, v, dpa[0], scale).reshape(B, T, H * hd)
+            return _mlp_block(cfg, x, o, p), kv
         kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]: this call's keys / values
         vt = v.transpose(0, 2, 1, 3)
         if kv is not None:
@@ -491,12 +540,16 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         w = jax.nn.softmax(s, axis=-1).astype(x.dtype).reshape(B, Hkv, G * T, S)
         o = jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32).astype(x.dtype)
         o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        o = _dense(o, p["wo"], p.get("bo"))
-        x = x + o
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        g = _dense(h, p["w_gate"])
-        u = _dense(h, p["w_up"])
-        x = x + _dense(jax.nn.silu(g) * u, p["w_down"])
-        return constrain_batch(x), kv
+        return _mlp_block(cfg, x, o, p), kv
 
     return layer
+
+
+def _mlp_block(cfg: ModelConfig, x, o, p):
+    """The rest of a layer after attention: output projection, residual, MLP, residual."""
+    x = x + _dense(o, p["wo"], p.get("bo"))
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    g = _dense(h, p["w_gate"])
+    u = _dense(h, p["w_up"])
+    x = x + _dense(jax.nn.silu(g) * u, p["w_down"])
+    return constrain_batch(x)
