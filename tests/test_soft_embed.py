@@ -304,3 +304,19 @@ def test_pallas_path_really_calls_a_kernel():
                                                                     interpret=interp, kernel=kernel))(table, ids, ytil))
         assert "pallas_call" in jp
     assert "pallas_call" not in str(jax.make_jaxpr(lambda t, i, x: se.soft_embed(t, i, x))(table, ids, w))
+
+
+def test_default_config_choices():
+    """The defaults the GPU sweep chose (benchmarks/RESULTS.md): one token per program, token blocks adjacent at the
+    training size; several tokens per program, columns adjacent at decode sizes; a 64-wide block for D=576. Each
+    runs correctly (interpret mode) on a problem whose N is not a multiple of the block."""
+    big = pallas_gpu.default_config(65536, 1536, 5)
+    assert (big.block_tokens, big.block_cols, big.num_warps, big.cols_fastest) == (1, 512, 2, False)
+    small = pallas_gpu.default_config(512, 1536, 5)
+    assert small.cols_fastest and small.block_cols == 512
+    narrow = pallas_gpu.default_config(65536, 576, 5)
+    assert narrow.block_cols == 64 and narrow.cols_fastest
+    for cfg, d in ((big, 1536), (small, 1536), (narrow, 576)):
+        table, ids, w, _, _ = _problem(31, 37, 5, d, jnp.bfloat16)
+        out = se.soft_embed(table, ids, w, impl="pallas", interpret=True, kernel="gpu", config=cfg)
+        _assert_close(out, se.soft_embed(table, ids, w, impl="xla"), _numpy_ref(table, ids, w), jnp.bfloat16)

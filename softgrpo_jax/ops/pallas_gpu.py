@@ -78,7 +78,10 @@ def default_config(n: int, d: int, k: int) -> GpuConfig:
 
     Columns: the largest power of two up to 512 dividing D (no masking; D=1536 -> 512, 3584 -> 512, 576 -> 64), or a
     masked 256-wide block when D has no power-of-two divisor of at least 64. Tokens: 8 per program, fewer when that
-    would leave fewer than about 1024 programs (decode-sized N) so that every SM still gets several.
+    would leave fewer than about 1024 programs (decode-sized N) so that every SM still gets several. For large N
+    with wide column blocks, one token per program, 2 warps, token blocks adjacent: the fastest of the sweep on an
+    H200 at the training size (N 65536, D 1536, K 5: 246 us vs 274 us for 8 tokens / 4 warps / columns adjacent,
+    XLA 284 us; benchmarks/RESULTS.md).
     """
     del k
     bd = _pow2_divisor(d, 512)
@@ -87,6 +90,8 @@ def default_config(n: int, d: int, k: int) -> GpuConfig:
     bt = 8
     while bt > 1 and pl.cdiv(n, bt) * pl.cdiv(d, bd) < 1024:
         bt //= 2
+    if bt == 8 and bd >= 256:
+        return GpuConfig(block_tokens=1, block_cols=bd, num_warps=2, cols_fastest=False)
     return GpuConfig(block_tokens=bt, block_cols=bd, num_warps=4 if bt * bd >= 2048 else 2)
 
 

@@ -2,7 +2,7 @@
 
 No host round trip per token. Prompts are left-padded into length buckets (1, 1.5, 2, 3, 4, ... x ``min_bucket``) so
 a run compiles a handful of times. The engine decodes with its own copy of the weights in its ``dtype`` (e.g. bf16
-rollouts of a float32 policy) and ``layout`` (per-layer unrolled weights on CPU, the layer scan elsewhere); the
+rollouts of a float32 policy) and ``layout`` (per-layer unrolled weights on CPU and GPU, the layer scan elsewhere); the
 prefill attends over the prompt's own slots and computes logits for the last position only. Data parallel: the
 batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``; parameters keep whatever
 sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the same seed gives the same
@@ -74,11 +74,13 @@ def bucket_length(n: int, minimum: int = 16, fine: bool = True) -> int:
 
 def resolve_layout(layout: str, platform: str) -> bool:
     """``layout`` -> whether the engine runs per-layer (unrolled) weights. ``auto``: per-layer on CPU, where XLA
-    keeps small-batch dots on its fast GEMM path only for whole arrays; a layer scan elsewhere (compile time flat
-    in depth)."""
+    keeps small-batch dots on its fast GEMM path only for whole arrays, and on GPU, where the layer scan's loop
+    costs more than the step's arithmetic at decode sizes (H200, Qwen2.5-1.5B shape: 2.6 vs 4.1 ms per step at
+    batch 1, 2.3 vs 4.4 at batch 64; benchmarks/RESULTS.md); a layer scan elsewhere (TPU: unmeasured; compile time
+    flat in depth)."""
     if layout not in ("auto", "scan", "per_layer"):
         raise ValueError(f"layout must be auto, scan or per_layer, got {layout!r}")
-    return platform == "cpu" if layout == "auto" else layout == "per_layer"
+    return platform in ("cpu", "gpu") if layout == "auto" else layout == "per_layer"
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "per_layer"))
@@ -237,7 +239,7 @@ class RolloutEngine:
                  embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto"):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
-        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU, scan elsewhere)."""
+        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere)."""
         self.model = model
         try:
             ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
