@@ -43,12 +43,12 @@ from softgrpo_jax.sampling.engine import _decode, _prefill  # noqa: E402
 from softgrpo_jax.sampling.step import MODES  # noqa: E402
 
 
-def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int):
+def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int, layout: str = "auto"):
     """(prefill s, decode s, buffers, state) of the engine's two jitted programs, best of ``reps`` timed runs."""
     B, Pn = prompts.shape
     cfg = SamplingConfig(mode=mode, max_topk=5, temperature=1.0, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=steps)
     # the weights as RolloutEngine.generate decodes them (model dtype; layer scan on GPU, per-layer on CPU)
-    mcfg, params = RolloutEngine(model, cfg, pad_id=0, embed_impl=embed_impl).decode_params(model)
+    mcfg, params = RolloutEngine(model, cfg, pad_id=0, embed_impl=embed_impl, layout=layout).decode_params(model)
     toks = jnp.asarray(prompts)
     mask = jnp.ones_like(toks, dtype=bool)
     modes = jnp.full((B,), MODES[mode], jnp.int32)
@@ -123,6 +123,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true", help="skip transformers (ours only)")
+    ap.add_argument("--layouts", default="scan,per_layer",
+                    help="engine weight layouts to time: scan (layer stack under lax.scan), per_layer (unrolled)")
+    ap.add_argument("--modes", default="discrete,gumbel", help="sampling modes to time")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     a = ap.parse_args()
     small = a.small
@@ -174,17 +177,26 @@ def main():
         steps_s = {}
         ours = []
         kv = kv_per_tok * B * (Pn + (steps + 1) / 2)  # valid cache read per step, averaged over the steps
-        for mode, impl in [("discrete", "xla")] + [("gumbel", i) for i in impls]:
-            label = mode + (f" ({impl} embed)" if mode == "gumbel" else "")
+        layouts = a.layouts.split(",")
+        modes = a.modes.split(",")
+        variants = []
+        for li, layout in enumerate(layouts):
+            if "discrete" in modes:
+                variants.append(("discrete", "xla", layout))
+            if "gumbel" in modes:  # every embedding path under the first layout, the backend's default under others
+                variants += [("gumbel", i, layout) for i in (impls if li == 0 else impls[-1:])]
+        for mode, impl, layout in variants:
+            label = mode + (f" ({impl} embed)" if mode == "gumbel" else "") + (f", {layout}" if len(layouts) > 1
+                                                                               else "")
             try:
-                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps)
+                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps, layout)
                 check_rollout(buf, mode, steps)
             except Exception as e:  # noqa: BLE001 - report the variant as failed, go on
                 print(f"# {label} B={B} failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
                 rows.append(dict(batch=B, variant=f"ours {label}", prefill_ms="FAILED"))
                 ok = ok and impl != "xla"
                 continue
-            if mode == "discrete" and tm is not None:
+            if mode == "discrete" and tm is not None and layout == layouts[0]:
                 ref = torch_logits(tm, prompts, tdev)
                 got = np.asarray(jax.device_get(logits0), np.float32)
                 err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6)
@@ -194,7 +206,7 @@ def main():
                     ok = False
                     print(f"# CHECK FAILED: logits differ from transformers ({err:.2e})", file=sys.stderr)
             step = t_dec / steps
-            steps_s[label] = step
+            steps_s[(mode, layout)] = steps_s.get((mode, layout), []) + [(label, step)]
             row = dict(batch=B, variant=f"ours {label}", prefill_ms=f"{t_pre * 1e3:.1f}", step_ms=f"{step * 1e3:.3f}",
                        tps=B * steps / (t_pre + t_dec), mbu=(wbytes + kv) / step / ceiling)
             rows.append(row)
@@ -211,10 +223,12 @@ def main():
             print(f"B={B} transformers: {t / steps * 1e3:.3f} ms/step (incl. prefill), {tps_t:,.0f} tok/s", flush=True)
             for row in ours:
                 row["vs"] = f"{row['tps'] / tps_t:.1f}x"
-        for label, s_ in steps_s.items():
-            if label != "discrete" and "discrete" in steps_s:
-                rows.append(dict(batch=B, variant=f"soft/discrete step-time ratio, {label}",
-                                 step_ms=f"{s_ / steps_s['discrete']:.3f}"))
+        for (mode, layout), entries in steps_s.items():
+            if mode == "gumbel" and ("discrete", layout) in steps_s:
+                base = steps_s[("discrete", layout)][0][1]
+                for label, s_ in entries:
+                    rows.append(dict(batch=B, variant=f"soft/discrete step-time ratio, {label}",
+                                     step_ms=f"{s_ / base:.3f}"))
     lines += ["| batch | variant | prefill ms | ms / step | tokens/s (prefill + decode) | bandwidth util. | "
               "tokens/s vs transformers |", "|---|---|---|---|---|---|---|"]
     for r in rows:

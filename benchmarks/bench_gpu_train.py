@@ -70,6 +70,48 @@ def lm_step_fn(graphdef, tx):
     return jax.jit(step, donate_argnums=(0, 1)), jax.jit(loss_fn)
 
 
+def check_fused_attention(dtype: str) -> tuple[bool, str]:
+    """cuDNN attention (attention="cudnn") against the XLA path on a small random model in the benchmark's dtype:
+    logits at real positions and parameter gradients, rows left-padded, right-padded, both with a hole, unpadded."""
+    shape = dict(C.TINY, num_layers=3)
+    base = C.make_model(shape, dtype)
+    rng = np.random.default_rng(7)
+    B, T = 4, 96
+    ids = jnp.asarray(rng.integers(1, shape["vocab_size"], size=(B, T), dtype=np.int32))
+    mask = np.ones((B, T), bool)
+    mask[0, :20] = False
+    mask[1, 70:] = False
+    mask[2, :9] = mask[2, 80:] = False
+    mask[2, 40] = False
+    mask = jnp.asarray(mask)
+    w = jnp.asarray(rng.standard_normal((B, T, shape["vocab_size"])), jnp.float32) * mask[..., None]
+
+    def run(impl):
+        graphdef, params = nnx.split(same_weights(base, attention=impl))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+            return jnp.sum(jax.nn.log_softmax(logits, -1) * w), logits
+
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(logits, np.float64), [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+
+    try:
+        lx, gx = run("xla")
+        lc, gc_ = run("cudnn")
+    except Exception as e:  # noqa: BLE001
+        return False, f"cuDNN attention check FAILED to run: {type(e).__name__}: {str(e)[:300]}"
+    real = np.asarray(mask)
+    lerr = np.abs(lc[real] - lx[real]).max() / np.abs(lx[real]).max()
+    gerr = max(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12) for a, b in zip(gx, gc_))
+    finite = np.isfinite(lc).all() and all(np.isfinite(b).all() for b in gc_)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    good = bool(finite and lerr < tol and gerr < 2 * tol)
+    return good, (f"cuDNN attention vs XLA path ({dtype}, padded rows): logits max rel err {lerr:.1e}, "
+                  f"gradients max rel err {gerr:.1e} (tol {tol}, {2 * tol}); finite {finite}: "
+                  f"{'ok' if good else 'CHECK FAILED'}")
+
+
 def time_ours_lm(model, tokens, steps: int, lr: float):
     graphdef, params = nnx.split(model)
     params = jax.tree.map(jnp.copy, params)  # the timed steps donate these, not the model's own arrays
@@ -178,6 +220,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (best is reported)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--skip-no-remat", action="store_true", help="do not try the step without rematerialisation")
+    ap.add_argument("--attention", default=None,
+                    help="comma-separated attention paths to time (default xla,cudnn on a GPU, xla elsewhere)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     small = a.small
@@ -232,48 +276,58 @@ def main():
         tloss0 = None
 
     tokens = jnp.asarray(tokens_np)
-    for remat in (True, False):
-        if not remat and a.skip_no_remat:
-            continue
-        m = model if remat else same_weights(model, remat=False)
-        label = f"ours LM step ({'remat' if remat else 'no remat'})"
-        try:
-            t, comp, losses = time_ours_lm(m, tokens, steps, lr)
-        except Exception as e:  # noqa: BLE001 - out of memory without remat is expected on big shapes
-            print(f"# {label}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
-            rows.append((label, None, None, "did not run (see stderr)"))
-            if remat:
-                ok = False
-            continue
-        note = f"compile {comp:.0f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-        if remat:
-            if not all(np.isfinite(losses)) or not losses[-1] < losses[0]:
-                ok = False
-                print(f"# CHECK FAILED: losses {losses}", file=sys.stderr)
-            if tloss0 is not None:
-                err = abs(losses[0] - tloss0) / abs(tloss0)
-                tol = 1e-4 if dtype == "float32" else 2e-2
-                note += f"; initial loss vs transformers rel err {err:.1e}"
-                print(f"initial loss ours {losses[0]:.5f} vs transformers {tloss0:.5f} (rel err {err:.1e}, tol {tol})")
-                if not err < tol:
-                    ok = False
-                    print("# CHECK FAILED: initial loss differs from transformers", file=sys.stderr)
-        rows.append((label, t, None, note))
-        print(f"{label}: {t * 1e3:.1f} ms/step ({note})", flush=True)
-        gc.collect()
-
-    try:
-        prompt = T // 8
-        t, comp, good, gn = time_ours_softgrpo(model, B, T, prompt, min(T - prompt, (T - prompt) * 3000 // 3584),
-                                               steps, lr)
+    impls = (a.attention or ("xla,cudnn" if on_gpu else "xla")).split(",")
+    if "cudnn" in impls:
+        good, msg = check_fused_attention(dtype)
+        print(msg, flush=True)
+        lines += [msg, ""]
         ok = ok and good
-        rows.append(("ours SofT-GRPO update (Gumbel log-probs, clipped loss + KL, chunked logits)", t, None,
-                     f"compile {comp:.0f} s; grad norm {gn:.3g}"))
-        print(f"SofT-GRPO update: {t * 1e3:.1f} ms/step", flush=True)
-    except Exception as e:  # noqa: BLE001
-        ok = False
-        print(f"# SofT-GRPO update failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
-        rows.append(("ours SofT-GRPO update", None, None, "FAILED"))
+    for impl in impls:
+        # without remat only the last attention listed (the XLA path's [B, H, T, T] scores do not fit: 218 GB)
+        for remat in (True, False) if impl == impls[-1] and not a.skip_no_remat else (True,):
+            m = same_weights(model, remat=remat, attention=impl)
+            label = f"ours LM step ({'remat' if remat else 'no remat'}, {impl} attention)"
+            try:
+                t, comp, losses = time_ours_lm(m, tokens, steps, lr)
+            except Exception as e:  # noqa: BLE001 - out of memory without remat is expected on big shapes
+                print(f"# {label}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                rows.append((label, None, None, "did not run (see stderr)"))
+                if remat:
+                    ok = False
+                continue
+            note = f"compile {comp:.0f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            if remat:
+                if not all(np.isfinite(losses)) or not losses[-1] < losses[0]:
+                    ok = False
+                    print(f"# CHECK FAILED: losses {losses}", file=sys.stderr)
+                if tloss0 is not None:
+                    err = abs(losses[0] - tloss0) / abs(tloss0)
+                    tol = 1e-4 if dtype == "float32" else 2e-2
+                    note += f"; initial loss vs transformers rel err {err:.1e}"
+                    print(f"initial loss ours {losses[0]:.5f} vs transformers {tloss0:.5f} (rel err {err:.1e}, "
+                          f"tol {tol})")
+                    if not err < tol:
+                        ok = False
+                        print("# CHECK FAILED: initial loss differs from transformers", file=sys.stderr)
+            rows.append((label, t, None, note))
+            print(f"{label}: {t * 1e3:.1f} ms/step ({note})", flush=True)
+            del m
+            gc.collect()
+
+    for impl in impls:
+        label = f"ours SofT-GRPO update (Gumbel log-probs, clipped loss + KL, chunked logits; {impl} attention)"
+        try:
+            prompt = T // 8
+            t, comp, good, gn = time_ours_softgrpo(same_weights(model, remat=True, attention=impl), B, T, prompt,
+                                                   min(T - prompt, (T - prompt) * 3000 // 3584), steps, lr)
+            ok = ok and good
+            rows.append((label, t, None, f"compile {comp:.0f} s; grad norm {gn:.3g}"))
+            print(f"{label}: {t * 1e3:.1f} ms/step", flush=True)
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            print(f"# {label} failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
+            rows.append((label, None, None, "FAILED"))
+        gc.collect()
 
     lines += ["| variant | s / step | tokens/s | MFU | vs transformers | notes |", "|---|---|---|---|---|---|"]
     for label, t, _, note in rows:

@@ -6,7 +6,8 @@
 # Installs nothing (the GPU machines have jax, flax, optax, numpy, torch and transformers; the benchmarks import
 # nothing else). Each benchmark runs under its own time limit (at most what is left of BUDGET seconds), writes its
 # markdown report and full log under $OUT, and the tail of each log is printed as it ends, so a benchmark cut off by
-# its limit still leaves the rows it printed. Order: the soft-embedding kernels, decode, train step.
+# its limit still leaves the rows it printed. STEPS picks and orders them (default: soft_embed decode train;
+# decode_flags reruns batch-1 decode under DECODE_XLA_FLAGS).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -34,7 +35,15 @@ bench() {  # name limit_s script args...
   grep -v "^#   " "$OUT/$name.log" | tail -n 40
 }
 
-bench soft_embed "${SOFT_EMBED_S:-150}" benchmarks/bench_soft_embed.py --sweep-budget-s "${SWEEP_S:-60}"
-bench decode "${DECODE_S:-190}" benchmarks/bench_gpu_decode.py --reps "${DECODE_REPS:-2}"
-bench train "${TRAIN_S:-600}" benchmarks/bench_gpu_train.py --steps "${TRAIN_STEPS:-3}"
+for step in ${STEPS:-soft_embed decode train}; do
+  case $step in
+    soft_embed) bench soft_embed "${SOFT_EMBED_S:-150}" benchmarks/bench_soft_embed.py --sweep-budget-s "${SWEEP_S:-60}" ;;
+    decode) bench decode "${DECODE_S:-240}" benchmarks/bench_gpu_decode.py --reps "${DECODE_REPS:-2}" ;;
+    train) bench train "${TRAIN_S:-600}" benchmarks/bench_gpu_train.py --steps "${TRAIN_STEPS:-3}" ;;
+    decode_flags)  # batch-1 discrete decode again under extra XLA flags (e.g. command buffers for loops)
+      XLA_FLAGS="${DECODE_XLA_FLAGS:-}" bench decode_flags "${DECODE_FLAGS_S:-120}" benchmarks/bench_gpu_decode.py \
+        --reps 2 --batches 1 --modes discrete --no-torch ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
 echo "== total $(( $(date +%s) - start ))s"
