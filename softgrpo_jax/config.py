@@ -97,7 +97,11 @@ def base_config() -> ConfigDict:
         schedule="constant",  # constant | warmup_cosine | warmup_constant
         warmup_steps=0, min_lr_ratio=0.0,
     ))
-    c.reward = ConfigDict(dict(mode="math_verify", timeout_s=5.0, workers=0))
+    c.reward = ConfigDict(dict(
+        mode="math_verify", timeout_s=5.0, workers=0,
+        on_truncation="score",  # score (as the seed) | zero: a response that used the whole token budget without
+        #   a stop token gets reward 0 in training (evaluation scores every response as it is)
+    ))
     c.trainer = ConfigDict(dict(
         output_dir="runs/run",
         total_steps=0,  # 0 = one epoch over the training split

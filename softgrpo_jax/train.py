@@ -123,9 +123,9 @@ class Run:
         self.ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.trainer.keep_checkpoints)
         self.key = jax.random.key(cfg.trainer.seed)
         self.step = 0
-        self._check_batch_arithmetic()
+        self._check_settings()
 
-    def _check_batch_arithmetic(self):
+    def _check_settings(self):
         rl = self.cfg.rl
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if rl.train_batch_size % rl.mini_batch_size:
@@ -138,6 +138,8 @@ class Run:
                              f"into micro-batches of {micro_rows} (micro_batch_size={rl.micro_batch_size} per "
                              f"data-parallel device x {n_dp} devices)")
         self.n_micro = mini_rows // micro_rows
+        if self.cfg.reward.on_truncation not in ("score", "zero"):
+            raise ValueError(f"reward.on_truncation must be 'score' or 'zero', got {self.cfg.reward.on_truncation!r}")
         if rl.old_logprobs not in ("auto", "recompute"):
             raise ValueError(f"rl.old_logprobs must be 'auto' or 'recompute', got {rl.old_logprobs!r}")
 
@@ -166,6 +168,10 @@ class Run:
             rew = rewards.score_batch(texts, golds, mode=cfg.reward.mode, workers=workers,
                                       timeout_s=cfg.reward.timeout_s)
         rew = allgather_rows(np.asarray(rew, np.float32), rows, toks.shape[0])
+        finish = to_host(r.finish_reason)
+        truncated = finish == 0
+        if cfg.reward.on_truncation == "zero":
+            rew = np.where(truncated, np.float32(0.0), rew)
         t2 = time.time()
         adv = np.asarray(group_advantages(jax.numpy.asarray(rew), rl.group_size))
         # response lengths are bucketed to powers of two of at least half the budget (the whole budget when it is
@@ -193,7 +199,6 @@ class Run:
         resp_tokens = int(lens.sum())
         think = to_host(r.think_lengths)
         soft = to_host(r.soft_mask).sum(1)
-        finish = to_host(r.finish_reason)
         rlp, rmask = to_host(r.logprobs), to_host(r.response_mask)
         group_any = rew.reshape(-1, rl.group_size).max(1)
         metrics = {
@@ -203,6 +208,7 @@ class Run:
             "thinking_length": float(think.mean()),
             "soft_steps": float(soft.mean()),
             "finished_fraction": float((finish == 1).mean()),
+            "truncated_fraction": float(truncated.mean()),
             "advantage_abs_mean": float(np.abs(adv).mean()),
             "rollout_logprob_mean": float((rlp * rmask).sum() / max(rmask.sum(), 1)),
         }

@@ -394,3 +394,9 @@ def test_attention_option_validated():
     with pytest.raises(ValueError, match="attention must be one of"):
         ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                     num_kv_heads=1, head_dim=4, attention="flash")
+    import softgrpo_jax.models.transformer as T
+
+    base = ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=8, dtype="bfloat16")
+    assert jax.default_backend() == "cpu" and T.resolve_attention(base) == "xla"  # auto: cuDNN on NVIDIA GPUs only
+    assert T.resolve_attention(base.replace(attention="cudnn")) == "cudnn"

@@ -169,7 +169,7 @@ def _run_cfg(model_path, out, steps, extra=()):
         f"--config.trainer.total_steps={steps}", "--config.trainer.save_every=1", "--config.trainer.eval_before=false",
         "--config.trainer.export_hf=false", "--config.trainer.progress=false", "--config.optim.lr=1e-2",
         "--config.data.eval_limit=2", "--config.eval.n_samples=1", "--config.eval.ks=(1,)",
-        "--config.trainer.mesh=(1,1,-1)", *extra])
+        "--config.trainer.mesh=(1,1,-1)", "--config.reward.on_truncation=score", *extra])
 
 
 def _letter_reward(texts, golds):
@@ -240,3 +240,24 @@ def test_on_policy_old_logprobs_skip_the_extra_pass(tmp_path):
     with pytest.raises(ValueError, match="old_logprobs"):  # at start-up, before any rollout
         Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.rl.old_logprobs=sometimes"]),
             reward_fn=_letter_reward)
+
+
+def test_truncated_responses_can_score_zero(tmp_path):
+    """reward.on_truncation=zero: a response that used the whole budget without a stop token gets reward 0 in
+    training; score (the default) leaves the reward function's value; a bad value fails at start-up."""
+    from softgrpo_jax.train import Run
+
+    mdir = make_tiny_smollm_dir(str(tmp_path / "m"))
+    ones = lambda texts, golds: np.ones(len(texts), np.float32)  # noqa: E731
+    got = {}
+    for mode in ("score", "zero"):
+        res = Run(_run_cfg(mdir, str(tmp_path / mode), 1, [f"--config.reward.on_truncation={mode}"]),
+                  reward_fn=ones).train()
+        got[mode] = [m for m in res["metrics"] if m["kind"] == "train"][0]
+    assert got["score"]["reward_mean"] == 1.0
+    trunc = got["zero"]["truncated_fraction"]
+    assert trunc > 0  # a tiny random model rarely emits its stop token
+    np.testing.assert_allclose(got["zero"]["reward_mean"], 1.0 - trunc, atol=1e-6)
+    assert got["zero"]["truncated_fraction"] == got["score"]["truncated_fraction"]  # same seed, same rollouts
+    with pytest.raises(ValueError, match="on_truncation"):
+        Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.reward.on_truncation=drop"]), reward_fn=ones)
