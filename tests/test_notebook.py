@@ -91,3 +91,7 @@ def test_walkthrough_notebook_executes(tmp_path, monkeypatch):
     assert len(pngs(outputs_of("kl_token"))) >= 1, "no metrics plot"
     assert "log pi_old(step)" in text and "PPO ratio" in text
     assert "2 steps in" in text
+    # the notebook removes its training run's checkpoints (about 2.4 GB per execution otherwise left in /tmp)
+    removed = [ln for ln in text.splitlines() if ln.startswith("removed ") and "softgrpo_walkthrough_" in ln]
+    assert removed and removed[-1].endswith(": True"), removed
+    assert not os.path.exists(removed[-1][len("removed "):-len(": True")])
