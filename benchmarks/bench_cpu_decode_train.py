@@ -15,6 +15,7 @@ Prints a markdown table (tokens/s and ratios); compile time is reported separate
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import time
@@ -154,6 +155,7 @@ def main():
     if args.small:
         args.batch, args.new, args.train_batch, args.train_len, args.repeats = 2, 8, 2, 48, 1
 
+    import shutil
     import tempfile
 
     import torch
@@ -165,7 +167,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_pretrained("smollm2")
     tok = load_tokenizer("smollm2")
-    tmp = tempfile.mkdtemp()
+    tmp = tempfile.mkdtemp(prefix="softgrpo-bench-hf-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # a 0.5 GB HF copy of SmolLM2 per run otherwise
     save_pretrained(model, tmp, tokenizer=tok)  # the same float32 weights for transformers
     tmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     questions = [f"What is {a} + {b}?" for a, b in zip(range(3, 40, 2), range(50, 10, -2))][:args.batch]

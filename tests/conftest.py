@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # 8 simulated CPU devices for mesh tests; must be set before JAX is imported anywhere.
@@ -9,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # each test process (pytest-xdist worker) prepares its TFDS data sets in its own folder: no build races
 # (set, not setdefault: xdist workers inherit the controller's environment)
 os.environ["SOFTGRPO_DATA_DIR"] = tempfile.mkdtemp(prefix="softgrpo-test-data-")
+atexit.register(shutil.rmtree, os.environ["SOFTGRPO_DATA_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 
