@@ -227,24 +227,23 @@ def forward(
     local = cache is not None and fresh_cache
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
-    perm = dpa = None
-    if cache is None and resolve_attention(cfg) == "cudnn":
+    perm = seqlen = None
+    fused = cache is None and resolve_attention(cfg) == "cudnn"
+    if fused:
         # Fused attention with a causal + padding mask, which needs each row's real tokens first: reorder every row
         # stably (real tokens in order, then the padding), run all layers on that order (everything but attention
         # is per position, RoPE takes the permuted positions) and restore the order at the end. Exact for any
         # mask: a real query at slot t sees the real keys at slots <= t in both orders.
-        seqlen = None
         if attention_mask is not None:
             perm = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)
             x = jnp.take_along_axis(x, perm[..., None], axis=1)
             positions = jnp.take_along_axis(positions, perm, axis=1)
             seqlen = mask.sum(axis=1).astype(jnp.int32)
-        dpa = (seqlen,)
     cos, sin = rope_tables(cfg, positions)
 
     layer_params = params["layers"]
     per_layer = isinstance(layer_params, (list, tuple))
-    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local, dpa)
+    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local, fused, seqlen)
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
 
@@ -496,7 +495,8 @@ def _attention_dpa(q, k, v, seqlen, scale):
     return o
 
 
-def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, dpa=None):
+def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, fused: bool = False,
+                   seqlen=None):
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     scale = 1.0 / math.sqrt(hd)
@@ -510,8 +510,8 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if dpa is not None:  # whole sequences, no cache (see forward)
-            o = _attention_dpa(q, k, v, dpa[0], scale).reshape(B, T, H * hd)
+        if fused:  # whole sequences, no cache, rows reordered real-tokens-first (see forward)
+            o = _attention_dpa(q, k, v, seqlen, scale).reshape(B, T, H * hd)
             return _mlp_block(cfg, x, o, p), kv
         kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]: this call's keys / values
         vt = v.transpose(0, 2, 1, 3)
