@@ -58,6 +58,16 @@ def test_verl_parquet_deepscaler(dirs):
     assert "tensorflow" not in sys.modules
 
 
+def test_preparing_leaves_no_temporary_folders(dirs):
+    # TFDS itself makes an empty tempfile.mkdtemp("tfds") folder per builder of an unprepared data set
+    import tempfile
+    pattern = os.path.join(tempfile.gettempdir(), "*tfds")
+    before = set(glob.glob(pattern))
+    _jsonl(os.path.join(dirs[1], "math500.jsonl"), [{"problem": "1 + 1?", "answer": "2"}])
+    assert len(_load("math500", "test", dirs)) == 1
+    assert set(glob.glob(pattern)) - before == set()
+
+
 def test_hf_parquet_shard_in_subfolder(dirs):
     rows = [{"problem": "Compute $\\frac{1}{2}+\\frac{1}{2}$.", "solution": "... \\boxed{1}", "answer": "1",
              "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"},

@@ -34,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import tensorflow_datasets as tfds
 
@@ -264,4 +266,13 @@ def get_builder(name: str, *, data_dir: str | None = None, **config_kw) -> tfds.
         kw["config"] = reasoning_gym_config(**config_kw)
     elif config_kw:
         raise TypeError(f"{name} takes no config arguments (got {sorted(config_kw)})")
-    return _CLASSES[name](**kw)
+    # TFDS makes an empty temporary folder (tempfile.mkdtemp("tfds"), DatasetInfo.initialize_from_bucket) for every
+    # builder of a not-yet-prepared data set and never removes it: point it at a folder of ours and remove that.
+    scratch = tempfile.mkdtemp(prefix="softgrpo-tfds-")
+    saved = tempfile.tempdir
+    tempfile.tempdir = scratch
+    try:
+        return _CLASSES[name](**kw)
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(scratch, ignore_errors=True)
