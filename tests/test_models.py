@@ -313,6 +313,73 @@ def test_bf16_weight_gradient_gemms_stay_bf16():
         assert any(t != ("bf16", "bf16") for t in _dot_operand_types(plain.lower(x, w).compile().as_text()))
 
 
+def _attention_reference(q, k, v, mask, scale, do):
+    """Float64 NumPy GQA attention and its gradients by the textbook softmax backward (rowsum(dP * P)).
+    q [B, H, T, hd], k / v [B, Hkv, S, hd], mask [B, T, S], do [B, H, T, hd]."""
+    G = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    s = np.where(mask[:, None], np.einsum("bhqd,bhkd->bhqk", q, k) * scale, -1e30)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v
+    dp = do @ np.swapaxes(v, -1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    dq, dk, dv = ds @ k, np.swapaxes(ds, -1, -2) @ q, np.swapaxes(p, -1, -2) @ do
+    fold = lambda x: x.reshape(x.shape[0], -1, G, *x.shape[2:]).sum(2)  # noqa: E731 - sum over each KV group
+    return o, dq, fold(dk), fold(dv)
+
+
+@pytest.mark.parametrize("dtype,T,tol", [("float32", 16, 1e-4), ("float32", 13, 1e-4), ("bfloat16", 16, 2e-2)])
+def test_attention_core_gradients(dtype, T, tol):
+    """The attention core's written-out backward (delta = rowsum(dO * O), dK^T = Q^T dS, dV^T = dO^T W) against
+    float64 NumPy on random GQA inputs with causal + padding masks (a fully masked query row included)."""
+    from softgrpo_jax.models.transformer import _attention_core
+
+    B, H, Hkv, hd = 2, 6, 2, 8
+    G = H // Hkv
+    rng = np.random.RandomState(T)
+    q, do = rng.randn(B, H, T, hd), rng.randn(B, H, T, hd)
+    k, v = rng.randn(B, Hkv, T, hd), rng.randn(B, Hkv, T, hd)
+    mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    mask[1, :, :3] = False  # row 1 left-padded by 3: its first 3 query rows see no key at all
+    scale = hd ** -0.5
+    dt = jnp.dtype(dtype)
+    cast = lambda x: jnp.asarray(x, dt)  # noqa: E731
+    q16, k16, v16, do16 = (np.asarray(cast(x), np.float64) for x in (q, k, v, do))  # the inputs as rounded
+    o_ref, dq_ref, dk_ref, dv_ref = _attention_reference(q16, k16, v16, mask, scale, do16)
+
+    def core(qg, kt, vt):
+        return _attention_core(qg, kt, vt, jnp.asarray(mask), scale)
+
+    qg = cast(q).reshape(B, Hkv, G * T, hd)  # head k*G + g at row g*T + t
+    o, vjp = jax.vjp(jax.jit(core), qg, cast(k), cast(v))
+    dq, dk, dv = vjp(cast(do).reshape(B, Hkv, G * T, hd))
+    for got, ref in ((o, o_ref), (dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        assert got.dtype == dt
+        got = np.asarray(got, np.float64).reshape(ref.shape)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
+
+
+def test_bf16_model_gradient_gemms_stay_bf16():
+    """Every GEMM of a bf16-compute model's compiled gradient (projections, attention forward and backward, LM
+    head) takes bf16 operands on XLA:CPU: a batched dot whose operand is a folded transpose, or that contracts
+    both operands' rows, would be converted to float32 (plain autodiff of the attention does both)."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", tie_word_embeddings=True)
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+    ids = jnp.asarray(_ids(64, (2, 16), seed=3))
+    f = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(ids).astype(jnp.float32).mean()))
+    hlo = f.lower(params).compile().as_text()
+    ops = _dot_operand_types(hlo)
+    assert all(t == ("bf16", "bf16") for t in ops), ops
+    batched = [line for line in hlo.splitlines() if " dot(" in line and "lhs_batch_dims" in line]
+    assert len(batched) >= 6, batched  # attention: scores and output forward, four GEMMs backward
+    assert len(ops) >= 6 + 3 * 7, ops  # and each projection forward, input and weight gradient
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_bf16_training_gradients_close(hf_pair, remat):
     """Gradients of a bf16-compute model (float32 master weights) stay within bf16 rounding of float32's, for every

@@ -495,6 +495,69 @@ def _attention_dpa(q, k, v, seqlen, scale):
     return o
 
 
+def _attention_probs_out(qg, kt, vt, mask, scale):
+    """GQA attention as batched GEMMs. qg [B, Hkv, G*T, hd] (query head k*G + g of position t at row g*T + t),
+    kt / vt [B, Hkv, S, hd], mask [B, T, S] -> (the softmax weights in the compute dtype [B, Hkv, G*T, S], the
+    float32 output [B, Hkv, G*T, hd]). The scale is applied to the queries ([.., hd], not the [.., S] scores)."""
+    B, Hkv, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    s = jnp.einsum("bkqh,bksh->bkqs", qg * jnp.asarray(scale, qg.dtype), kt, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None, :, :], s.reshape(B, Hkv, GT // T, T, S), NEG_INF)
+    w = jax.nn.softmax(s, axis=-1).astype(qg.dtype).reshape(B, Hkv, GT, S)
+    return w, jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32)
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    """[B, T, N, hd] -> [B, N, T, hd] as a real copy: with T split first, XLA cannot fold the transpose into the
+    consuming dot's dimension numbers, where XLA:CPU would find a batched dot it does not run in bf16 and convert
+    the dot to float32 (measured: every attention dot of the update)."""
+    B, T, N, hd = x.shape
+    s = math.gcd(T, 8)
+    return x.reshape(B, T // s, s, N, hd).transpose(0, 3, 1, 2, 4).reshape(B, N, T, hd)
+
+
+def _swap_last2(x: jax.Array) -> jax.Array:
+    """[..., M, N] -> [..., N, M] as a real copy (M split first, as in ``_heads_major``)."""
+    *lead, M, N = x.shape
+    s = math.gcd(M, 8)
+    n = len(lead)
+    y = x.reshape(*lead, M // s, s, N).transpose(tuple(range(n)) + (n + 2, n, n + 1))
+    return y.reshape(*lead, N, M)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(qg, kt, vt, mask, scale):
+    """``_attention_probs_out``'s output in the compute dtype, with the backward written out flash-style: the
+    softmax gradient takes its row term from delta = rowsum(dO * O) ([.., G*T, hd]) instead of autodiff's
+    rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of an 11.4 s
+    SmolLM2 update), the scale is applied to [.., hd] arrays only, and every GEMM takes compute-dtype operands
+    with float32 accumulation, in layouts XLA:CPU runs as bf16 GEMMs (the key / value gradients as
+    dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands)."""
+    return _attention_probs_out(qg, kt, vt, mask, scale)[1].astype(qg.dtype)
+
+
+def _attention_core_fwd(qg, kt, vt, mask, scale):
+    w, o = _attention_probs_out(qg, kt, vt, mask, scale)
+    w, o = jax.lax.optimization_barrier((w, o))  # keep them: XLA would otherwise recompute O inside the backward
+    return o.astype(qg.dtype), (qg, kt, vt, mask, w, o)
+
+
+def _attention_core_bwd(scale, res, do):
+    qg, kt, vt, mask, w, o = res
+    f32, dt = jnp.float32, qg.dtype
+    do = do.astype(dt)
+    delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
+    dw = jnp.einsum("bkqh,bksh->bkqs", do, vt, preferred_element_type=f32)
+    ds = (w.astype(f32) * (dw - delta)).astype(dt)  # dS / scale
+    dq = (jnp.einsum("bkqs,bksh->bkqh", ds, kt, preferred_element_type=f32) * scale).astype(dt)
+    dkt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(qg), ds, preferred_element_type=f32) * scale
+    dvt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(do), w, preferred_element_type=f32)
+    return dq, _swap_last2(dkt).astype(kt.dtype), _swap_last2(dvt).astype(vt.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, fused: bool = False,
                    seqlen=None):
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -513,8 +576,8 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         if fused:  # whole sequences, no cache, rows reordered real-tokens-first (see forward)
             o = _attention_dpa(q, k, v, seqlen, scale).reshape(B, T, H * hd)
             return _mlp_block(cfg, x, o, p), kv
-        kt = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]: this call's keys / values
-        vt = v.transpose(0, 2, 1, 3)
+        kt = _heads_major(k)  # [B, Hkv, T, hd]: this call's keys / values
+        vt = _heads_major(v)
         if kv is not None:
             ck, cv = kv  # [L, B, Hkv, S, hd] with a layer index i, or one layer's [B, Hkv, S, hd] (i None)
             if i is None:
@@ -532,13 +595,11 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                     vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
         # GQA as batched matmuls with one contracting dim each: query head k*G + g uses KV head k. The layout
         # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
-        S = kt.shape[2]
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
-        s = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
-        s = s.reshape(B, Hkv, G, T, S)
-        s = jnp.where(attn_mask[:, None, None, :, :], s, NEG_INF)
-        w = jax.nn.softmax(s, axis=-1).astype(x.dtype).reshape(B, Hkv, G * T, S)
-        o = jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32).astype(x.dtype)
+        if kv is None:  # a whole-sequence pass (log-probs, training): the written-out backward
+            o = _attention_core(qg, kt, vt, attn_mask, scale)
+        else:
+            o = _attention_probs_out(qg, kt, vt, attn_mask, scale)[1].astype(x.dtype)
         o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         return _mlp_block(cfg, x, o, p), kv
 
