@@ -532,7 +532,7 @@ def _swap_last2(x: jax.Array) -> jax.Array:
 def _attention_core(qg, kt, vt, mask, scale):
     """``_attention_probs_out``'s output in the compute dtype, with the backward written out flash-style: the
     softmax gradient takes its row term from delta = rowsum(dO * O) ([.., G*T, hd]) instead of autodiff's
-    rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of an 11.4 s
+    rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of a 12 s
     SmolLM2 update), the scale is applied to [.., hd] arrays only, and every GEMM takes compute-dtype operands
     with float32 accumulation, in layouts XLA:CPU runs as bf16 GEMMs (the key / value gradients as
     dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands)."""
