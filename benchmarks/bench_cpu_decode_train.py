@@ -7,7 +7,7 @@ train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO 
         compute with float32 master weights, rematerialised) vs a transformers causal-LM step with
         torch.optim.AdamW (float32; and under torch.autocast bf16). Ratios compare like with like. Each train
         row runs in a fresh subprocess, one after another (``--in-process``: all in this one): in one process
-        the last row measured 10.5-11.1 s where alone it took 9.6-10.0 s.
+        the last row measured 10.5-11.1 s where alone it took 9.5-10.0 s.
 
     python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
 
@@ -237,7 +237,7 @@ def main():
             else:  # a fresh process per row: no row inherits another's heap, thread pools or caches
                 cmd = [sys.executable, os.path.abspath(__file__), "--train-row", row, "--hf-dir", tmp,
                        "--train-batch", str(tb), "--train-len", str(tl), "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr shown
                 res[row] = json.loads(out.strip().splitlines()[-1])
             print(f"train {row}: {res[row]['tok_s']:.1f} tokens/s", flush=True)
         for row, name in names.items():

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,7 +61,6 @@ def test_verl_parquet_deepscaler(dirs):
 
 def test_preparing_leaves_no_temporary_folders(dirs):
     # TFDS itself makes an empty tempfile.mkdtemp("tfds") folder per builder of an unprepared data set
-    import tempfile
     pattern = os.path.join(tempfile.gettempdir(), "*tfds")
     before = set(glob.glob(pattern))
     _jsonl(os.path.join(dirs[1], "math500.jsonl"), [{"problem": "1 + 1?", "answer": "2"}])

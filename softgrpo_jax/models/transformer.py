@@ -520,12 +520,9 @@ def _heads_major(x: jax.Array) -> jax.Array:
 
 
 def _swap_last2(x: jax.Array) -> jax.Array:
-    """[..., M, N] -> [..., N, M] as a real copy (M split first, as in ``_heads_major``)."""
+    """[..., M, N] -> [..., N, M] as a real copy (``_heads_major`` on a [prod(...), M, N, 1] view)."""
     *lead, M, N = x.shape
-    s = math.gcd(M, 8)
-    n = len(lead)
-    y = x.reshape(*lead, M // s, s, N).transpose(tuple(range(n)) + (n + 2, n, n + 1))
-    return y.reshape(*lead, N, M)
+    return _heads_major(x.reshape(-1, M, N, 1)).reshape(*lead, N, M)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
