@@ -1,0 +1,121 @@
+"""CPU micro-benchmark, side by side in one run: one layer's attention and RoPE, forward + backward, at SmolLM2's
+training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after session 5's changes.
+
+attention: autodiff of the batched-GEMM attention with plain key/value transposes (the previous code) against
+           ``_attention_core`` (written-out backward) with ``_heads_major`` transposes (the current code);
+           the element types of every compiled dot are printed (float32 operands = XLA:CPU converted the dot).
+rope:      the query rotation computed in bf16 (rounded after every op, the previous code) against float32
+           rounded once (``apply_rope``, the current code), forward + backward.
+
+    python benchmarks/bench_cpu_attention.py [--repeats 7]
+
+Single-op timings on XLA:CPU include page-faulting each call's fresh output buffers; benchmarks/RESULTS.md quotes
+the whole update too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from softgrpo_jax.models import transformer as T  # noqa: E402
+
+B, TOK, H, HKV, HD = 16, 256, 9, 3, 64
+G = H // HKV
+
+
+def best(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def dot_types(fn, args):
+    hlo = fn.lower(*args).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    return sorted({"x".join(types.get(o, "?") for o in ops)
+                   for ops in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)})
+
+
+def attention_fn(new: bool):
+    mask = jnp.tril(jnp.ones((TOK, TOK), bool))[None].repeat(B, 0)
+    scale = HD ** -0.5
+
+    def attn(q, k, v):
+        qg = q.reshape(B, TOK, HKV, G, HD).transpose(0, 2, 3, 1, 4).reshape(B, HKV, G * TOK, HD)
+        if new:
+            o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale)
+        else:
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            o = T._attention_probs_out(qg, kt, vt, mask, scale)[1].astype(q.dtype)
+        return o.reshape(B, HKV, G, TOK, HD).transpose(0, 3, 1, 2, 4).reshape(B, TOK, H * HD)
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do.astype(o.dtype))
+
+    return jax.jit(fwd_bwd)
+
+
+def rope_bf16(x, cos, sin):  # the previous apply_rope: every product rounded to x's dtype
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :].astype(x.dtype) + rot * sin[:, :, None, :].astype(x.dtype)
+
+
+def rope_fn(rope):
+    def fwd_bwd(x, cos, sin, ct):
+        y, vjp = jax.vjp(lambda x: rope(x, cos, sin), x)
+        return y, vjp(ct)[0]
+
+    return jax.jit(fwd_bwd)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    r = np.random.RandomState(0)
+    bf = jnp.bfloat16
+    q = jnp.asarray(r.randn(B, TOK, H, HD), bf)
+    k, v = (jnp.asarray(r.randn(B, TOK, HKV, HD), bf) for _ in range(2))
+    do = jnp.asarray(r.randn(B, TOK, H * HD), jnp.float32)
+    print(f"Machine: {os.cpu_count()} cores, jax {jax.__version__}; B {B}, T {TOK}, heads {H}/{HKV}, hd {HD}, bf16\n")
+    print("| what | variant | ms (best of %d) | dot operand types |" % args.repeats)
+    print("|---|---|---|---|")
+    outs = {}
+    for new, name in ((False, "autodiff, plain transposes (previous)"), (True, "_attention_core (current)")):
+        fn = attention_fn(new)
+        outs[new] = fn(q, k, v, do)
+        print(f"| attention fwd+bwd | {name} | {1e3 * best(fn, (q, k, v, do), args.repeats):.1f} | "
+              f"{', '.join(dot_types(fn, (q, k, v, do)))} |")
+    f32 = jnp.float32
+    rel = max(float(jnp.abs(a.astype(f32) - b.astype(f32)).max() / jnp.abs(a.astype(f32)).max())
+              for a, b in zip(outs[False], outs[True]))
+    pos = jnp.arange(TOK, dtype=jnp.float32)[None, :, None] * jnp.ones((B, 1, 1))
+    freq = pos * T.inv_frequencies(T.ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                 num_layers=1, num_heads=1, num_kv_heads=1, head_dim=HD))
+    emb = jnp.concatenate([freq, freq], -1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    ct = jnp.asarray(r.randn(B, TOK, H, HD), bf)
+    for rope, name in ((rope_bf16, "bf16, rounded per op (previous)"),
+                       (T.apply_rope, "float32, rounded once (current)")):
+        fn = rope_fn(rope)
+        print(f"| query RoPE fwd+bwd | {name} | {1e3 * best(fn, (q, cos, sin, ct), args.repeats):.1f} |  |")
+    print(f"\nattention gradients, current vs previous: max relative difference {rel:.1e} (bf16 rounding)")
+
+
+if __name__ == "__main__":
+    main()
