@@ -4,7 +4,7 @@ decode: this engine (discrete and Gumbel soft modes; float32 and bf16 weights/ca
         (PyTorch, sampling top-k 5, top-p 0.95; float32 and bf16 models), batch 16, 128 new tokens (EOS disabled so
         every row decodes the full length).
 train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO / GRPO update (float32; and bf16
-        compute with float32 master weights, rematerialised) vs a transformers causal-LM step with
+        compute with float32 master weights, without and with remat) vs a transformers causal-LM step with
         torch.optim.AdamW (float32; and under torch.autocast bf16). Ratios compare like with like. Each train
         row runs in a fresh subprocess, one after another (``--in-process``: all in this one): in one process
         the last row measured 10.5-11.1 s where alone it took 9.5-10.0 s.
@@ -155,8 +155,8 @@ def train_row(row, hf_dir, B, L, V, repeats):
         torch.set_num_threads(os.cpu_count() or 1)
         tmodel = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         return bench_torch_train(tmodel, B, L, V, repeats, autocast=row == "torch_autocast")
-    if row == "soft_bf16_remat":
-        return bench_ours_train(hf_dir, B, L, repeats, True, compute_dtype="bfloat16", remat=True)
+    if row.startswith("soft_bf16"):
+        return bench_ours_train(hf_dir, B, L, repeats, True, compute_dtype="bfloat16", remat=row.endswith("remat"))
     return bench_ours_train(hf_dir, B, L, repeats, row == "soft_f32")
 
 
@@ -229,6 +229,7 @@ def main():
                  "torch_autocast": "transformers fwd+bwd+AdamW, bf16 autocast",
                  "soft_f32": "softgrpo_jax SofT-GRPO update, float32",
                  "grpo_f32": "softgrpo_jax GRPO update, float32",
+                 "soft_bf16": "softgrpo_jax SofT-GRPO update, bf16 compute, no remat",
                  "soft_bf16_remat": "softgrpo_jax SofT-GRPO update, bf16 compute + remat"}
         res = {}
         for row in names:

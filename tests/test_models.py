@@ -381,6 +381,52 @@ def test_bf16_model_gradient_gemms_stay_bf16():
 
 
 @pytest.mark.parametrize("remat", [False, True])
+def test_bf16_layer_scan_saves_residuals_as_bits(remat, monkeypatch):
+    """A bf16 layer scan on XLA:CPU stacks its backward residuals as uint16 bits, never as bf16 (XLA:CPU computes a
+    bf16 dynamic-update-slice in float32: the no-remat SmolLM2 update took 24 s instead of 10), with no weight
+    copies among them; the gradients equal those of the same scan saving bf16 residuals (within bf16 rounding
+    without remat, where the marks force roundings XLA may otherwise skip), on random weights."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models import transformer as T
+
+    L = 3
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=L,
+                      num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", remat=remat)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(4)))
+    ids = jnp.asarray(_ids(64, (2, 16), seed=5))
+    mask = jnp.asarray(np.arange(16)[None, :] >= np.array([[0], [5]]))  # left padding in one row
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+        return (jax.nn.log_softmax(logits, -1)[..., 7] * mask).sum()
+
+    def stacked_residuals():
+        fwd_scan = next(e for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns if e.primitive.name == "scan")
+        return [v.aval for v in fwd_scan.outvars if v.aval.shape[:1] == (L,)]
+
+    stacked = stacked_residuals()
+    dtypes = {str(a.dtype) for a in stacked}
+    assert "uint16" in dtypes and "bfloat16" not in dtypes, stacked
+    weight_shapes = {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 3 and a.shape[0] == L}
+    assert not [a for a in stacked if tuple(a.shape) in weight_shapes], stacked
+    if not remat:  # every matmul's input, both norms' inputs, the attention's five residuals, gate and up
+        assert len(stacked) >= 11, stacked
+
+    g_bits = jax.jit(jax.grad(loss))(params)
+    monkeypatch.setattr(T, "RESIDUALS_AS_BITS", False)
+    assert "bfloat16" in {str(a.dtype) for a in stacked_residuals()}  # the switch works: the previous behaviour
+    g_plain = jax.jit(jax.grad(loss))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_bits), jax.tree.leaves(g_plain)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a).max() > 0, path
+        if remat:  # only the layer input is marked: the very same computation
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+        else:  # the marks round to bf16 where XLA may keep excess precision: equal within bf16 rounding
+            rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+            assert rel < 2e-2, (jax.tree_util.keystr(path), rel)
+
+
+@pytest.mark.parametrize("remat", [False, True])
 def test_bf16_training_gradients_close(hf_pair, remat):
     """Gradients of a bf16-compute model (float32 master weights) stay within bf16 rounding of float32's, for every
     parameter, tied or untied LM head, scanned layers with and without rematerialisation."""

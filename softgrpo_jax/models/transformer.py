@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from softgrpo_jax.distributed import constrain_batch, current_activation_mesh
@@ -243,9 +244,15 @@ def forward(
 
     layer_params = params["layers"]
     per_layer = isinstance(layer_params, (list, tuple))
-    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local, fused, seqlen)
+    # a layer scan on XLA:CPU in a 16-bit dtype saves its residuals as uint16 bits (see _RESIDUAL)
+    bits = (RESIDUALS_AS_BITS and cfg.scan_layers and not per_layer and jnp.dtype(cd).itemsize == 2
+            and jax.default_backend() == "cpu")
+    body = _make_layer_fn(cfg, cos, sin, attn_mask, start, local, fused, seqlen,
+                          residuals=None if not bits else "input" if cfg.remat else "all")
     if cfg.remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=_REMAT_POLICY if bits else jax.checkpoint_policies.nothing_saveable)
+    elif bits:
+        body = jax.checkpoint(body, policy=_SAVE_POLICY)
 
     kv_in = None if cache is None else (cache["k"], cache["v"])
     if per_layer:
@@ -311,6 +318,39 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (w.astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+# The values a layer's backward pass needs, named for ``jax.checkpoint``'s ``save_only_these_names`` policy. A bf16
+# layer scan on XLA:CPU runs under that policy: without remat (``_SAVE_POLICY``) it saves the residuals a plain
+# backward saves, with remat (``_REMAT_POLICY``) only each layer's input, and either way 16-bit floats are stored as
+# their uint16 bits. A residual saved in bf16 is stacked across the scan by a bf16 dynamic-update-slice, which
+# XLA:CPU computes in float32 (30 ms per layer for a [16, 256, 1536] slice), and the backward scan then converts
+# each whole stack to float32 (1.2 s for one [30, 16, 256, 1536] residual); the same bits as uint16 are updated and
+# sliced in place, and only bitcasts are recomputed. SmolLM2 update, 16 x 256 tokens, bf16 without remat: 24 ->
+# 10.9 s; with remat 9.9 -> 9.6 s (benchmarks/RESULTS.md).
+RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
+_RESIDUAL = "softgrpo_residual"
+_LAYER_INPUT = "softgrpo_layer_input"
+_SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _RESIDUAL)
+_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT)
+
+
+def _named_residual(a: jax.Array, name: str = _RESIDUAL) -> jax.Array:
+    """``a`` named as a residual worth saving: 16-bit floats by their bits (see ``_RESIDUAL``), value unchanged."""
+    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
+        bits = checkpoint_name(jax.lax.bitcast_convert_type(a, jnp.uint16), name)
+        return jax.lax.bitcast_convert_type(bits, a.dtype)
+    return checkpoint_name(a, name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def saved_residual(a: jax.Array, name: str = _RESIDUAL) -> jax.Array:
+    """Identity whose value is saved for the backward pass under ``_SAVE_POLICY`` (a GEMM's input or output that a
+    backward needs, a norm's input): without the mark, that policy would recompute it. Inert elsewhere."""
+    return a
+
+
+saved_residual.defvjp(lambda a, name: (_named_residual(a, name), None), lambda name, _, g: (g,))
 
 
 def inv_frequencies(cfg: ModelConfig) -> jax.Array:
@@ -525,24 +565,28 @@ def _swap_last2(x: jax.Array) -> jax.Array:
     return _heads_major(x.reshape(-1, M, N, 1)).reshape(*lead, N, M)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(qg, kt, vt, mask, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention_core(qg, kt, vt, mask, scale, mark=False):
     """``_attention_probs_out``'s output in the compute dtype, with the backward written out flash-style: the
     softmax gradient takes its row term from delta = rowsum(dO * O) ([.., G*T, hd]) instead of autodiff's
     rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of a 12 s
     SmolLM2 update), the scale is applied to [.., hd] arrays only, and every GEMM takes compute-dtype operands
     with float32 accumulation, in layouts XLA:CPU runs as bf16 GEMMs (the key / value gradients as
-    dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands)."""
+    dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands). ``mark``: name the residuals
+    for ``forward``'s checkpoint policy (``_RESIDUAL``)."""
     return _attention_probs_out(qg, kt, vt, mask, scale)[1].astype(qg.dtype)
 
 
-def _attention_core_fwd(qg, kt, vt, mask, scale):
+def _attention_core_fwd(qg, kt, vt, mask, scale, mark):
     w, o = _attention_probs_out(qg, kt, vt, mask, scale)
     w, o = jax.lax.optimization_barrier((w, o))  # keep them: XLA would otherwise recompute O inside the backward
-    return o.astype(qg.dtype), (qg, kt, vt, mask, w, o)
+    res = (qg, kt, vt, w, o)
+    if mark:
+        res = tuple(_named_residual(a) for a in res)
+    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
 
 
-def _attention_core_bwd(scale, res, do):
+def _attention_core_bwd(scale, mark, res, do):
     qg, kt, vt, mask, w, o = res
     f32, dt = jnp.float32, qg.dtype
     do = do.astype(dt)
@@ -559,15 +603,23 @@ _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, fused: bool = False,
-                   seqlen=None):
+                   seqlen=None, residuals: str | None = None):
+    """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``residuals`` marks the values the backward pass saves for
+    ``forward``'s checkpoint policies (see ``_RESIDUAL``): "input" the layer input, "all" every residual, None none
+    (the marks force bf16 rounding where XLA could otherwise keep excess precision, so unmarked passes stay as
+    they were)."""
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     scale = 1.0 / math.sqrt(hd)
+    mark_all = residuals == "all"
+    keep = saved_residual if mark_all else (lambda a: a)
 
     def layer(x, p: dict[str, Any], i, kv):
         B, T, _ = x.shape
         x = constrain_batch(x)  # no-op without distributed.activation_sharding
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        if residuals:
+            x = saved_residual(x, _LAYER_INPUT)
+        h = keep(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))
         q = _dense(h, p["wq"], p.get("bq")).reshape(B, T, H, hd)
         k = _dense(h, p["wk"], p.get("bk")).reshape(B, T, Hkv, hd)
         v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
@@ -575,7 +627,7 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         k = apply_rope(k, cos, sin)
         if fused:  # whole sequences, no cache, rows reordered real-tokens-first (see forward)
             o = _attention_dpa(q, k, v, seqlen, scale).reshape(B, T, H * hd)
-            return _mlp_block(cfg, x, o, p), kv
+            return _mlp_block(cfg, x, o, p, keep), kv
         kt = _heads_major(k)  # [B, Hkv, T, hd]: this call's keys / values
         vt = _heads_major(v)
         if kv is not None:
@@ -597,20 +649,20 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
         if kv is None:  # a whole-sequence pass (log-probs, training): the written-out backward
-            o = _attention_core(qg, kt, vt, attn_mask, scale)
+            o = _attention_core(qg, kt, vt, attn_mask, scale, mark_all)
         else:
             o = _attention_probs_out(qg, kt, vt, attn_mask, scale)[1].astype(x.dtype)
         o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        return _mlp_block(cfg, x, o, p), kv
+        return _mlp_block(cfg, x, o, p, keep), kv
 
     return layer
 
 
-def _mlp_block(cfg: ModelConfig, x, o, p):
-    """The rest of a layer after attention: output projection, residual, MLP, residual."""
-    x = x + _dense(o, p["wo"], p.get("bo"))
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    g = _dense(h, p["w_gate"])
-    u = _dense(h, p["w_up"])
-    x = x + _dense(jax.nn.silu(g) * u, p["w_down"])
+def _mlp_block(cfg: ModelConfig, x, o, p, keep=lambda a: a):
+    """The rest of a layer after attention: output projection, residual, MLP, residual (``keep`` marks residuals)."""
+    x = keep(x + _dense(keep(o), p["wo"], p.get("bo")))
+    h = keep(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
+    g = keep(_dense(h, p["w_gate"]))
+    u = keep(_dense(h, p["w_up"]))
+    x = x + _dense(keep(jax.nn.silu(g) * u), p["w_down"])
     return constrain_batch(x)
