@@ -1,9 +1,10 @@
 """CPU micro-benchmark, side by side in one run: one layer's attention and RoPE, forward + backward, at SmolLM2's
-training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after session 5's changes.
+training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after sessions 5 and 6.
 
-attention: autodiff of the batched-GEMM attention with plain key/value transposes (the previous code) against
-           ``_attention_core`` (written-out backward) with ``_heads_major`` transposes (the current code);
-           the element types of every compiled dot are printed (float32 operands = XLA:CPU converted the dot).
+attention: autodiff of the batched-GEMM attention with plain key/value transposes (session 4) against
+           ``_attention_core`` (written-out backward, ``_heads_major`` transposes) untiled (session 5), tiled by
+           batch rows, and tiled by batch rows and causal query tiles (session 6, the current code); the element
+           types of every compiled dot are printed (float32 operands = XLA:CPU converted the dot).
 rope:      the query rotation computed in bf16 (rounded after every op, the previous code) against float32
            rounded once (``apply_rope``, the current code), forward + backward.
 
@@ -49,22 +50,24 @@ def dot_types(fn, args):
                    for ops in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)})
 
 
-def attention_fn(new: bool):
+def attention_fn(variant: str):
+    """variant: "autodiff" (session 4), "core" (``_attention_core`` untiled, session 5), "batch" (tiled by batch
+    rows), "causal" (batch rows and causal query tiles: the current code)."""
     mask = jnp.tril(jnp.ones((TOK, TOK), bool))[None].repeat(B, 0)
     scale = HD ** -0.5
 
     def attn(q, k, v):
         qg = q.reshape(B, TOK, HKV, G, HD).transpose(0, 2, 3, 1, 4).reshape(B, HKV, G * TOK, HD)
-        if new:
-            o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale)
-        else:
+        if variant == "autodiff":
             kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             o = T._attention_probs_out(qg, kt, vt, mask, scale)[1].astype(q.dtype)
+        else:
+            o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale, False, variant == "causal")
         return o.reshape(B, HKV, G, TOK, HD).transpose(0, 3, 1, 2, 4).reshape(B, TOK, H * HD)
 
     def fwd_bwd(q, k, v, do):
         o, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do.astype(o.dtype))
+        return (o,) + vjp(do.astype(o.dtype))
 
     return jax.jit(fwd_bwd)
 
@@ -96,14 +99,25 @@ def main():
     print("| what | variant | ms (best of %d) | dot operand types |" % args.repeats)
     print("|---|---|---|---|")
     outs = {}
-    for new, name in ((False, "autodiff, plain transposes (previous)"), (True, "_attention_core (current)")):
-        fn = attention_fn(new)
-        outs[new] = fn(q, k, v, do)
-        print(f"| attention fwd+bwd | {name} | {1e3 * best(fn, (q, k, v, do), args.repeats):.1f} | "
-              f"{', '.join(dot_types(fn, (q, k, v, do)))} |")
+    untiled = T._attention_tiles
+    variants = (("autodiff", "autodiff, plain transposes (session 4)"),
+                ("core", "`_attention_core`, untiled (session 5)"),
+                ("batch", "`_attention_core`, tiles of batch rows"),
+                ("causal", "`_attention_core`, batch rows + causal query tiles (current)"))
+    for variant, name in variants:
+        if variant == "core":
+            T._attention_tiles = lambda b, t, *a: (b, t)
+        fn = attention_fn(variant)
+        outs[variant] = fn(q, k, v, do)
+        ms = 1e3 * best(fn, (q, k, v, do), args.repeats)
+        print(f"| attention fwd+bwd | {name} | {ms:.1f} | {', '.join(dot_types(fn, (q, k, v, do)))} |")
+        T._attention_tiles = untiled
     f32 = jnp.float32
-    rel = max(float(jnp.abs(a.astype(f32) - b.astype(f32)).max() / jnp.abs(a.astype(f32)).max())
-              for a, b in zip(outs[False], outs[True]))
+
+    def rel(x, y):
+        return max(float(jnp.abs(a.astype(f32) - b.astype(f32)).max() / jnp.abs(a.astype(f32)).max())
+                   for a, b in zip(x, y))
+
     pos = jnp.arange(TOK, dtype=jnp.float32)[None, :, None] * jnp.ones((B, 1, 1))
     freq = pos * T.inv_frequencies(T.ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
                                                  num_layers=1, num_heads=1, num_kv_heads=1, head_dim=HD))
@@ -114,7 +128,9 @@ def main():
                        (T.apply_rope, "float32, rounded once (current)")):
         fn = rope_fn(rope)
         print(f"| query RoPE fwd+bwd | {name} | {1e3 * best(fn, (q, cos, sin, ct), args.repeats):.1f} |  |")
-    print(f"\nattention gradients, current vs previous: max relative difference {rel:.1e} (bf16 rounding)")
+    print(f"\nattention output and gradients, max relative difference to the untiled core: autodiff "
+          f"{rel(outs['autodiff'], outs['core']):.1e} (bf16 rounding), batch tiles {rel(outs['batch'], outs['core']):.1e}, "
+          f"causal tiles {rel(outs['causal'], outs['core']):.1e}")
 
 
 if __name__ == "__main__":

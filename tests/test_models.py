@@ -329,11 +329,18 @@ def _attention_reference(q, k, v, mask, scale, do):
     return o, dq, fold(dk), fold(dv)
 
 
-@pytest.mark.parametrize("dtype,T,tol", [("float32", 16, 1e-4), ("float32", 13, 1e-4), ("bfloat16", 16, 2e-2)])
-def test_attention_core_gradients(dtype, T, tol):
+@pytest.mark.parametrize("dtype,T,tol,tiles", [
+    ("float32", 16, 1e-4, None), ("float32", 13, 1e-4, None), ("bfloat16", 16, 2e-2, None),
+    ("float32", 16, 1e-4, (1, 4)), ("float32", 13, 1e-4, (1, 13)), ("bfloat16", 16, 2e-2, (1, 8))])
+def test_attention_core_gradients(dtype, T, tol, tiles, monkeypatch):
     """The attention core's written-out backward (delta = rowsum(dO * O), dK^T = Q^T dS, dV^T = dO^T W) against
-    float64 NumPy on random GQA inputs with causal + padding masks (a fully masked query row included)."""
+    float64 NumPy on random GQA inputs with causal + padding masks (a fully masked query row included); untiled,
+    and tiled (``tiles``: batch rows per tile, query positions per causal tile) as on XLA:CPU at training sizes."""
+    from softgrpo_jax.models import transformer as TR
     from softgrpo_jax.models.transformer import _attention_core
+
+    if tiles is not None:
+        monkeypatch.setattr(TR, "_attention_tiles", lambda *a: tiles)
 
     B, H, Hkv, hd = 2, 6, 2, 8
     G = H // Hkv
@@ -342,6 +349,11 @@ def test_attention_core_gradients(dtype, T, tol):
     k, v = rng.randn(B, Hkv, T, hd), rng.randn(B, Hkv, T, hd)
     mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
     mask[1, :, :3] = False  # row 1 left-padded by 3: its first 3 query rows see no key at all
+    seen = mask.any(-1)[:, None, :, None]  # [B, 1, T, 1] query rows with a visible key
+    if tiles is not None:
+        # a query row with no visible key (padding) averages the values of its tile's keys, not of all S: such
+        # rows never reach a real position's output, and the cotangent reaching them is zero (as in training)
+        do = do * seen
     scale = hd ** -0.5
     dt = jnp.dtype(dtype)
     cast = lambda x: jnp.asarray(x, dt)  # noqa: E731
@@ -349,7 +361,7 @@ def test_attention_core_gradients(dtype, T, tol):
     o_ref, dq_ref, dk_ref, dv_ref = _attention_reference(q16, k16, v16, mask, scale, do16)
 
     def core(qg, kt, vt):
-        return _attention_core(qg, kt, vt, jnp.asarray(mask), scale)
+        return _attention_core(qg, kt, vt, jnp.asarray(mask), scale, False, tiles is not None)
 
     qg = cast(q).reshape(B, Hkv, G * T, hd)  # head k*G + g at row g*T + t
     o, vjp = jax.vjp(jax.jit(core), qg, cast(k), cast(v))
@@ -357,7 +369,21 @@ def test_attention_core_gradients(dtype, T, tol):
     for got, ref in ((o, o_ref), (dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert got.dtype == dt
         got = np.asarray(got, np.float64).reshape(ref.shape)
+        if tiles is not None and ref is o_ref:
+            got, ref = got * seen, ref * seen
         np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
+
+
+def test_attention_tiles_on_cpu():
+    """XLA:CPU tiles the training attention: SmolLM2's 16 x 256 tokens in tiles of 2 batch rows (~4.7 MB of
+    float32 scores) and, with a causal mask, 64 query positions; no query tiles without one or for short rows."""
+    from softgrpo_jax.models.transformer import _attention_tiles
+
+    row = 3 * 768 * 256 * 4  # Hkv * G*T * S float32 scores of one batch row
+    assert _attention_tiles(16, 256, 256, row, True) == (2, 64)
+    assert _attention_tiles(16, 256, 256, row, False) == (2, 256)
+    assert _attention_tiles(4, 32, 32, 3 * 96 * 32 * 4, True) == (4, 32)  # small: one tile
+    assert _attention_tiles(5, 192, 192, 4 << 20, True) == (1, 64)  # 5 rows: tiles of one
 
 
 def test_bf16_model_gradient_gemms_stay_bf16():

@@ -565,38 +565,137 @@ def _swap_last2(x: jax.Array) -> jax.Array:
     return _heads_major(x.reshape(-1, M, N, 1)).reshape(*lead, N, M)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention_core(qg, kt, vt, mask, scale, mark=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_core(qg, kt, vt, mask, scale, mark=False, causal=False):
     """``_attention_probs_out``'s output in the compute dtype, with the backward written out flash-style: the
     softmax gradient takes its row term from delta = rowsum(dO * O) ([.., G*T, hd]) instead of autodiff's
     rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of a 12 s
     SmolLM2 update), the scale is applied to [.., hd] arrays only, and every GEMM takes compute-dtype operands
     with float32 accumulation, in layouts XLA:CPU runs as bf16 GEMMs (the key / value gradients as
     dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands). ``mark``: name the residuals
-    for ``forward``'s checkpoint policy (``_RESIDUAL``)."""
-    return _attention_probs_out(qg, kt, vt, mask, scale)[1].astype(qg.dtype)
+    for ``forward``'s checkpoint policy (``_RESIDUAL``). ``causal``: the mask is causal in slot order (S == T)
+    at least; on XLA:CPU the work is then tiled (see ``_attention_tiles``)."""
+    return _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal)[0]
 
 
-def _attention_core_fwd(qg, kt, vt, mask, scale, mark):
-    w, o = _attention_probs_out(qg, kt, vt, mask, scale)
-    w, o = jax.lax.optimization_barrier((w, o))  # keep them: XLA would otherwise recompute O inside the backward
-    res = (qg, kt, vt, w, o)
-    if mark:
-        res = tuple(_named_residual(a) for a in res)
-    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
+def _attention_tiles(B: int, T: int, S: int, row_bytes: int, causal: bool) -> tuple[int, int]:
+    """(batch rows per tile, query positions per tile) for ``_attention_core``. On XLA:CPU the attention is
+    bound by moving its [.., G*T, S] scores and weights through memory (~10 passes); a loop over tiles of a few
+    batch rows keeps each tile's arrays in cache, and with a causal mask each query tile only touches the keys up
+    to its end (positions tiled by 64: 5/8 of the score elements at T = 256). One SmolLM2 layer's attention
+    forward + backward (16 x 256 tokens): 75 -> 57 ms (benchmarks/bench_cpu_attention.py). Elsewhere, and under
+    a multi-device mesh (a loop over batch rows would fight GSPMD's batch sharding): one tile. A query row with no
+    visible key (left padding) then averages the values of its tile's keys instead of all S: such rows never
+    reach a real position's output, and no cotangent reaches them."""
+    if not _cpu_single_device():
+        return B, T
+    tq = 64 if causal and S == T and T % 64 == 0 and T >= 128 else T
+    bb = 1
+    for d in range(1, B + 1):  # the most batch rows whose float32 scores stay within ~8 MB
+        if B % d == 0 and d * row_bytes <= 8 << 20:
+            bb = d
+    return bb, tq
 
 
-def _attention_core_bwd(scale, mark, res, do):
-    qg, kt, vt, mask, w, o = res
+def _map_rows(fn, bb, *xs):
+    """``fn`` over tiles of ``bb`` batch rows of the arrays (pytrees) ``xs`` (``lax.map``; 16-bit floats cross the
+    loop as uint16 bits: XLA:CPU computes a bf16 dynamic-slice / -update-slice in float32, converting whole
+    arrays), results merged back. One tile: ``fn(*xs)``."""
+    B = jax.tree.leaves(xs)[0].shape[0]
+    if bb >= B:
+        return fn(*xs)
+
+    def body(args):
+        return jax.tree.map(_to_bits, fn(*jax.tree.map(_from_bits, args, tiles)))
+
+    tiles = jax.tree.map(lambda x: jax.ShapeDtypeStruct((bb,) + x.shape[1:], x.dtype), xs)
+    out = jax.lax.map(body, jax.tree.map(lambda x: _to_bits(x).reshape((B // bb, bb) + x.shape[1:]), xs))
+    return jax.tree.map(lambda a, ref: _from_bits(a.reshape((B,) + a.shape[2:]), ref), out, jax.eval_shape(fn, *tiles))
+
+
+def _to_bits(a):
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _from_bits(a, ref):
+    return jax.lax.bitcast_convert_type(a, ref.dtype) if a.dtype != ref.dtype else a  # ref: the original dtype
+
+
+def _query_tile(x, j, tq, T):
+    """Rows of query positions [j*tq, (j+1)*tq) of a [b, Hkv, G*T, ...] array (row g*T + t)."""
+    b, k, GT = x.shape[:3]
+    x5 = x.reshape((b, k, GT // T, T) + x.shape[3:])[:, :, :, j * tq:(j + 1) * tq]
+    return x5.reshape((b, k, (GT // T) * tq) + x.shape[3:])
+
+
+def _attention_fwd_tile(qg, kt, vt, mask, scale, tq):
+    """One batch tile's attention: (float32 output [b, Hkv, G*T, hd], the weights per query tile)."""
+    T = mask.shape[1]
+    if tq >= T:
+        w, o = _attention_probs_out(qg, kt, vt, mask, scale)
+        return o, (w,)
+    b, k, GT, hd = qg.shape
+    outs, ws = [], []
+    for j in range(T // tq):
+        end = (j + 1) * tq  # causal: the keys up to this tile's last query
+        w, o = _attention_probs_out(_query_tile(qg, j, tq, T), kt[:, :, :end], vt[:, :, :end],
+                                    mask[:, j * tq:end, :end], scale)
+        outs.append(o.reshape(b, k, GT // T, tq, hd))
+        ws.append(w)
+    return jnp.concatenate(outs, axis=3).reshape(b, k, GT, hd), tuple(ws)
+
+
+def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
+    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and float32 output."""
     f32, dt = jnp.float32, qg.dtype
     do = do.astype(dt)
     delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
-    dw = jnp.einsum("bkqh,bksh->bkqs", do, vt, preferred_element_type=f32)
-    ds = (w.astype(f32) * (dw - delta)).astype(dt)  # dS / scale
-    dq = (jnp.einsum("bkqs,bksh->bkqh", ds, kt, preferred_element_type=f32) * scale).astype(dt)
-    dkt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(qg), ds, preferred_element_type=f32) * scale
-    dvt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(do), w, preferred_element_type=f32)
-    return dq, _swap_last2(dkt).astype(kt.dtype), _swap_last2(dvt).astype(vt.dtype), None
+
+    def grads(q, do_, delta_, w, k, v):
+        dw = jnp.einsum("bkqh,bksh->bkqs", do_, v, preferred_element_type=f32)
+        ds = (w.astype(f32) * (dw - delta_)).astype(dt)  # dS / scale
+        dq = jnp.einsum("bkqs,bksh->bkqh", ds, k, preferred_element_type=f32) * scale
+        dkt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(q), ds, preferred_element_type=f32) * scale
+        dvt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(do_), w, preferred_element_type=f32)
+        return dq, dkt, dvt
+
+    if len(ws) == 1:
+        dq, dkt, dvt = grads(qg, do, delta, ws[0], kt, vt)
+    else:
+        b, k, GT, hd = qg.shape
+        S = kt.shape[2]
+        dqs, dkt, dvt = [], jnp.zeros((b, k, hd, S), f32), jnp.zeros((b, k, hd, S), f32)
+        for j, w in enumerate(ws):
+            end = (j + 1) * tq
+            dq_j, dk_j, dv_j = grads(*(_query_tile(a, j, tq, T) for a in (qg, do, delta)), w,
+                                     kt[:, :, :end], vt[:, :, :end])
+            dqs.append(dq_j.reshape(b, k, GT // T, tq, hd))
+            dkt = dkt.at[..., :end].add(dk_j)
+            dvt = dvt.at[..., :end].add(dv_j)
+        dq = jnp.concatenate(dqs, axis=3).reshape(b, k, GT, hd)
+    return dq.astype(dt), _swap_last2(dkt).astype(kt.dtype), _swap_last2(dvt).astype(vt.dtype)
+
+
+def _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal):
+    B, k, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    bb, tq = _attention_tiles(B, T, S, k * GT * S * 4, causal)
+    o, ws = _map_rows(lambda q, kk, v, m: _attention_fwd_tile(q, kk, v, m, scale, tq), bb, qg, kt, vt, mask)
+    ws, o = jax.lax.optimization_barrier((ws, o))  # keep them: XLA would otherwise recompute O inside the backward
+    res = (qg, kt, vt, ws, o)
+    if mark:
+        res = jax.tree.map(_named_residual, res)
+    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
+
+
+def _attention_core_bwd(scale, mark, causal, res, do):
+    qg, kt, vt, mask, ws, o = res
+    B, k, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    bb, tq = _attention_tiles(B, T, S, k * GT * S * 4, causal)
+    dq, dk, dv = _map_rows(lambda q, kk, v, w, o_, d: _attention_bwd_tile(q, kk, v, w, o_, d, scale, T, tq), bb,
+                           qg, kt, vt, ws, o, do)
+    return dq, dk, dv, None
 
 
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
@@ -649,7 +748,7 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
         qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
         if kv is None:  # a whole-sequence pass (log-probs, training): the written-out backward
-            o = _attention_core(qg, kt, vt, attn_mask, scale, mark_all)
+            o = _attention_core(qg, kt, vt, attn_mask, scale, mark_all, True)
         else:
             o = _attention_probs_out(qg, kt, vt, attn_mask, scale)[1].astype(x.dtype)
         o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
