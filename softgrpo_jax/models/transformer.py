@@ -326,8 +326,8 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 # their uint16 bits. A residual saved in bf16 is stacked across the scan by a bf16 dynamic-update-slice, which
 # XLA:CPU computes in float32 (30 ms per layer for a [16, 256, 1536] slice), and the backward scan then converts
 # each whole stack to float32 (1.2 s for one [30, 16, 256, 1536] residual); the same bits as uint16 are updated and
-# sliced in place, and only bitcasts are recomputed. SmolLM2 update, 16 x 256 tokens, bf16 without remat: 24 ->
-# 10.9 s; with remat 9.9 -> 9.6 s (benchmarks/RESULTS.md).
+# sliced in place, and only bitcasts are recomputed. SmolLM2 update, 16 x 256 tokens, bf16 without remat: 24-25 ->
+# ~10 s; with remat 1-4% faster (benchmarks/RESULTS.md).
 RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
 _RESIDUAL = "softgrpo_residual"
 _LAYER_INPUT = "softgrpo_layer_input"
@@ -583,7 +583,7 @@ def _attention_tiles(B: int, T: int, S: int, row_bytes: int, causal: bool) -> tu
     bound by moving its [.., G*T, S] scores and weights through memory (~10 passes); a loop over tiles of a few
     batch rows keeps each tile's arrays in cache, and with a causal mask each query tile only touches the keys up
     to its end (positions tiled by 64: 5/8 of the score elements at T = 256). One SmolLM2 layer's attention
-    forward + backward (16 x 256 tokens): 75 -> 57 ms (benchmarks/bench_cpu_attention.py). Elsewhere, and under
+    forward + backward (16 x 256 tokens): 74 -> 54 ms (benchmarks/bench_cpu_attention.py). Elsewhere, and under
     a multi-device mesh (a loop over batch rows would fight GSPMD's batch sharding): one tile. A query row with no
     visible key (left padding) then averages the values of its tile's keys instead of all S: such rows never
     reach a real position's output, and no cotangent reaches them."""
