@@ -1,0 +1,118 @@
+"""CPU A/B of session 6's changes on the SofT-GRPO update (SmolLM2-135M, bf16 compute, float32 master weights):
+"new" is the current code, "old" the same code with both changes switched off (bf16 scan residuals instead of
+uint16 bits: ``transformer.RESIDUALS_AS_BITS = False``; untiled attention). Variants alternate, each run in a fresh
+subprocess (best of ``--repeats`` updates after a compiling one), so machine drift hits both alike.
+
+    python benchmarks/bench_cpu_update_ab.py [--batch 16 --len 256 --micro 1 --pairs 2] [--no-remat]
+    python benchmarks/bench_cpu_update_ab.py --gemm   # isolated bf16 GEMMs: XLA:CPU against torch
+
+The demo's update is ``--batch 32 --len 192 --micro 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu_attention import best  # noqa: E402
+from bench_cpu_decode_train import cpu_name, train_batch  # noqa: E402
+
+
+def one_run(variant, B, L, micro, remat, repeats):
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.config import base_config, loss_config
+    from softgrpo_jax.models import transformer as T
+    from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
+
+    if variant == "old":
+        T.RESIDUALS_AS_BITS = False
+        T._attention_tiles = lambda b, t, *a: (b, t)
+    model = load_pretrained("smollm2", compute_dtype="bfloat16", remat=remat)
+    pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
+    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, True), micro))
+    old = pol.logprobs(pol.params, batch)
+    jax.block_until_ready(pol.update(batch, old, old))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(pol.update(batch, old, old))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def gemm_table():
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    print("| GEMM (bf16 operands) | XLA:CPU, float32 result | XLA:CPU, bf16 result | torch, bf16 result |")
+    print("|---|---|---|---|")
+    for m, k, n in ((4096, 576, 1536), (4096, 1536, 576), (4096, 576, 49152)):
+        r = np.random.RandomState(0)
+        a, b = r.randn(m, k).astype(np.float32), r.randn(k, n).astype(np.float32)
+        ja, jb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+        f32 = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        b16 = jax.jit(lambda x, y: x @ y)
+        ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+        torch_ms = min(_timed(lambda: ta @ tb) for _ in range(7))
+        gf = lambda s: f"{2 * m * k * n / s / 1e9:,.0f} GFLOP/s"  # noqa: E731
+        print(f"| [{m}, {k}] x [{k}, {n}] | {gf(best(f32, (ja, jb), 7))} | {gf(best(b16, (ja, jb), 7))} | "
+              f"{gf(torch_ms)} |")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--len", type=int, default=256)
+    ap.add_argument("--micro", type=int, default=1, help="micro-batches per update")
+    ap.add_argument("--no-remat", action="store_true")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gemm", action="store_true")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one run, print JSON
+    args = ap.parse_args()
+    remat = not args.no_remat
+    if args.variant:
+        print(json.dumps(one_run(args.variant, args.batch, args.len, args.micro, remat, args.repeats)))
+        return
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}")
+    if args.gemm:
+        gemm_table()
+        return
+    print(f"update of {args.batch} x {args.len} tokens in {args.micro} micro-batch(es), bf16 compute, "
+          f"remat {remat}; best of {args.repeats} per run\n")
+    print("| run | variant | best (s) | all (s) |")
+    print("|---|---|---|---|")
+    res = {"new": [], "old": []}
+    for i in range(args.pairs):
+        for variant in ("new", "old"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--batch", str(args.batch),
+                   "--len", str(args.len), "--micro", str(args.micro), "--repeats", str(args.repeats)]
+            if not remat:
+                cmd.append("--no-remat")
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            times = json.loads(out.strip().splitlines()[-1])
+            res[variant].append(min(times))
+            print(f"| {i + 1} | {variant} | {min(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
+    new, old = min(res["new"]), min(res["old"])
+    print(f"\nbest new {new:.2f} s, best old {old:.2f} s: old / new = {old / new:.3f}")
+
+
+if __name__ == "__main__":
+    main()
