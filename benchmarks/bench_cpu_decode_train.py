@@ -79,7 +79,9 @@ def bench_torch_decode(tmodel, tok, prompts, new, repeats):
     return dict(tokens=n, seconds=best, tok_s=n / best, step_ms=1000 * best / new)
 
 
-def train_batch(B, L, K, vocab, soft: bool, seed=0):
+def train_batch(B, L, K, vocab, soft: bool, seed=0, answer=0):
+    """Prompts of 32 tokens, then L - 32 response tokens: soft thinking steps (``soft``) of which the last ``answer``
+    are discrete (``</think>`` and the answer), or all discrete."""
     rng = np.random.RandomState(seed)
     P = 32
     toks = rng.randint(0, vocab, (B, L)).astype(np.int32)
@@ -91,20 +93,27 @@ def train_batch(B, L, K, vocab, soft: bool, seed=0):
         sm[:, P:] = True
         ids[:, P:, 1:] = rng.randint(0, vocab, (B, L - P, K - 1))
         ytil[:, P:] = np.log(rng.dirichlet(np.ones(K), (B, L - P)) + 1e-6) + rng.gumbel(size=(B, L - P, K))
+        if answer:
+            sm[:, L - answer:] = False
+            ids[:, L - answer:, 1:] = 0
+            ytil[:, L - answer:] = 0
     lm = np.zeros((B, L), bool)
     lm[:, P:] = True
     return dict(tokens=toks, attention_mask=np.ones((B, L), bool), topk_ids=ids, topk_ytil=ytil, soft_mask=sm,
                 loss_mask=lm, advantages=rng.randn(B).astype(np.float32), tau=np.full((B,), 0.1, np.float32))
 
 
-def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, **kw):
+ANSWER = 32  # discrete response tokens at the end of the "answer" row's sequences
+
+
+def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, answer=0, **kw):
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.config import base_config, loss_config
     from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
 
     model = load_pretrained(model_path, compute_dtype=compute_dtype, remat=remat, **kw)
     pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
-    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, soft), 1))
+    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, soft, answer=answer), 1))
     old = pol.logprobs(pol.params, batch)
     t = time.perf_counter()
     jax.block_until_ready(pol.update(batch, old, old))
@@ -155,9 +164,9 @@ def train_row(row, hf_dir, B, L, V, repeats):
         torch.set_num_threads(os.cpu_count() or 1)
         tmodel = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         return bench_torch_train(tmodel, B, L, V, repeats, autocast=row == "torch_autocast")
-    if row.startswith("soft_bf16"):
-        return bench_ours_train(hf_dir, B, L, repeats, True, compute_dtype="bfloat16", remat=row.endswith("remat"))
-    return bench_ours_train(hf_dir, B, L, repeats, row == "soft_f32")
+    bf16 = "bf16" in row
+    return bench_ours_train(hf_dir, B, L, repeats, row.startswith("soft"), compute_dtype="bfloat16" if bf16 else
+                            "float32", remat="remat" in row, answer=ANSWER if row.endswith("answer") else 0)
 
 
 def main():
@@ -172,6 +181,8 @@ def main():
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--in-process", action="store_true",
                     help="measure every train row in this process (default: a fresh subprocess per row)")
+    ap.add_argument("--rows", help="comma-separated train rows of this project to measure (both transformers rows "
+                    "always run); default: all")
     ap.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: measure one train row, print JSON
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,7 +241,15 @@ def main():
                  "soft_f32": "softgrpo_jax SofT-GRPO update, float32",
                  "grpo_f32": "softgrpo_jax GRPO update, float32",
                  "soft_bf16": "softgrpo_jax SofT-GRPO update, bf16 compute, no remat",
-                 "soft_bf16_remat": "softgrpo_jax SofT-GRPO update, bf16 compute + remat"}
+                 "soft_bf16_remat": "softgrpo_jax SofT-GRPO update, bf16 compute + remat",
+                 "soft_bf16_remat_answer": f"softgrpo_jax SofT-GRPO update, bf16 compute + remat, last {ANSWER} "
+                                           "response tokens discrete",
+                 "grpo_bf16_remat": "softgrpo_jax GRPO update, bf16 compute + remat"}
+        if args.rows:
+            unknown = sorted(set(args.rows.split(",")) - set(names))
+            if unknown:
+                raise SystemExit(f"unknown rows {unknown}; rows: {sorted(names)}")
+            names = {k: v for k, v in names.items() if k in args.rows.split(",") or k.startswith("torch")}
         res = {}
         for row in names:
             if args.in_process:
@@ -253,7 +272,9 @@ def main():
     for what, name, r, ratio in rows:
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {r.get('compile_s', float('nan')):.1f} |")
-    print("\n(ratios: each row of this project against transformers in the same dtype)")
+    print("\n(ratios: each row of this project against transformers in the same dtype. The SofT-GRPO rows score "
+          "a soft step from its K ids' logits and form vocabulary-wide logits only at scored discrete targets; "
+          "transformers' step computes the full-vocabulary loss at every position, as a plain LM step does)")
     for dt in (None, "bfloat16") if ours else ():
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "

@@ -89,7 +89,7 @@ def base_config() -> ConfigDict:
         kl_type="low_var_kl",
         loss_agg_mode="token-mean",
         train_temperature=1.0,
-        logprob_chunk_size=0,  # 0 = logits for all positions at once
+        logprob_chunk_size=0,  # rows of vocabulary-wide logits per chunk (discrete targets only); 0 = ~128 MB
         discrete_from_ids=False,
     ))
     c.optim = ConfigDict(dict(

@@ -261,11 +261,12 @@ def test_sharded_index_and_atomic_save(tmp_path):
 
 # ------------------------------------------------------------------------------------ bf16 training gradients
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("n,d,f", [(24, 48, 80), (13, 40, 96), (16, 12, 20)])
+@pytest.mark.parametrize("n,d,f", [(24, 48, 80), (13, 40, 96), (16, 12, 20), (32, 96, 40)])
 def test_bf16_matmul_gradients(n, d, f, transpose_w):
     """The mixed-precision matmul's hand-written backward against float64 NumPy: the weight gradient from bf16
     operands with float32 accumulation (unrounded, in the weight's float32), the input gradient in bf16. Token
-    counts that are not multiples of 8 (padded) and widths too narrow for tiles (the plain path) included."""
+    counts that are not multiples of 8 (padded), widths too narrow for tiles (the plain path) and an output
+    narrower than the input (the weight gradient as (g.T @ x).T) included."""
     from softgrpo_jax.models.transformer import matmul
 
     rng = np.random.RandomState(n + d + f)
@@ -284,6 +285,102 @@ def test_bf16_matmul_gradients(n, d, f, transpose_w):
     y = jax.jit(lambda x, w: matmul(x, w, transpose_w))(x, w)
     np.testing.assert_allclose(np.asarray(y), x64 @ (w64.T if transpose_w else w64), rtol=0,
                                atol=1e-4 * np.abs(np.asarray(y)).max())
+
+
+def test_logits_at_ids_and_vocab_logprobs(hf_pair):
+    """The soft path's K-id logits and the discrete path's chunked vocabulary log-probs against the full logits
+    (``logits_from_hidden``), values and gradients (to the hidden states and every weight), tied and untied heads,
+    with chunks of 1, 5 (ragged) and the default size, and a mask with no needed position."""
+    from softgrpo_jax.models.transformer import logits_from_hidden, logits_at_ids, vocab_logprobs
+
+    d, _ = hf_pair
+    m = load_pretrained(d)
+    cfg, params = m.config, m.param_tree()
+    V, D = cfg.vocab_size, cfg.hidden_size
+    rng = np.random.RandomState(3)
+    h = jnp.asarray(rng.randn(3, 11, D), jnp.float32)
+    ids = jnp.asarray(rng.randint(0, V, (3, 11, 4)))
+    tgt = jnp.asarray(rng.randint(0, V, (3, 11)))
+    need = jnp.asarray(rng.rand(3, 11) < 0.4)
+    assert 0 < int(need.sum()) < need.size
+    c1, c2 = (jnp.asarray(rng.randn(*s), jnp.float32) for s in ((3, 11), (3, 11, 4)))
+    temp = 0.7
+
+    def reference(params, h):
+        logits = logits_from_hidden(cfg, params, h)
+        lp = jax.nn.log_softmax(logits / temp, axis=-1)
+        full = jnp.where(need, jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0], 0.0)
+        return full, jnp.take_along_axis(logits, ids, axis=-1)
+
+    def ours(params, h, chunk):
+        return vocab_logprobs(cfg, params, h, tgt, need, temperature=temp, chunk_size=chunk), \
+            logits_at_ids(cfg, params, h, ids)
+
+    want = jax.jit(reference)(params, h)
+    for chunk in (1, 5, None):
+        got = jax.jit(ours, static_argnums=2)(params, h, chunk)
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(got[0])[~np.asarray(need)] == 0)
+
+    def loss(fn):
+        return lambda p, h: sum(jnp.sum(c * o) for c, o in zip((c1, c2), fn(p, h)))
+
+    g_want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(params, h)
+    g_got = jax.jit(jax.grad(loss(lambda p, h: ours(p, h, 5)), argnums=(0, 1)))(params, h)
+    flat_w, flat_g = jax.tree.leaves(g_want), jax.tree.leaves(g_got)
+    assert len(flat_w) == len(flat_g)
+    for a, b in zip(flat_g, flat_w):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * max(1.0, np.abs(b).max()))
+    # nothing needed: zeros, no gradient from the vocabulary path
+    none = jnp.zeros_like(need)
+    z, gz = jax.jit(jax.value_and_grad(lambda p, h: jnp.sum(c1 * vocab_logprobs(cfg, p, h, tgt, none)),
+                                       argnums=(0, 1)))(params, h)
+    assert float(z) == 0 and all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(gz))
+
+
+def test_vocab_logprobs_bf16_and_memory():
+    """bf16 compute: the chunked path agrees with the full bf16 logits within bf16 rounding; and the compiled
+    log-prob pass holds [rows, V] float32 logits at a time, not [N, V]."""
+    from softgrpo_jax.models import ModelConfig
+    from softgrpo_jax.models.transformer import logits_from_hidden, vocab_logprobs
+
+    cfg = ModelConfig(family="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, dtype="bfloat16")
+    rng = np.random.RandomState(0)
+    params = {"embed": jnp.asarray(rng.randn(4096, 64) * 0.5, jnp.float32)}
+    h = jnp.asarray(rng.randn(8, 64, 64), jnp.bfloat16)
+    tgt = jnp.asarray(rng.randint(0, 4096, (8, 64)))
+    need = jnp.asarray(rng.rand(8, 64) < 0.5)
+    want = jnp.where(need, jnp.take_along_axis(jax.nn.log_softmax(logits_from_hidden(cfg, params, h)),
+                                               tgt[..., None], -1)[..., 0], 0.0)
+    f = jax.jit(lambda p, h: vocab_logprobs(cfg, p, h, tgt, need, chunk_size=64))
+    np.testing.assert_allclose(np.asarray(f(params, h)), np.asarray(want), rtol=0, atol=2e-2)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(vocab_logprobs(cfg, p, h, tgt, need, chunk_size=64))))(params)["embed"]
+    gw = jax.grad(lambda p: jnp.sum(jnp.where(need, jnp.take_along_axis(
+        jax.nn.log_softmax(logits_from_hidden(cfg, p, h)), tgt[..., None], -1)[..., 0], 0.0)))(params)["embed"]
+    assert np.abs(np.asarray(g) - np.asarray(gw)).max() <= 2e-2 * np.abs(np.asarray(gw)).max()
+    logits_bytes = 8 * 64 * 4096 * 4
+    temp = f.lower(params, h).compile().memory_analysis().temp_size_in_bytes
+    assert temp < logits_bytes / 4, (temp, logits_bytes)
+
+
+def test_swiglu_against_numpy():
+    """silu(g) * u rounded once, and its written-out backward, against float64 NumPy (bf16 and float32)."""
+    from softgrpo_jax.models.transformer import swiglu
+
+    rng = np.random.RandomState(1)
+    for dt, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        g = jnp.asarray(rng.randn(64, 48) * 3, dt)
+        u = jnp.asarray(rng.randn(64, 48), dt)
+        c = jnp.asarray(rng.randn(64, 48), dt)
+        y, (dg, du) = jax.jit(lambda g, u: (swiglu(g, u), jax.grad(lambda g, u: jnp.sum(
+            (swiglu(g, u) * c).astype(jnp.float32)), argnums=(0, 1))(g, u)))(g, u)
+        assert y.dtype == dt and dg.dtype == dt and du.dtype == dt
+        g64, u64, c64 = (np.asarray(a, np.float64) for a in (g, u, c))
+        s = 1 / (1 + np.exp(-g64))
+        for got, ref in ((y, g64 * s * u64), (du, c64 * g64 * s), (dg, c64 * u64 * s * (1 + g64 * (1 - s)))):
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:

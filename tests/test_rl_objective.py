@@ -553,6 +553,20 @@ def test_token_logprobs_chunked_equals_unchunked(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_token_logprobs_score_mask(tiny):
+    """Positions outside score_mask return 0; the others equal the unmasked values (soft and discrete alike), and
+    a mask of soft targets only still scores them (their K-id logits need no vocabulary pass)."""
+    _, model = tiny
+    batch = make_batch(model.config.vocab_size, seed=4)
+    full = np.asarray(rl.token_logprobs(model, batch, tau=0.1))
+    rng = np.random.default_rng(0)
+    for sm in (np.asarray(batch["loss_mask"]), rng.random(full.shape) < 0.5, np.asarray(batch["soft_mask"])):
+        got = np.asarray(rl.token_logprobs(model, batch, tau=0.1, score_mask=jnp.asarray(sm), chunk_size=3))
+        np.testing.assert_allclose(got[sm], full[sm], atol=1e-6)
+        assert np.all(got[~sm] == 0)
+    assert np.all(got[np.asarray(batch["soft_mask"])] <= -1.0 + 1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ loss_fn on a model
 def _named_grads(grads):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(grads)}

@@ -130,6 +130,16 @@ class Transformer(nnx.Module):
         """Final hidden states [..., D] (already normed) -> float32 logits [..., V]."""
         return logits_from_hidden(self.config, self.param_tree(), h)
 
+    def logits_at_ids(self, h: jax.Array, ids: jax.Array) -> jax.Array:
+        """The logits of given ids only: h [..., D], ids [..., K] -> float32 [..., K] (see :func:`logits_at_ids`)."""
+        return logits_at_ids(self.config, self.param_tree(), h, ids)
+
+    def vocab_logprobs(self, h: jax.Array, targets: jax.Array, need: jax.Array, *, temperature=1.0,
+                       chunk_size: int | None = None) -> jax.Array:
+        """``log_softmax(logits / temperature)[targets]`` where ``need`` (see :func:`vocab_logprobs`)."""
+        return vocab_logprobs(self.config, self.param_tree(), h, targets, need, temperature=temperature,
+                              chunk_size=chunk_size)
+
     def param_tree(self) -> dict[str, Any]:
         """The weights as a plain dict (what :func:`forward` takes): ``embed``, ``final_norm``, ``lm_head`` (untied
         models) and ``layers`` (the layer-stacked dict)."""
@@ -171,6 +181,136 @@ def logits_from_hidden(cfg: ModelConfig, params: dict[str, Any], h: jax.Array) -
     else:
         out = matmul(h2, params["lm_head"])
     return out.reshape(lead + (out.shape[-1],)).astype(jnp.float32)
+
+
+def _head_weight(cfg: ModelConfig, params: dict[str, Any]) -> tuple[jax.Array, bool]:
+    """The LM head weight and whether it is stored [V, D] (the tied embedding) rather than [D, V]."""
+    if cfg.tie_word_embeddings:
+        return params["embed"], True
+    return params["lm_head"], False
+
+
+def logits_at_ids(cfg: ModelConfig, params: dict[str, Any], h: jax.Array, ids: jax.Array) -> jax.Array:
+    """The logits of K given ids per position, without the vocabulary-wide GEMM: h [..., D] (normed), ids
+    [..., K] -> float32 [..., K], equal to ``take_along_axis(logits_from_hidden(h), ids)``.
+
+    A soft step's log-prob needs only these (the Gumbel density renormalises over its K ids, so the full softmax's
+    normaliser cancels): K dot products of D per position instead of V. The gradient reaches the head weight as a
+    scatter-add into its K rows per position."""
+    cd = cfg.jnp_dtype
+    w, vd = _head_weight(cfg, params)
+    ids = ids.astype(jnp.int32)
+    if vd:
+        rows = jnp.take(w, ids, axis=0)  # [..., K, D]
+    else:
+        rows = jnp.moveaxis(jnp.take(w, ids, axis=1), 0, -1)  # [D, ..., K] -> [..., K, D]
+    return jnp.einsum("...d,...kd->...k", h.astype(cd), rows.astype(cd), preferred_element_type=jnp.float32)
+
+
+# Rows of [rows, V] float32 logits live at once in ``vocab_logprobs`` when no chunk size is given: ~128 MB.
+VOCAB_CHUNK_BYTES = 128 * 2**20
+
+
+def vocab_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk of ``vocab_logprobs``: ``chunk_size`` if given, else ~``VOCAB_CHUNK_BYTES`` of float32
+    logits (a multiple of 8, between 64 and 4096)."""
+    if chunk_size:
+        return int(chunk_size)
+    return max(64, min(4096, VOCAB_CHUNK_BYTES // (4 * vocab_size) // 8 * 8))
+
+
+def vocab_logprobs(cfg: ModelConfig, params: dict[str, Any], h: jax.Array, targets: jax.Array, need: jax.Array,
+                   *, temperature=1.0, chunk_size: int | None = None) -> jax.Array:
+    """``log_softmax(logits_from_hidden(h) / temperature)[targets]`` where ``need``, 0 elsewhere, computing the
+    vocabulary-wide logits only for (about) the positions that need them.
+
+    h [B, T, D] normed hidden states, targets [B, T] int, need [B, T] bool -> [B, T] float32.
+
+    The needed positions are moved to the front (a stable sort, per batch row under a multi-device mesh so the
+    batch stays sharded; over the flattened batch otherwise) and processed in chunks of ``vocab_chunk_rows`` rows
+    by a loop that runs only as many chunks as hold needed positions: only [rows, V] logits are ever live, and a
+    batch with no needed position (a SofT-GRPO batch whose scored steps are all soft) never touches the vocabulary.
+    Forward and backward are written out (``_vocab_lp``): the backward recomputes each chunk's logits, forms
+    ``(onehot - softmax) * g / temperature``, and accumulates the head's gradient over the chunks in float32."""
+    B, T, D = h.shape
+    mesh = current_activation_mesh()
+    per_row = mesh is not None and mesh.size > 1
+    if not per_row:  # one sort over all positions: chunks pack needed positions of every row
+        h, targets, need = h.reshape(1, B * T, D), targets.reshape(1, B * T), need.reshape(1, B * T)
+    R, N = h.shape[:2]
+    rows = vocab_chunk_rows(cfg.vocab_size, chunk_size)
+    c = max(1, min(N, rows // R))  # positions per chunk and row
+    order = jnp.argsort(~need, axis=1, stable=True)
+    count = jnp.max(jnp.sum(need, axis=1))
+    hs = jnp.take_along_axis(h, order[..., None], axis=1)
+    ts = jnp.take_along_axis(targets.astype(jnp.int32), order, axis=1)
+    n_chunks = -(-N // c)
+    pad = n_chunks * c - N
+    if pad:
+        hs = jnp.pad(hs, ((0, 0), (0, pad), (0, 0)))
+        ts = jnp.pad(ts, ((0, 0), (0, pad)))
+    trips = (count + c - 1) // c
+    w, vd = _head_weight(cfg, params)
+    lp_sorted = _vocab_lp(hs, w, ts, trips, (c, float(temperature), vd, jnp.dtype(cfg.jnp_dtype).name))[:, :N]
+    inv = jnp.argsort(order, axis=1)
+    lp = jnp.take_along_axis(lp_sorted, inv, axis=1)
+    lp = jnp.where(need, lp, 0.0)
+    return lp.reshape(B, T)
+
+
+def _vocab_chunk_logits(hs, wc, i, c, temp, vd):
+    x = jax.lax.dynamic_slice_in_dim(hs, i * c, c, axis=1)  # [R, c, D]
+    x = x.reshape(-1, x.shape[-1]).astype(wc.dtype)
+    return x, _mm(x, wc, vd) / temp  # [R*c, V] float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _vocab_lp(hs, w, ts, trips, static):
+    return _vocab_lp_fwd(hs, w, ts, trips, static)[0]
+
+
+def _vocab_lp_fwd(hs, w, ts, trips, static):
+    c, temp, vd, cd = static
+    wc = w.astype(cd)
+    R, Np = ts.shape
+
+    def body(i, out):
+        _, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
+        t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        lp = (picked - jax.nn.logsumexp(logits, axis=-1)).reshape(R, c)
+        return jax.lax.dynamic_update_slice_in_dim(out, lp, i * c, axis=1)
+
+    out = jax.lax.fori_loop(0, trips, body, jnp.zeros((R, Np), jnp.float32))
+    return out, (hs, w, ts, trips)
+
+
+def _vocab_lp_bwd(static, res, g):
+    c, temp, vd, cd = static
+    hs, w, ts, trips = res
+    wc = w.astype(cd)
+    R, Np, D = hs.shape
+    V = wc.shape[0] if vd else wc.shape[1]
+
+    def body(i, carry):
+        dh, dw = carry
+        x, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
+        t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
+        gc = jax.lax.dynamic_slice_in_dim(g, i * c, c, axis=1).reshape(-1, 1) / temp
+        p = jax.nn.softmax(logits, axis=-1)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
+        gl = (gc * (onehot.astype(jnp.float32) - p)).astype(cd)  # d lp / d (x W), the cotangent cast as _matmul16's
+        dx = _mm(gl, wc, not vd).astype(hs.dtype).reshape(R, c, D)
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, dx, i * c, axis=1)
+        return dh, dw + _tn_dot(x, gl)  # [D, V] either way
+
+    dh, dw = jax.lax.fori_loop(0, trips, body, (jnp.zeros_like(hs), jnp.zeros((D, V), jnp.float32)))
+    if vd:
+        dw = _transpose_tiled(dw) if _tiles_ok(D, V) else dw.T
+    return dh, dw.astype(w.dtype), None, None
+
+
+_vocab_lp.defvjp(_vocab_lp_fwd, _vocab_lp_bwd)
 
 
 def forward(
@@ -480,7 +620,13 @@ def _matmul16_bwd(transpose_w, res, g):
     x, w = res
     g = g.astype(x.dtype)  # [N, F]
     dx = _mm(g, w.astype(x.dtype), not transpose_w).astype(x.dtype)  # g @ w.T (or g @ w)
-    if not transpose_w:
+    if not transpose_w and g.shape[1] < x.shape[1] and _tiles_ok(*x.shape, g.shape[1]):
+        # [D, F] = (g.T @ x).T when the output is narrower than the input (the MLP's down projection): the tiled
+        # transpose then moves g [N, F] and the small result instead of x [N, D]; and x (the SwiGLU output, which
+        # remat recomputes) is not fused into a transposing copy, where XLA:CPU evaluated it in strided order
+        # (8 ms per SmolLM2 layer with the bf16 silu, 61 ms with the float32 one; this way ~2 ms)
+        dw = _transpose_tiled(_tn_dot(g, x))
+    elif not transpose_w:
         dw = _tn_dot(x, g)  # [D, F] = x.T @ g
     elif _tiles_ok(*x.shape, g.shape[1]):
         # [F, D] = (x.T @ g).T: transposing x [N, D] and the [D, F] result moves far less than g [N, F] when F is
@@ -763,5 +909,33 @@ def _mlp_block(cfg: ModelConfig, x, o, p, keep=lambda a: a):
     h = keep(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
     g = keep(_dense(h, p["w_gate"]))
     u = keep(_dense(h, p["w_up"]))
-    x = x + _dense(keep(jax.nn.silu(g) * u), p["w_down"])
+    x = x + _dense(keep(swiglu(g, u)), p["w_down"])
     return constrain_batch(x)
+
+
+@jax.custom_vjp
+def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
+    """``silu(g) * u``, computed in float32 and rounded once to g's dtype; the backward likewise.
+
+    Written out because XLA:CPU has no bf16 arithmetic: ``jax.nn.silu(g) * u`` on bf16 arrays rounds after each of
+    its five ops (negate, exp, add, divide, multiply), a chain of conversions that made this elementwise fusion
+    ~9 ms per SmolLM2 layer at 16 x 256 tokens, and autodiff's backward another such chain. torch autocast rounds
+    twice (silu, then the product); this rounds once."""
+    gf = g.astype(jnp.float32)
+    return (gf / (1.0 + jnp.exp(-gf)) * u.astype(jnp.float32)).astype(g.dtype)
+
+
+def _swiglu_fwd(g, u):
+    return swiglu(g, u), (g, u)
+
+
+def _swiglu_bwd(res, dy):
+    g, u = res
+    gf, uf, d = g.astype(jnp.float32), u.astype(jnp.float32), dy.astype(jnp.float32)
+    s = 1.0 / (1.0 + jnp.exp(-gf))
+    du = d * gf * s
+    dg = d * uf * s * (1.0 + gf * (1.0 - s))  # d silu / dg = s (1 + g (1 - s))
+    return dg.astype(g.dtype), du.astype(u.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

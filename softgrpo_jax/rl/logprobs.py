@@ -31,15 +31,19 @@ NOISES = ("gumbel", "gaussian", "dirichlet")
 BATCH_KEYS = ("tokens", "attention_mask", "topk_ids", "topk_ytil")
 
 
-def _topk_log_q(logits: jax.Array, topk_ids: jax.Array) -> jax.Array:
-    """log q_k: the policy renormalised over the K stored ids, [..., K] float32.
+def _gather(logits: jax.Array, topk_ids: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits.astype(jnp.float32), topk_ids.astype(jnp.int32), axis=-1)
+
+
+def _log_q(topk_logits: jax.Array) -> jax.Array:
+    """log q_k: the policy renormalised over the K stored ids, [..., K] float32, from the K ids' logits.
 
     ``P[a_k] / sum_j P[a_j]`` with ``P = softmax(logits)`` equals ``softmax(logits[a])`` over the K gathered logits
-    (the full-vocabulary normaliser cancels), which is how it is computed: no V-wide softmax, and no 0/0 when every
-    ``P[a_k]`` underflows. Duplicate ids count once per slot, as in the original.
+    (the full-vocabulary normaliser cancels), which is how it is computed: no V-wide softmax (``token_logprobs``
+    never forms the other V - K logits of a soft step), and no 0/0 when every ``P[a_k]`` underflows. Duplicate ids
+    count once per slot, as in the original.
     """
-    la = jnp.take_along_axis(logits.astype(jnp.float32), topk_ids.astype(jnp.int32), axis=-1)
-    return jax.nn.log_softmax(la, axis=-1)
+    return jax.nn.log_softmax(topk_logits.astype(jnp.float32), axis=-1)
 
 
 def _masked_slot_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -64,7 +68,11 @@ def gumbel_logprob(logits: jax.Array, topk_ids: jax.Array, topk_ytil: jax.Array)
       gradient of clamped slots; ``d phi / d lam = 1 - exp(-z)`` elsewhere. If no slot has ``lam > -3`` (only
       possible with K > 20) the mean runs over all K slots instead of dividing by zero.
     """
-    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    return _gumbel_from_topk(_gather(logits, topk_ids), topk_ytil)
+
+
+def _gumbel_from_topk(topk_logits, topk_ytil):
+    q = jnp.exp(_log_q(topk_logits))
     lam = jnp.log(q + Q_EPS)
     z = jnp.clip(topk_ytil.astype(jnp.float32) - lam, GUMBEL_Z_MIN, GUMBEL_Z_MAX)
     phi = -z - jnp.exp(-z)
@@ -78,7 +86,11 @@ def gaussian_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, 
     ``topk_s`` [..., K] holds the rollout's noisy probabilities ``s ~ N(p_hat, std^2)``; q as in ``gumbel_logprob``
     (without the 1e-6). Returns [...] float32.
     """
-    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    return _gaussian_from_topk(_gather(logits, topk_ids), topk_s, std=std, clamp=clamp, threshold=threshold)
+
+
+def _gaussian_from_topk(topk_logits, topk_s, *, std=0.05, clamp=0.15, threshold=0.05):
+    q = jnp.exp(_log_q(topk_logits))
     x = jnp.clip(topk_s.astype(jnp.float32), q - clamp, q + clamp)
     logpdf = -0.5 * jnp.square((x - q) / std) - math.log(std) - 0.5 * math.log(2 * math.pi)
     return _masked_slot_mean(logpdf, q > threshold)
@@ -92,7 +104,11 @@ def dirichlet_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array,
     Slots outside the mask are evaluated at safe values (q = 1, s = 1) so that q = 0 or s <= 0 there cannot
     produce a NaN value or gradient. Returns [...] float32.
     """
-    q = jnp.exp(_topk_log_q(logits, topk_ids))
+    return _dirichlet_from_topk(_gather(logits, topk_ids), topk_s, alpha=alpha, threshold=threshold, clamp=clamp)
+
+
+def _dirichlet_from_topk(topk_logits, topk_s, *, alpha=1.0, threshold=0.05, clamp=(-5.0, 3.0)):
+    q = jnp.exp(_log_q(topk_logits))
     valid = q > threshold
     s = topk_s.astype(jnp.float32)
     ok = valid & (s > 0)
@@ -110,7 +126,8 @@ def discrete_logprob(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(lf, axis=-1)
 
 
-_SOFT_FNS = {"gumbel": gumbel_logprob, "gaussian": gaussian_logprob, "dirichlet": dirichlet_logprob}
+# the soft densities from the K stored ids' logits [..., K] (what token_logprobs computes instead of [..., V])
+_SOFT_FNS = {"gumbel": _gumbel_from_topk, "gaussian": _gaussian_from_topk, "dirichlet": _dirichlet_from_topk}
 
 
 def discrete_positions(batch: Mapping[str, Any], *, discrete_from_ids: bool = False) -> jax.Array:
@@ -166,37 +183,39 @@ def rebuild_inputs(table: jax.Array, batch: Mapping[str, Any], *, tau, discrete_
     return jax.lax.stop_gradient(emb)
 
 
-def _position_logprobs(logits, tgt_tok, tgt_ids, tgt_ytil, tgt_disc, noise):
-    disc = discrete_logprob(logits, tgt_tok)
-    soft = _SOFT_FNS[noise](logits, tgt_ids, tgt_ytil)
-    return jnp.where(tgt_disc, disc, soft)
-
-
 def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float = 1.0, noise: str = "gumbel",
-                   chunk_size: int | None = None, discrete_from_ids: bool = False) -> jax.Array:
+                   chunk_size: int | None = None, discrete_from_ids: bool = False,
+                   score_mask: jax.Array | None = None) -> jax.Array:
     """Per-position log-probs of the stored targets under ``model`` (SPEC.md 2.1, 2.2, 7).
 
     Args:
       model: a ``Transformer`` (anything with ``embedding_table()``, ``__call__(inputs_embeds=..., attention_mask=...,
-        return_hidden=True)`` and ``logits_from_hidden``).
+        return_hidden=True)``, ``logits_at_ids`` and ``vocab_logprobs``).
       batch: ``tokens`` [B, T] int32, ``attention_mask`` [B, T] bool, ``topk_ids`` [B, T, K] int32,
         ``topk_ytil`` [B, T, K] float32, ``soft_mask`` [B, T] bool (not needed with ``discrete_from_ids``).
         Prompts left-padded, responses right-padded (real tokens contiguous).
       tau: Gumbel-softmax temperature used to rebuild the inputs: scalar or [B].
       temperature: logits are divided by it before any log-prob (``T_train``).
       noise: "gumbel" (SofT-GRPO), "gaussian" or "dirichlet" (ablations) for soft targets.
-      chunk_size: if set, logits are produced ``chunk_size`` positions at a time (``lax.map`` over chunks, each chunk
-        rematerialised in the backward pass), so only [B, chunk_size, V] logits are ever live; None: all at once.
+      chunk_size: rows (positions of the whole batch) per chunk of vocabulary-wide logits: only [chunk_size, V]
+        float32 logits are live at once. None: ~128 MB of them (``models.transformer.vocab_chunk_rows``).
       discrete_from_ids: use the original's ``all(ids[1:] == 0)`` discrete test instead of ``soft_mask``.
+      score_mask: [B, T] bool, the positions the caller will use (the loss mask); the others return 0 and cost
+        nothing. None: every valid position.
     Returns:
       [B, T] float32, aligned with the targets: ``out[:, t]`` is the log-prob of the step stored at position t
       (``tokens[:, t]`` / ``topk_ids[:, t]``, ``topk_ytil[:, t]``), computed from the logits at position t - 1.
-      ``out[:, 0]`` is 0, and so is every t where position t or t - 1 is padding. Use it with a ``loss_mask`` that
-      marks the response positions t being scored.
-    Discrete targets (``discrete[t]``) score ``log_softmax(logits_{t-1})[tokens[t]]``; soft targets the noise density.
+      ``out[:, 0]`` is 0, and so is every t where position t or t - 1 is padding or ``score_mask`` is False.
+    Discrete targets (``discrete[t]``) score ``log_softmax(logits_{t-1})[tokens[t]]``; soft targets the noise density,
+    which needs only the logits of the K stored ids: those come from ``logits_at_ids`` (K dot products per
+    position), and the vocabulary-wide logits are formed only at the scored discrete targets (``vocab_logprobs``).
+    The values are those of the full logits (``gumbel_logprob`` / ``discrete_logprob`` of ``logits_from_hidden``),
+    up to float32 summation order.
     Inputs are rebuilt by ``rebuild_inputs`` under ``stop_gradient``: gradients never flow through input embeddings.
     """
     _check_batch(batch, noise)
+    if chunk_size is not None and int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     mask = jnp.asarray(batch["attention_mask"], bool)
     B, T = tokens.shape
@@ -207,32 +226,13 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
 
     # position t-1 predicts the step stored at t
     h = hidden[:, :-1]
-    tgt = (tokens[:, 1:], batch["topk_ids"][:, 1:].astype(jnp.int32), batch["topk_ytil"][:, 1:], disc[:, 1:])
-    temp = jnp.asarray(temperature, jnp.float32)
-
-    def chunk_fn(h_c, tok_c, ids_c, ytil_c, disc_c):
-        logits = model.logits_from_hidden(h_c).astype(jnp.float32) / temp
-        return _position_logprobs(logits, tok_c, ids_c, ytil_c, disc_c, noise)
-
-    n = T - 1
-    if chunk_size is None or chunk_size >= n:
-        lp = chunk_fn(h, *tgt)
-    else:
-        c = int(chunk_size)
-        if c <= 0:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-        n_chunks = -(-n // c)
-        pad = n_chunks * c - n
-
-        def to_chunks(x):
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-            x = x.reshape((B, n_chunks, c) + x.shape[2:])
-            return jnp.moveaxis(x, 1, 0)  # [n_chunks, B, c, ...]
-
-        body = jax.checkpoint(lambda xs: chunk_fn(*xs), policy=jax.checkpoint_policies.nothing_saveable)
-        out = jax.lax.map(body, tuple(to_chunks(x) for x in (h,) + tgt))  # [n_chunks, B, c]
-        lp = jnp.moveaxis(out, 0, 1).reshape(B, n_chunks * c)[:, :n]
-
     valid = mask[:, 1:] & mask[:, :-1]
-    lp = jnp.where(valid, lp, 0.0)
+    if score_mask is not None:
+        valid = valid & jnp.asarray(score_mask, bool)[:, 1:]
+    tgt_disc = disc[:, 1:]
+    temp = jnp.asarray(temperature, jnp.float32)
+    la = model.logits_at_ids(h, batch["topk_ids"][:, 1:]) / temp  # [B, T-1, K]
+    soft = _SOFT_FNS[noise](la, batch["topk_ytil"][:, 1:])
+    full = model.vocab_logprobs(h, tokens[:, 1:], valid & tgt_disc, temperature=temperature, chunk_size=chunk_size)
+    lp = jnp.where(valid, jnp.where(tgt_disc, full, soft), 0.0)
     return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp.astype(jnp.float32)], axis=1)

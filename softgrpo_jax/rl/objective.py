@@ -275,7 +275,8 @@ def loss_fn(model, batch: Mapping[str, Any], old_logprobs: jax.Array | None, ref
         if k not in batch:
             raise KeyError(f"batch is missing {k!r}; loss_fn needs loss_mask [B,T], advantages [B] or [B,T], tau")
     lp = token_logprobs(model, batch, tau=batch["tau"], temperature=cfg.temperature, noise=cfg.noise,
-                        chunk_size=cfg.chunk_size, discrete_from_ids=cfg.discrete_from_ids)
+                        chunk_size=cfg.chunk_size, discrete_from_ids=cfg.discrete_from_ids,
+                        score_mask=batch["loss_mask"])
     mask = jnp.asarray(batch["loss_mask"], bool)
     terms = ppo_loss_terms(lp, old_logprobs, ref_logprobs, batch["advantages"], mask, cfg)
     soft = ~discrete_positions(batch, discrete_from_ids=cfg.discrete_from_ids)

@@ -143,7 +143,8 @@ def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
 
     def one(b):
         return token_logprobs(model, b, tau=b["tau"], temperature=loss_cfg.temperature, noise=loss_cfg.noise,
-                              chunk_size=loss_cfg.chunk_size, discrete_from_ids=loss_cfg.discrete_from_ids)
+                              chunk_size=loss_cfg.chunk_size, discrete_from_ids=loss_cfg.discrete_from_ids,
+                              score_mask=b.get("loss_mask"))
 
     return jax.lax.map(one, mb)
 
