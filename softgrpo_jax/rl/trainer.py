@@ -128,13 +128,18 @@ def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_l
     (grads, terms), _ = jax.lax.scan(micro, (zeros, t0), (mb, old_lp, ref_lp))
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(gnorm)
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+    def step(_):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    # a conditional, not a select of every parameter and moment between the new and old values: the skipped step
+    # costs nothing and the taken one no extra pass over 3x the parameters (SmolLM2: ~0.3 s of a CPU update)
+    new_params, new_opt = jax.lax.cond(finite, step, lambda _: (params, opt_state), None)
     metrics = finalize_metrics(terms, cfg)
     metrics["grad_norm"] = gnorm
     metrics["skipped"] = (~finite).astype(jnp.int32)
-    return keep(new_params, params), keep(new_opt, opt_state), metrics
+    return new_params, new_opt, metrics
 
 
 def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
