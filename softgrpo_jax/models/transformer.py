@@ -271,23 +271,40 @@ def _vocab_lp(hs, w, ts, trips, static):
 
 def _vocab_lp_fwd(hs, w, ts, trips, static):
     c, temp, vd, cd = static
-    wc = w.astype(cd)
     R, Np = ts.shape
 
-    def body(i, out):
-        _, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
-        t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        lp = (picked - jax.nn.logsumexp(logits, axis=-1)).reshape(R, c)
-        return jax.lax.dynamic_update_slice_in_dim(out, lp, i * c, axis=1)
+    def run(_):
+        wc = w.astype(cd)
 
-    out = jax.lax.fori_loop(0, trips, body, jnp.zeros((R, Np), jnp.float32))
+        def body(i, out):
+            _, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
+            t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
+            picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+            lp = (picked - jax.nn.logsumexp(logits, axis=-1)).reshape(R, c)
+            return jax.lax.dynamic_update_slice_in_dim(out, lp, i * c, axis=1)
+
+        return jax.lax.fori_loop(0, trips, body, jnp.zeros((R, Np), jnp.float32))
+
+    # no chunk to run (every scored step soft): not even the weight's cast (a [V, D] pass)
+    out = jax.lax.cond(trips > 0, run, lambda _: jnp.zeros((R, Np), jnp.float32), None)
     return out, (hs, w, ts, trips)
 
 
 def _vocab_lp_bwd(static, res, g):
     c, temp, vd, cd = static
     hs, w, ts, trips = res
+    R, Np, D = hs.shape
+
+    def run(_):
+        return _vocab_lp_bwd_loop(static, hs, w, ts, trips, g)
+
+    # nothing to do without a chunk: zeros, without the [D, V] accumulator's transpose and the weight's cast
+    dh, dw = jax.lax.cond(trips > 0, run, lambda _: (jnp.zeros_like(hs), jnp.zeros(w.shape, jnp.float32)), None)
+    return dh, dw.astype(w.dtype), None, None
+
+
+def _vocab_lp_bwd_loop(static, hs, w, ts, trips, g):
+    c, temp, vd, cd = static
     wc = w.astype(cd)
     R, Np, D = hs.shape
     V = wc.shape[0] if vd else wc.shape[1]
@@ -307,7 +324,7 @@ def _vocab_lp_bwd(static, res, g):
     dh, dw = jax.lax.fori_loop(0, trips, body, (jnp.zeros_like(hs), jnp.zeros((D, V), jnp.float32)))
     if vd:
         dw = _transpose_tiled(dw) if _tiles_ok(D, V) else dw.T
-    return dh, dw.astype(w.dtype), None, None
+    return dh, dw
 
 
 _vocab_lp.defvjp(_vocab_lp_fwd, _vocab_lp_bwd)
@@ -792,10 +809,10 @@ def _attention_fwd_tile(qg, kt, vt, mask, scale, tq):
 
 
 def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
-    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and float32 output."""
+    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and output."""
     f32, dt = jnp.float32, qg.dtype
     do = do.astype(dt)
-    delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
 
     def grads(q, do_, delta_, w, k, v):
         dw = jnp.einsum("bkqh,bksh->bkqs", do_, v, preferred_element_type=f32)
@@ -828,10 +845,13 @@ def _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal):
     bb, tq = _attention_tiles(B, T, S, k * GT * S * 4, causal)
     o, ws = _map_rows(lambda q, kk, v, m: _attention_fwd_tile(q, kk, v, m, scale, tq), bb, qg, kt, vt, mask)
     ws, o = jax.lax.optimization_barrier((ws, o))  # keep them: XLA would otherwise recompute O inside the backward
+    # the output in the compute dtype is also what delta = rowsum(dO * O) reads (as flash attention keeps O): a
+    # bf16 residual is half the float32 one (SmolLM2, 16 x 256 tokens: a 283 MB float32 stack over the layers)
+    o = o.astype(qg.dtype)
     res = (qg, kt, vt, ws, o)
     if mark:
         res = jax.tree.map(_named_residual, res)
-    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
+    return o, res[:3] + (mask,) + res[3:]
 
 
 def _attention_core_bwd(scale, mark, causal, res, do):
