@@ -4,8 +4,8 @@ laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step)
 last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
 not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's and
-0.271 -> 0.344 after session 6's rounding-level model changes, and session 7's in README), and bf16 compute (float32 master weights and optimizer,
-bf16 rollouts, forward and backward), which the AMX units of recent x86 CPUs run faster than
+0.271 -> 0.344 after session 6's rounding-level model changes: see README), and bf16 compute (float32 master weights and optimizer,
+bf16 rollouts, forward and backward; rematerialised layers), which the AMX units of recent x86 CPUs run faster than
 float32."""
 
 from softgrpo_jax.config import base_config
@@ -24,7 +24,7 @@ def get_config():
     c.name = "demo-smollm2"
     c.model.path = "smollm2"
     c.model.compute_dtype = "bfloat16"  # rollouts follow (rollout.dtype "" = the compute dtype)
-    c.model.remat = False  # since session 7 the bf16 update is ~7-13% faster without remat on XLA:CPU (RESULTS.md)
+    c.model.remat = True  # bf16 under a layer scan runs fastest rematerialised on XLA:CPU (benchmarks/RESULTS.md)
     c.data.train = "reasoning_gym_math"
     c.data.eval = ("reasoning_gym_math:test",)
     c.data.reasoning_gym.tasks = repr(TASKS)

@@ -809,10 +809,10 @@ def _attention_fwd_tile(qg, kt, vt, mask, scale, tq):
 
 
 def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
-    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and output."""
+    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and float32 output."""
     f32, dt = jnp.float32, qg.dtype
     do = do.astype(dt)
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
+    delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
 
     def grads(q, do_, delta_, w, k, v):
         dw = jnp.einsum("bkqh,bksh->bkqs", do_, v, preferred_element_type=f32)
@@ -845,13 +845,10 @@ def _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal):
     bb, tq = _attention_tiles(B, T, S, k * GT * S * 4, causal)
     o, ws = _map_rows(lambda q, kk, v, m: _attention_fwd_tile(q, kk, v, m, scale, tq), bb, qg, kt, vt, mask)
     ws, o = jax.lax.optimization_barrier((ws, o))  # keep them: XLA would otherwise recompute O inside the backward
-    # the output in the compute dtype is also what delta = rowsum(dO * O) reads (as flash attention keeps O): a
-    # bf16 residual is half the float32 one (SmolLM2, 16 x 256 tokens: a 283 MB float32 stack over the layers)
-    o = o.astype(qg.dtype)
     res = (qg, kt, vt, ws, o)
     if mark:
         res = jax.tree.map(_named_residual, res)
-    return o, res[:3] + (mask,) + res[3:]
+    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
 
 
 def _attention_core_bwd(scale, mark, causal, res, do):
