@@ -3,13 +3,18 @@
 decode: this engine (discrete and Gumbel soft modes; float32 and bf16 weights/cache) vs transformers ``generate``
         (PyTorch, sampling top-k 5, top-p 0.95; float32 and bf16 models), batch 16, 128 new tokens (EOS disabled so
         every row decodes the full length).
-train:  forward + backward + AdamW on 16 x 256 tokens: this trainer's SofT-GRPO / GRPO update (float32; and bf16
-        compute with float32 master weights, without and with remat) vs a transformers causal-LM step with
-        torch.optim.AdamW (float32; and under torch.autocast bf16). Ratios compare like with like. Each train
-        row runs in a fresh subprocess, one after another (``--in-process``: all in this one): in one process
-        the last row measured 10.5-11.1 s where alone it took 9.5-10.0 s.
+train:  forward + backward + AdamW on 16 x 256 tokens (32 prompt tokens, 224 response tokens, all scored): this
+        trainer's SofT-GRPO update (float32; and bf16 compute with float32 master weights, without and with remat;
+        responses all soft, or with the last 32 tokens discrete as ``</think>`` + an answer would be) and GRPO
+        update (float32, bf16 + remat) vs a transformers causal-LM step with torch.optim.AdamW (float32; and under
+        torch.autocast bf16). Ratios compare like with like. The SofT-GRPO rows score soft steps from their K ids'
+        logits (what the objective needs), so they form vocabulary-wide logits only at the discrete targets;
+        transformers' step (a plain LM loss) forms them at every position. Each train row runs in a fresh
+        subprocess, one after another (``--in-process``: all in this one): in one process the last row measured
+        10.5-11.1 s where alone it took 9.5-10.0 s.
 
     python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
+        [--skip-decode] [--rows soft_bf16,soft_bf16_remat]
 
 Prints a markdown table (tokens/s and ratios); compile time is reported separately and excluded from tokens/s.
 """

@@ -1,9 +1,11 @@
-"""CPU A/B of session 6's changes on the SofT-GRPO update (SmolLM2-135M, bf16 compute, float32 master weights):
-"new" is the current code, "old" the same code with both changes switched off (bf16 scan residuals instead of
-uint16 bits: ``transformer.RESIDUALS_AS_BITS = False``; untiled attention). Variants alternate, each run in a fresh
-subprocess (best of ``--repeats`` updates after a compiling one), so machine drift hits both alike.
+"""CPU A/B of the SofT-GRPO update (SmolLM2-135M, bf16 compute, float32 master weights): "new" is the current
+code; "old" is either the same code with session 6's two changes switched off (bf16 scan residuals instead of
+uint16 bits: ``transformer.RESIDUALS_AS_BITS = False``; untiled attention), or, with ``--against REV``, the code of
+git revision REV (checked out into a temporary worktree and imported from there). Variants alternate, each run in
+a fresh subprocess (best of ``--repeats`` updates after a compiling one), so machine drift hits both alike.
 
     python benchmarks/bench_cpu_update_ab.py [--batch 16 --len 256 --micro 1 --pairs 2] [--no-remat]
+    python benchmarks/bench_cpu_update_ab.py --against 20ef333   # this checkout against an older commit
     python benchmarks/bench_cpu_update_ab.py --gemm   # isolated bf16 GEMMs: XLA:CPU against torch
 
 The demo's update is ``--batch 32 --len 192 --micro 2``.
@@ -29,13 +31,18 @@ from bench_cpu_attention import best  # noqa: E402
 from bench_cpu_decode_train import cpu_name, train_batch  # noqa: E402
 
 
-def one_run(variant, B, L, micro, remat, repeats):
+def one_run(variant, B, L, micro, remat, repeats, src=None):
+    import softgrpo_jax
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.config import base_config, loss_config
     from softgrpo_jax.models import transformer as T
     from softgrpo_jax.rl.trainer import PolicyState, make_optimizer, split_micro
 
-    if variant == "old":
+    if src:  # --against: the old revision's package must be the one imported
+        here = os.path.realpath(os.path.dirname(softgrpo_jax.__file__))
+        if not here.startswith(os.path.realpath(src) + os.sep):
+            raise SystemExit(f"expected softgrpo_jax from {src}, imported {here}")
+    elif variant == "old":
         T.RESIDUALS_AS_BITS = False
         T._attention_tiles = lambda b, t, *a: (b, t)
     model = load_pretrained("smollm2", compute_dtype="bfloat16", remat=remat)
@@ -85,16 +92,34 @@ def main():
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm", action="store_true")
+    ap.add_argument("--against", metavar="REV", help="old = the code of this git revision")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one run, print JSON
+    ap.add_argument("--src", help=argparse.SUPPRESS)  # internal: the worktree an "old" run imports from
     args = ap.parse_args()
     remat = not args.no_remat
     if args.variant:
-        print(json.dumps(one_run(args.variant, args.batch, args.len, args.micro, remat, args.repeats)))
+        print(json.dumps(one_run(args.variant, args.batch, args.len, args.micro, remat, args.repeats, args.src)))
         return
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}")
     if args.gemm:
         gemm_table()
         return
+    env_old, wt = None, None
+    if args.against:
+        import atexit
+        import tempfile
+
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        wt = os.path.join(tempfile.mkdtemp(prefix="softgrpo-ab-"), "old")
+        subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", "-q", wt, args.against], check=True)
+        import shutil
+
+        atexit.register(shutil.rmtree, os.path.dirname(wt), ignore_errors=True)  # runs after the removal below
+        atexit.register(subprocess.run, ["git", "-C", repo, "worktree", "remove", "--force", wt])
+        env_old = dict(os.environ, PYTHONPATH=wt + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        rev = subprocess.run(["git", "-C", wt, "log", "-1", "--format=%h %s"], check=True, stdout=subprocess.PIPE,
+                             text=True).stdout.strip()
+        print(f"old = {rev[:100]}\n")
     print(f"update of {args.batch} x {args.len} tokens in {args.micro} micro-batch(es), bf16 compute, "
           f"remat {remat}; best of {args.repeats} per run\n")
     print("| run | variant | best (s) | all (s) |")
@@ -106,7 +131,10 @@ def main():
                    "--len", str(args.len), "--micro", str(args.micro), "--repeats", str(args.repeats)]
             if not remat:
                 cmd.append("--no-remat")
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            if variant == "old" and wt:
+                cmd += ["--src", wt]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                                 env=env_old if variant == "old" else None).stdout
             times = json.loads(out.strip().splitlines()[-1])
             res[variant].append(min(times))
             print(f"| {i + 1} | {variant} | {min(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
