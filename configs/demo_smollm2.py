@@ -3,11 +3,10 @@ arithmetic, on a CPU, in under 20 minutes on 2 cores. Deviations from the seed's
 laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step), lr 2e-5, a lenient reward (the
 last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
-not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's and
-0.271 -> 0.344 after session 6's and 0.302 -> 0.422 after session 7's rounding-level model changes:
-see README), and bf16 compute (float32 master weights and optimizer,
-bf16 rollouts, forward and backward; rematerialised layers), which the AMX units of recent x86 CPUs run faster than
-float32."""
+not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's,
+0.271 -> 0.344 after session 6's and 0.302 -> 0.422 after session 7's rounding-level model changes: see README),
+and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward; rematerialised
+layers), which the AMX units of recent x86 CPUs run faster than float32."""
 
 from softgrpo_jax.config import base_config
 
