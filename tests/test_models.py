@@ -383,6 +383,94 @@ def test_swiglu_against_numpy():
             np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("n,rows", [(96, 32), (40, 40), (64, 8)])
+def test_tiled_swiglu_mlp_against_numpy(n, rows):
+    """``_swiglu_mlp`` (the MLP over token tiles, backward recomputing gate and up per tile, weight gradients
+    accumulated over tiles) against float64 NumPy (value and all four gradients, within bf16 rounding), and against
+    the plain path (three ``_dense`` and ``swiglu``): the same value and weight gradients to float32 summation order,
+    h's gradient within one bf16 rounding; random inputs, several tiles and one."""
+    from softgrpo_jax.models import transformer as T
+
+    rng = np.random.RandomState(n)
+    D, F = 24, 40
+    h = jnp.asarray(rng.randn(n, D), jnp.bfloat16)
+    wg, wu, wd = (jnp.asarray(rng.randn(*s) * 0.3, jnp.float32) for s in ((D, F), (D, F), (F, D)))
+    c = jnp.asarray(rng.randn(n, D), jnp.bfloat16)
+
+    def run(f):
+        y, vjp = jax.vjp(f, h, wg, wu, wd)
+        return (y,) + vjp(c)
+
+    tiled = jax.jit(lambda *a: run(lambda *x: T._swiglu_mlp(*x, rows)))()
+    plain = jax.jit(lambda: run(lambda h, wg, wu, wd: T._dense(T.swiglu(T._dense(h, wg), T._dense(h, wu)), wd)))()
+    assert [a.dtype for a in tiled] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32]
+
+    h64, wg64, wu64, wd64, c64 = (np.asarray(a, np.float64) for a in (h, wg, wu, wd, c))
+    g, u = h64 @ wg64, h64 @ wu64
+    s = 1 / (1 + np.exp(-g))
+    a = g * s * u
+    da = c64 @ wd64.T
+    dg, du = da * u * s * (1 + g * (1 - s)), da * g * s
+    ref = (a @ wd64, dg @ wg64.T + du @ wu64.T, h64.T @ dg, h64.T @ du, a.T @ c64)
+    for name, got, want in zip(("y", "dh", "dwg", "dwu", "dwd"), tiled, ref):
+        got = np.asarray(got, np.float64)
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 2e-2, (name, rel)
+        assert np.abs(want).max() > 0.1, name
+    np.testing.assert_array_equal(np.asarray(tiled[0], np.float32), np.asarray(plain[0], np.float32))
+    for name, got, want in zip(("dwg", "dwu", "dwd"), tiled[2:], plain[2:]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=name)
+    dh_t, dh_p = np.asarray(tiled[1], np.float64), np.asarray(plain[1], np.float64)
+    assert np.abs(dh_t - dh_p).max() <= 2 ** -7 * np.abs(dh_p).max(), np.abs(dh_t - dh_p).max()
+
+
+def test_mlp_tile_rows(monkeypatch):
+    """Which token tiles the tiled MLP takes: bf16 on single-device XLA:CPU only, the largest multiple of 8 up to
+    ``MLP_TILE_ROWS`` dividing the token count, one tile for few tokens or no such divisor, off at 0."""
+    from softgrpo_jax.models import transformer as T
+
+    def rows(n, dt=jnp.bfloat16):
+        return T._mlp_tile_rows(jnp.zeros((1, n, 8), dt))
+
+    assert T.MLP_TILE_ROWS == 512
+    assert (rows(4096), rows(3072), rows(1000), rows(300), rows(4100), rows(4096, jnp.float32)) == (
+        512, 512, 200, 300, 4100, 0)
+    monkeypatch.setattr(T, "MLP_TILE_ROWS", 0)
+    assert rows(4096) == 0
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_tiled_mlp_model_gradients(remat, monkeypatch):
+    """A bf16 model on XLA:CPU with the MLP forced into several token tiles per layer (``MLP_TILE_ROWS`` = 8 over
+    2 x 16 tokens) against the plain MLP path: the same logits, parameter gradients within bf16 rounding."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models import transformer as T
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", remat=remat)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(6)))
+    ids = jnp.asarray(_ids(64, (2, 16), seed=8))
+
+    def run():
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids)
+            return jax.nn.log_softmax(logits, -1)[..., 5].sum(), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    monkeypatch.setattr(T, "MLP_TILE_ROWS", 8)
+    assert T._mlp_tile_rows(jnp.zeros((2, 16, 32), jnp.bfloat16)) == 8
+    (_, logits_t), g_t = run()
+    monkeypatch.setattr(T, "MLP_TILE_ROWS", 0)
+    (_, logits_p), g_p = run()
+    np.testing.assert_array_equal(np.asarray(logits_t), np.asarray(logits_p))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_t), jax.tree.leaves(g_p)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(b).max() > 0, path
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < 2e-2, (jax.tree_util.keystr(path), rel)
+
+
 def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
     """The element types of every dot's operands in a compiled HLO module."""
     import re
@@ -532,8 +620,8 @@ def test_bf16_layer_scan_saves_residuals_as_bits(remat, monkeypatch):
     assert "uint16" in dtypes and "bfloat16" not in dtypes, stacked
     weight_shapes = {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 3 and a.shape[0] == L}
     assert not [a for a in stacked if tuple(a.shape) in weight_shapes], stacked
-    if not remat:  # every matmul's input, both norms' inputs, the attention's five residuals, gate and up
-        assert len(stacked) >= 11, stacked
+    if not remat:  # the projections' inputs, both norms' inputs, the attention's five residuals (the tiled MLP,
+        assert len(stacked) >= 10, stacked  # on here, saves only its input and recomputes gate and up)
 
     g_bits = jax.jit(jax.grad(loss))(params)
     monkeypatch.setattr(T, "RESIDUALS_AS_BITS", False)

@@ -924,10 +924,94 @@ def _mlp_block(cfg: ModelConfig, x, o, p, keep=lambda a: a):
     """The rest of a layer after attention: output projection, residual, MLP, residual (``keep`` marks residuals)."""
     x = keep(x + _dense(keep(o), p["wo"], p.get("bo")))
     h = keep(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
+    rows = _mlp_tile_rows(h)
+    if rows:
+        y = _swiglu_mlp(h.reshape(-1, h.shape[-1]), p["w_gate"], p["w_up"], p["w_down"], rows)
+        return constrain_batch(x + y.reshape(x.shape))
     g = keep(_dense(h, p["w_gate"]))
     u = keep(_dense(h, p["w_up"]))
     x = x + _dense(keep(swiglu(g, u)), p["w_down"])
     return constrain_batch(x)
+
+
+# Rows (tokens) per tile of ``_swiglu_mlp``; 0 turns it off (the plain path: three ``_dense`` and ``swiglu``).
+MLP_TILE_ROWS = 512
+
+
+def _mlp_tile_rows(h: jax.Array) -> int:
+    """Rows per tile for ``_swiglu_mlp`` on this input, or 0 for the plain path: only for 16-bit compute on
+    single-device XLA:CPU (elsewhere the compilers fuse the plain path well, and a loop over token tiles would
+    fight GSPMD's batch sharding). The tile is the largest multiple of 8 up to ``MLP_TILE_ROWS`` dividing the
+    token count, and at least 64 (or ``MLP_TILE_ROWS`` if smaller); otherwise, or with fewer tokens than a tile,
+    one tile."""
+    N = math.prod(h.shape[:-1])
+    if not MLP_TILE_ROWS or h.dtype.itemsize != 2 or not _cpu_single_device():
+        return 0
+    if N <= MLP_TILE_ROWS:
+        return N
+    for r in range(MLP_TILE_ROWS - MLP_TILE_ROWS % 8, min(64, MLP_TILE_ROWS) - 1, -8):
+        if N % r == 0:
+            return r
+    return N
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swiglu_mlp(h, wg, wu, wd, rows):
+    """The SwiGLU MLP ``(silu(h Wg) * (h Wu)) Wd`` for h [N, D] in a 16-bit compute dtype and weights of any dtype
+    (cast to h's), over tiles of ``rows`` tokens, with the same roundings as the plain path (each GEMM's float32
+    result rounded to h's dtype, ``swiglu`` rounded once).
+
+    Why tiles (XLA:CPU): the gate and up GEMMs write float32 [N, F] results that the SwiGLU then reads back; at
+    SmolLM2's training shape (16 x 256 tokens) those are 25 MB each, and the block ran at ~680 GFLOP/s. Over tiles
+    of 512 tokens the float32 intermediates stay in cache: ~940 GFLOP/s for a 30-layer forward
+    (benchmarks/RESULTS.md). The backward recomputes each tile's gate and up GEMMs from h (the only activation
+    saved, as flash attention does with its scores), so under remat the layer's recomputed forward skips the MLP
+    altogether, and without remat the saved residuals shrink from four [N, F]-sized arrays to one [N, D]. The
+    weight gradients are accumulated over the tiles in float32 (in cache too: 1.35 -> ~0.6 s of GEMMs in the
+    SmolLM2 update against whole-N weight-gradient GEMMs) and returned in each weight's dtype. h's gradient sums
+    the gate and up terms in float32 and rounds once (the plain path rounds each, then adds in bf16)."""
+    return _swiglu_mlp_fwd(h, wg, wu, wd, rows)[0]
+
+
+def _swiglu_mlp_tile(h, wg, wu, wd):
+    dt = h.dtype
+    g = _mm(h, wg, False).astype(dt)
+    u = _mm(h, wu, False).astype(dt)
+    return g, u, _mm(swiglu(g, u), wd, False).astype(dt)
+
+
+def _swiglu_mlp_fwd(h, wg, wu, wd, rows):
+    ws = [w.astype(h.dtype) for w in (wg, wu, wd)]
+    y = _map_rows(lambda ht: _swiglu_mlp_tile(ht, *ws)[2], rows, h)
+    return y, (h, wg, wu, wd)
+
+
+def _swiglu_mlp_bwd(rows, res, dy):
+    h, wg, wu, wd = res
+    dt, bits = h.dtype, jax.lax.bitcast_convert_type
+    wgc, wuc, wdc = (w.astype(dt) for w in (wg, wu, wd))
+    N, D = h.shape
+
+    def tile(acc, xs):  # one tile's dh, its weight gradients added to the float32 accumulators
+        ht, dyt = (bits(x, dt) for x in xs)
+        g = _mm(ht, wgc, False).astype(dt)
+        u = _mm(ht, wuc, False).astype(dt)
+        da = _mm(dyt, wdc, True).astype(dt)  # dy @ Wd.T
+        dg, du = _swiglu_bwd((g, u), da)
+        dh = (_mm(dg, wgc, True) + _mm(du, wuc, True)).astype(dt)
+        acc = (acc[0] + _tn_dot(ht, dg), acc[1] + _tn_dot(ht, du), acc[2] + _tn_dot(dyt, swiglu(g, u)))
+        return acc, bits(dh, jnp.uint16)
+
+    # tiles cross the loop as uint16 bits (see _map_rows); Wd's gradient is accumulated as [D, F] (the narrower
+    # operand is the one transposed, as in _weight_grad) and transposed once
+    acc = tuple(jnp.zeros((D, wg.shape[1]), jnp.float32) for _ in range(3))
+    xs = tuple(bits(x.astype(dt), jnp.uint16).reshape(N // rows, rows, D) for x in (h, dy))
+    (dwg, dwu, dwd), dh = jax.lax.scan(tile, acc, xs)
+    dwd = _transpose_tiled(dwd) if _tiles_ok(*dwd.shape) else dwd.T
+    return bits(dh.reshape(N, D), dt), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
+
+
+_swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 
 @jax.custom_vjp
