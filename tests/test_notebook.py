@@ -37,6 +37,7 @@ def _inject_parameters(nb):
     assert len(tagged) == 1, "the notebook needs exactly one cell tagged 'parameters'"
     cell = nbformat.v4.new_code_cell(SMOKE_PARAMETERS)
     cell.metadata["tags"] = ["injected-parameters"]
+    cell["id"] = "injected-parameters"  # nbformat 4.5 cells carry ids (a missing one warns, later an error)
     nb.cells.insert(tagged[0] + 1, cell)
 
 
