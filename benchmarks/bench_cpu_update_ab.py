@@ -7,6 +7,7 @@ a fresh subprocess (best of ``--repeats`` updates after a compiling one), so mac
     python benchmarks/bench_cpu_update_ab.py [--batch 16 --len 256 --micro 1 --pairs 2] [--no-remat]
     python benchmarks/bench_cpu_update_ab.py --against 20ef333   # this checkout against an older commit
     python benchmarks/bench_cpu_update_ab.py --gemm   # isolated bf16 GEMMs: XLA:CPU against torch
+    python benchmarks/bench_cpu_update_ab.py --mlp    # the MLP stack alone: plain against token tiles
 
 The demo's update is ``--batch 32 --len 192 --micro 2``.
 """
@@ -77,6 +78,35 @@ def gemm_table():
               f"{gf(torch_ms)} |")
 
 
+def mlp_table(n=4096, d=576, f=1536, layers=30):
+    """SmolLM2's MLP stack alone (a scan over 30 rematerialised layers, bf16 compute, float32 weights), forward and
+    forward + backward, plain (three ``_dense`` and ``swiglu``) against ``_swiglu_mlp`` over token tiles."""
+    from softgrpo_jax.models import transformer as T
+
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(n, d), jnp.bfloat16)
+    ws = tuple(jnp.asarray(r.randn(layers, *s) * 0.02, jnp.float32) for s in ((d, f), (d, f), (f, d)))
+
+    def stack(rows):
+        def layer(h, w):
+            if rows:
+                return h + T._swiglu_mlp(h, *w, rows), None
+            return h + T._dense(T.swiglu(T._dense(h, w[0]), T._dense(h, w[1])), w[2]), None
+
+        return lambda x, ws: jax.lax.scan(jax.checkpoint(layer), x, ws)[0]  # remat, as the demo's model
+
+    flop = layers * 3 * 2 * n * d * f
+    print(f"| MLP stack ({layers} layers, [{n}, {d}] tokens, F {f}) | forward ms | GFLOP/s | fwd + bwd ms | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for rows in (0, 256, 512, 1024):
+        fn = stack(rows)
+        fwd = best(jax.jit(fn), (x, ws), 5)
+        bwd = best(jax.jit(jax.grad(lambda x, ws: fn(x, ws).astype(jnp.float32).sum(), argnums=(0, 1))), (x, ws), 5)
+        name = f"tiles of {rows} tokens" if rows else "plain"
+        print(f"| {name} | {fwd * 1e3:.0f} | {flop / fwd / 1e9:,.0f} | {bwd * 1e3:.0f} | "
+              f"{3 * flop / bwd / 1e9:,.0f} |", flush=True)
+
+
 def _timed(fn):
     t = time.perf_counter()
     fn()
@@ -92,6 +122,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm", action="store_true")
+    ap.add_argument("--mlp", action="store_true", help="the MLP stack alone: plain against token tiles")
     ap.add_argument("--against", metavar="REV", help="old = the code of this git revision")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one run, print JSON
     ap.add_argument("--src", help=argparse.SUPPRESS)  # internal: the worktree an "old" run imports from
@@ -103,6 +134,9 @@ def main():
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}")
     if args.gemm:
         gemm_table()
+        return
+    if args.mlp:
+        mlp_table()
         return
     env_old, wt = None, None
     if args.against:

@@ -962,9 +962,9 @@ def _swiglu_mlp(h, wg, wu, wd, rows):
     result rounded to h's dtype, ``swiglu`` rounded once).
 
     Why tiles (XLA:CPU): the gate and up GEMMs write float32 [N, F] results that the SwiGLU then reads back; at
-    SmolLM2's training shape (16 x 256 tokens) those are 25 MB each, and the block ran at ~680 GFLOP/s. Over tiles
-    of 512 tokens the float32 intermediates stay in cache: ~940 GFLOP/s for a 30-layer forward
-    (benchmarks/RESULTS.md). The backward recomputes each tile's gate and up GEMMs from h (the only activation
+    SmolLM2's training shape (16 x 256 tokens) those are 25 MB each. Over tiles of 512 tokens the float32
+    intermediates stay in cache: a 30-layer rematerialised MLP stack's forward + backward 3.7-4.1 -> 2.9-3.1 s (1.19-1.39x)
+    (``benchmarks/bench_cpu_update_ab.py --mlp``), the SmolLM2 update 1.08x faster. The backward recomputes each tile's gate and up GEMMs from h (the only activation
     saved, as flash attention does with its scores), so under remat the layer's recomputed forward skips the MLP
     altogether, and without remat the saved residuals shrink from four [N, F]-sized arrays to one [N, D]. The
     weight gradients are accumulated over the tiles in float32 (in cache too: 1.35 -> ~0.6 s of GEMMs in the
@@ -973,16 +973,14 @@ def _swiglu_mlp(h, wg, wu, wd, rows):
     return _swiglu_mlp_fwd(h, wg, wu, wd, rows)[0]
 
 
-def _swiglu_mlp_tile(h, wg, wu, wd):
-    dt = h.dtype
-    g = _mm(h, wg, False).astype(dt)
-    u = _mm(h, wu, False).astype(dt)
-    return g, u, _mm(swiglu(g, u), wd, False).astype(dt)
+def _gate_up(h, wg, wu):
+    """One tile's gate and up projections, each rounded to h's dtype (weights already cast)."""
+    return _mm(h, wg, False).astype(h.dtype), _mm(h, wu, False).astype(h.dtype)
 
 
 def _swiglu_mlp_fwd(h, wg, wu, wd, rows):
-    ws = [w.astype(h.dtype) for w in (wg, wu, wd)]
-    y = _map_rows(lambda ht: _swiglu_mlp_tile(ht, *ws)[2], rows, h)
+    wgc, wuc, wdc = (w.astype(h.dtype) for w in (wg, wu, wd))
+    y = _map_rows(lambda ht: _mm(swiglu(*_gate_up(ht, wgc, wuc)), wdc, False).astype(h.dtype), rows, h)
     return y, (h, wg, wu, wd)
 
 
@@ -994,8 +992,7 @@ def _swiglu_mlp_bwd(rows, res, dy):
 
     def tile(acc, xs):  # one tile's dh, its weight gradients added to the float32 accumulators
         ht, dyt = (bits(x, dt) for x in xs)
-        g = _mm(ht, wgc, False).astype(dt)
-        u = _mm(ht, wuc, False).astype(dt)
+        g, u = _gate_up(ht, wgc, wuc)
         da = _mm(dyt, wdc, True).astype(dt)  # dy @ Wd.T
         dg, du = _swiglu_bwd((g, u), da)
         dh = (_mm(dg, wgc, True) + _mm(du, wuc, True)).astype(dt)
@@ -1005,7 +1002,7 @@ def _swiglu_mlp_bwd(rows, res, dy):
     # tiles cross the loop as uint16 bits (see _map_rows); Wd's gradient is accumulated as [D, F] (the narrower
     # operand is the one transposed, as in _weight_grad) and transposed once
     acc = tuple(jnp.zeros((D, wg.shape[1]), jnp.float32) for _ in range(3))
-    xs = tuple(bits(x.astype(dt), jnp.uint16).reshape(N // rows, rows, D) for x in (h, dy))
+    xs = tuple(bits(x, jnp.uint16).reshape(N // rows, rows, D) for x in (h, dy.astype(dt)))
     (dwg, dwu, dwd), dh = jax.lax.scan(tile, acc, xs)
     dwd = _transpose_tiled(dwd) if _tiles_ok(*dwd.shape) else dwd.T
     return bits(dh.reshape(N, D), dt), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
