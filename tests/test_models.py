@@ -559,6 +559,115 @@ def test_attention_core_gradients(dtype, T, tol, tiles, monkeypatch):
         np.testing.assert_allclose(got, ref, rtol=0, atol=tol * np.abs(ref).max())
 
 
+def _rope_np(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos[:, :, None] + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin[:, :, None]
+
+
+def _rope_np_transpose(g, cos, sin):
+    half = g.shape[-1] // 2
+    gs = g * sin[:, :, None]
+    return g * cos[:, :, None] + np.concatenate([gs[..., half:], -gs[..., :half]], -1)
+
+
+@pytest.mark.parametrize("tiles,bias", [(None, True), ((1, 8), True), ((2, 4), False)])
+def test_attention_block_against_numpy(tiles, bias, monkeypatch):
+    """``_attention_block`` (projections, RoPE and GQA attention from a layer's normed input, flash-style backward
+    recomputing everything from the input and the saved output and log-sum-exp) against float64 NumPy: output and
+    the gradients of the input, the three weights and biases, on random bf16 inputs with a causal + left-padding
+    mask; untiled, and over batch-row and causal query tiles. Rows with no visible key get no cotangent, as in
+    training (their output is the mean of their tile's values)."""
+    from softgrpo_jax.models import transformer as TR
+
+    if tiles is not None:
+        monkeypatch.setattr(TR, "_attention_tiles", lambda *a: tiles)
+    B, T, D, H, Hkv, hd = 2, 16, 24, 6, 2, 8
+    rng = np.random.RandomState(3 + bool(tiles))
+    bf = jnp.bfloat16
+    r16 = lambda *shape: np.asarray(jnp.asarray(rng.randn(*shape), bf), np.float64)  # noqa: E731
+    h, wq, wk, wv = r16(B, T, D), r16(D, H * hd) / 4, r16(D, Hkv * hd) / 4, r16(D, Hkv * hd) / 4
+    bq, bk, bv = (r16(n) / 4 if bias else None for n in (H * hd, Hkv * hd, Hkv * hd))
+    pos = np.maximum(np.arange(T)[None] - np.array([[0], [5]]), 0)
+    freq = pos[..., None] * (1e4 ** (-np.arange(0, hd, 2) / hd))
+    cos, sin = np.cos(np.concatenate([freq, freq], -1)), np.sin(np.concatenate([freq, freq], -1))
+    mask = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+    mask[1, :, :5] = False  # row 1 left-padded by 5
+    seen = mask.any(-1)  # [B, T]
+    do = r16(B, T, H * hd) * seen[..., None]
+    scale = hd ** -0.5
+
+    def proj(w, b_, n):
+        return (h @ w + (0 if b_ is None else b_)).reshape(B, T, n, hd)
+
+    q, k, v = _rope_np(proj(wq, bq, H), cos, sin), _rope_np(proj(wk, bk, Hkv), cos, sin), proj(wv, bv, Hkv)
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 - [B, T, N, hd] -> [B, N, T, hd]
+    o_ref, dq, dk, dv = _attention_reference(heads(q), heads(k), heads(v), mask, scale,
+                                             heads(do.reshape(B, T, H, hd)))
+    o_ref = heads(o_ref).reshape(B, T, H * hd)
+    dq = _rope_np_transpose(heads(dq), cos, sin).reshape(B * T, -1)
+    dk = _rope_np_transpose(heads(dk), cos, sin).reshape(B * T, -1)
+    dv = heads(dv).reshape(B * T, -1)
+    h2 = h.reshape(B * T, D)
+    ref = {"h": (dq @ wq.T + dk @ wk.T + dv @ wv.T).reshape(B, T, D), "wq": h2.T @ dq, "wk": h2.T @ dk,
+           "wv": h2.T @ dv, "bq": dq.sum(0), "bk": dk.sum(0), "bv": dv.sum(0)}
+
+    args = [jnp.asarray(a, bf) for a in (h, wq, wk, wv)] + [
+        None if b_ is None else jnp.asarray(b_, jnp.float32) for b_ in (bq, bk, bv)]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    block = jax.jit(lambda *a: TR._attention_block(*a, f32(cos), f32(sin), jnp.asarray(mask),
+                                                   (H, Hkv, hd, scale, False)))
+    o, vjp = jax.vjp(block, *args)
+    grads = dict(zip(("h", "wq", "wk", "wv", "bq", "bk", "bv"), vjp(jnp.asarray(do, bf))))
+    assert o.dtype == bf and grads["h"].dtype == bf and grads["wq"].dtype == bf
+    got = np.asarray(o, np.float64) * seen[..., None]
+    np.testing.assert_allclose(got, o_ref * seen[..., None], rtol=0, atol=2e-2 * np.abs(o_ref).max())
+    for name, r in ref.items():
+        if not bias and name.startswith("b"):
+            assert grads[name] is None
+            continue
+        g = np.asarray(grads[name], np.float64)
+        assert grads[name].dtype == args[list(ref).index(name)].dtype
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-2 * np.abs(r).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_attention_block_model_gradients(remat, monkeypatch):
+    """A bf16 Qwen2 (query / key / value biases) on XLA:CPU with ``_attention_block`` forced into tiles of one
+    batch row and 8 query positions against the plain attention path (``ATTENTION_BLOCK`` off): the same logits at
+    real positions, parameter gradients within bf16 rounding, with and without remat; left padding in one row."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models import transformer as T
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, dtype="bfloat16", remat=remat, qkv_bias=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(6)))
+    assert "bq" in params["layers"]
+    rng = np.random.RandomState(1)
+    params = jax.tree.map(lambda a: a + 0.05 * jnp.asarray(rng.randn(*a.shape), a.dtype), params)  # biases != 0
+    ids = jnp.asarray(_ids(64, (3, 32), seed=9))
+    am = jnp.asarray(np.arange(32)[None, :] >= np.array([[0], [7], [0]]))
+
+    def run():
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=am)
+            return (jax.nn.log_softmax(logits, -1)[..., 5] * am).sum(), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    monkeypatch.setattr(T, "_attention_tiles", lambda *a: (1, 8))
+    assert T._attention_block_on(jnp.zeros((1, 8), jnp.bfloat16))
+    (_, logits_b), g_b = run()
+    monkeypatch.setattr(T, "ATTENTION_BLOCK", False)
+    assert not T._attention_block_on(jnp.zeros((1, 8), jnp.bfloat16))
+    (_, logits_p), g_p = run()
+    real = np.asarray(am)
+    np.testing.assert_array_equal(np.asarray(logits_b)[real], np.asarray(logits_p)[real])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_b), jax.tree.leaves(g_p)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(b).max() > 0, path
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < 2e-2, (jax.tree_util.keystr(path), rel)
+
+
 def test_attention_tiles_on_cpu():
     """XLA:CPU tiles the training attention: SmolLM2's 16 x 256 tokens in tiles of 2 batch rows (~4.7 MB of
     float32 scores) and, with a causal mask, 64 query positions; no query tiles without one or for short rows."""
@@ -620,8 +729,11 @@ def test_bf16_layer_scan_saves_residuals_as_bits(remat, monkeypatch):
     assert "uint16" in dtypes and "bfloat16" not in dtypes, stacked
     weight_shapes = {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 3 and a.shape[0] == L}
     assert not [a for a in stacked if tuple(a.shape) in weight_shapes], stacked
-    if not remat:  # the projections' inputs, both norms' inputs, the attention's five residuals (the tiled MLP,
-        assert len(stacked) >= 10, stacked  # on here, saves only its input and recomputes gate and up)
+    # without remat: the layer input; the attention block's input, output and log-sum-exp (it recomputes its
+    # projections and softmax weights); the MLP's residual sum and input (the tiled MLP recomputes gate and up).
+    # With remat: the layer input and the attention's output and log-sum-exp (the recomputed forward skips it)
+    assert len(stacked) == (3 if remat else 6), stacked
+    assert [str(a.dtype) for a in stacked].count("float32") == 1, stacked  # the log-sum-exp
 
     g_bits = jax.jit(jax.grad(loss))(params)
     monkeypatch.setattr(T, "RESIDUALS_AS_BITS", False)

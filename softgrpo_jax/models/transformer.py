@@ -488,8 +488,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
 _RESIDUAL = "softgrpo_residual"
 _LAYER_INPUT = "softgrpo_layer_input"
-_SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _RESIDUAL)
-_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT)
+# the attention block's output and softmax statistics (``_attention_block``): saved under remat too, so the
+# recomputed layer forward skips the attention
+_ATTENTION_SAVED = "softgrpo_attention_saved"
+_SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _RESIDUAL, _ATTENTION_SAVED)
+_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _ATTENTION_SAVED)
 
 
 def _named_residual(a: jax.Array, name: str = _RESIDUAL) -> jax.Array:
@@ -705,12 +708,22 @@ def _attention_probs_out(qg, kt, vt, mask, scale):
     """GQA attention as batched GEMMs. qg [B, Hkv, G*T, hd] (query head k*G + g of position t at row g*T + t),
     kt / vt [B, Hkv, S, hd], mask [B, T, S] -> (the softmax weights in the compute dtype [B, Hkv, G*T, S], the
     float32 output [B, Hkv, G*T, hd]). The scale is applied to the queries ([.., hd], not the [.., S] scores)."""
+    return _attention_probs_lse(qg, kt, vt, mask, scale)[:2]
+
+
+def _attention_probs_lse(qg, kt, vt, mask, scale):
+    """``_attention_probs_out`` and each query row's log-sum-exp of its scaled scores (float32 [B, Hkv, G*T]; +inf
+    for a row with no visible key, so that weights recomputed as exp(s - lse) are 0 there)."""
     B, Hkv, GT, _ = qg.shape
     T, S = mask.shape[1], kt.shape[2]
     s = jnp.einsum("bkqh,bksh->bkqs", qg * jnp.asarray(scale, qg.dtype), kt, preferred_element_type=jnp.float32)
     s = jnp.where(mask[:, None, None, :, :], s.reshape(B, Hkv, GT // T, T, S), NEG_INF)
-    w = jax.nn.softmax(s, axis=-1).astype(qg.dtype).reshape(B, Hkv, GT, S)
-    return w, jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    w = (e / total).astype(qg.dtype).reshape(B, Hkv, GT, S)
+    lse = jnp.where(m > NEG_INF / 2, m + jnp.log(total), jnp.inf).reshape(B, Hkv, GT)
+    return w, jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32), lse
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
@@ -810,9 +823,17 @@ def _attention_fwd_tile(qg, kt, vt, mask, scale, tq):
 
 def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
     """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and float32 output."""
+    do = do.astype(qg.dtype)
+    delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
+    dq, dkt, dvt = _attention_grads(qg, kt, vt, lambda j: ws[j], delta, do, scale, T, tq)
+    return dq.astype(qg.dtype), _swap_last2(dkt).astype(kt.dtype), _swap_last2(dvt).astype(vt.dtype)
+
+
+def _attention_grads(qg, kt, vt, weights, delta, do, scale, T, tq):
+    """float32 (dQ [b, Hkv, G*T, hd], dK^T and dV^T [b, Hkv, hd, S]) of one batch tile, query tile by query tile
+    (``tq``; causal: tile j sees the keys up to its end), from ``weights(j)`` (tile j's softmax weights in the
+    compute dtype), delta = rowsum(dO * O) [b, Hkv, G*T, 1] and dO in the compute dtype."""
     f32, dt = jnp.float32, qg.dtype
-    do = do.astype(dt)
-    delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
 
     def grads(q, do_, delta_, w, k, v):
         dw = jnp.einsum("bkqh,bksh->bkqs", do_, v, preferred_element_type=f32)
@@ -822,21 +843,19 @@ def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
         dvt = jnp.einsum("bkhq,bkqs->bkhs", _swap_last2(do_), w, preferred_element_type=f32)
         return dq, dkt, dvt
 
-    if len(ws) == 1:
-        dq, dkt, dvt = grads(qg, do, delta, ws[0], kt, vt)
-    else:
-        b, k, GT, hd = qg.shape
-        S = kt.shape[2]
-        dqs, dkt, dvt = [], jnp.zeros((b, k, hd, S), f32), jnp.zeros((b, k, hd, S), f32)
-        for j, w in enumerate(ws):
-            end = (j + 1) * tq
-            dq_j, dk_j, dv_j = grads(*(_query_tile(a, j, tq, T) for a in (qg, do, delta)), w,
-                                     kt[:, :, :end], vt[:, :, :end])
-            dqs.append(dq_j.reshape(b, k, GT // T, tq, hd))
-            dkt = dkt.at[..., :end].add(dk_j)
-            dvt = dvt.at[..., :end].add(dv_j)
-        dq = jnp.concatenate(dqs, axis=3).reshape(b, k, GT, hd)
-    return dq.astype(dt), _swap_last2(dkt).astype(kt.dtype), _swap_last2(dvt).astype(vt.dtype)
+    if tq >= T:
+        return grads(qg, do, delta, weights(0), kt, vt)
+    b, k, GT, hd = qg.shape
+    S = kt.shape[2]
+    dqs, dkt, dvt = [], jnp.zeros((b, k, hd, S), f32), jnp.zeros((b, k, hd, S), f32)
+    for j in range(T // tq):
+        end = (j + 1) * tq
+        dq_j, dk_j, dv_j = grads(*(_query_tile(a, j, tq, T) for a in (qg, do, delta)), weights(j),
+                                 kt[:, :, :end], vt[:, :, :end])
+        dqs.append(dq_j.reshape(b, k, GT // T, tq, hd))
+        dkt = dkt.at[..., :end].add(dk_j)
+        dvt = dvt.at[..., :end].add(dv_j)
+    return jnp.concatenate(dqs, axis=3).reshape(b, k, GT, hd), dkt, dvt
 
 
 def _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal):
@@ -864,6 +883,148 @@ def _attention_core_bwd(scale, mark, causal, res, do):
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
+# ``_attention_block`` for the whole-sequence attention on single-device XLA:CPU in 16 bits; False: the plain path
+# (``_dense`` projections, ``apply_rope``, ``_attention_core``).
+ATTENTION_BLOCK = True
+
+
+def _attention_block_on(h: jax.Array) -> bool:
+    """Whether a layer runs its whole-sequence attention as ``_attention_block``: 16-bit compute on single-device
+    XLA:CPU (elsewhere the compilers fuse the plain path well, and a loop over batch tiles would fight GSPMD's batch
+    sharding)."""
+    return (ATTENTION_BLOCK and h.dtype.itemsize == 2 and jnp.issubdtype(h.dtype, jnp.floating)
+            and _cpu_single_device())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _attention_block(h, wq, wk, wv, bq, bk, bv, cos, sin, mask, static):
+    """A layer's causal self-attention from its normed input h [B, T, D] (16-bit) to the attention output
+    [B, T, H*hd] before the output projection: query / key / value projections (biases optional, None), RoPE
+    (``cos`` / ``sin`` [B, T, hd]), GQA attention under ``mask`` [B, T, T] (causal in slot order), over tiles of
+    batch rows as ``_attention_core`` tiles them (``_attention_tiles``). ``static`` = (H, Hkv, hd, scale, mark);
+    ``mark`` names the saved output and statistics for ``forward``'s checkpoint policies (``_ATTENTION_SAVED``).
+
+    The forward is the plain path's arithmetic with its roundings (each projection rounded to h's dtype, RoPE in
+    float32 rounded once, ``_attention_probs_out``), but each tile's projections, rotations and heads-major copies
+    stay in cache, and it saves only h, the output (16-bit) and each query row's log-sum-exp (float32). The backward
+    recomputes a tile's queries, keys and values from h and its softmax weights as exp(s - lse), as flash attention
+    does: under remat the recomputed layer forward then skips the attention altogether (the output is saved), and
+    without remat the residuals shrink from the weights [B, H, T, T] to [B, H, T]. Per tile it takes delta =
+    rowsum(dO * O) from the saved 16-bit output (the forward-only path uses the float32 one), runs
+    ``_attention_grads``, the RoPE transpose in float32, and h's gradient as one float32 sum of the three projections'
+    terms rounded once (autodiff rounds each and adds in 16 bits); the weight and bias gradients accumulate over the
+    tiles in float32 and are returned in each parameter's dtype. A query row with no visible key (left padding)
+    outputs the mean of its tile's values, as ``_attention_core`` does, and passes no gradient."""
+    return _attention_block_fwd(h, wq, wk, wv, bq, bk, bv, cos, sin, mask, static)[0]
+
+
+def _block_tiles(h, static, S):
+    H, T = static[0], h.shape[1]
+    return _attention_tiles(h.shape[0], T, S, H * T * S * 4, True)
+
+
+def _block_qkv(ht, ct, st, w, b, static):
+    """One batch tile's queries [b, Hkv, G*T, hd] (head k*G + g of position t at row g*T + t), keys and values
+    [b, Hkv, T, hd], with the plain path's roundings."""
+    H, Hkv, hd = static[:3]
+    bt, T, D = ht.shape
+    x2 = ht.reshape(bt * T, D)
+
+    def proj(wi, bi, n):
+        y = _mm(x2, wi, False)
+        if bi is not None:
+            y = y + bi.astype(jnp.float32)
+        return y.astype(ht.dtype).reshape(bt, T, n, hd)
+
+    q = apply_rope(proj(w[0], b[0], H), ct, st)
+    k = apply_rope(proj(w[1], b[1], Hkv), ct, st)
+    qg = q.reshape(bt, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4).reshape(bt, Hkv, H * T // Hkv, hd)
+    return qg, _heads_major(k), _heads_major(proj(w[2], b[2], Hkv))
+
+
+def _block_fwd_tile(ht, ct, st, mt, w, b, static, tq):
+    """One batch tile's attention output [b, T, H*hd] (h's dtype) and log-sum-exp [b, Hkv, G*T]."""
+    H, Hkv, hd, scale = static[:4]
+    G, (bt, T) = H // Hkv, ht.shape[:2]
+    qg, kt, vt = _block_qkv(ht, ct, st, w, b, static)
+    outs, lses = [], []
+    for j in range(T // tq):
+        end = (j + 1) * tq  # causal: the keys up to this tile's last query
+        _, o, lse = _attention_probs_lse(_query_tile(qg, j, tq, T), kt[:, :, :end], vt[:, :, :end],
+                                         mt[:, j * tq:end, :end], scale)
+        outs.append(o.astype(ht.dtype).reshape(bt, Hkv, G, tq, hd))
+        lses.append(lse.reshape(bt, Hkv, G, tq))
+    o = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(bt, T, H * hd)
+    return o, jnp.concatenate(lses, axis=3).reshape(bt, Hkv, G * T)
+
+
+def _rope_transpose(g: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """The transpose of ``apply_rope``'s rotation in float32: g [b, T, N, hd] -> g * cos + rot^T(g * sin)."""
+    half = g.shape[-1] // 2
+    gs = g * sin[:, :, None, :]
+    return g * cos[:, :, None, :] + jnp.concatenate([gs[..., half:], -gs[..., :half]], axis=-1)
+
+
+def _attention_block_fwd(h, wq, wk, wv, bq, bk, bv, cos, sin, mask, static):
+    w = tuple(x.astype(h.dtype) for x in (wq, wk, wv))
+    bb, tq = _block_tiles(h, static, mask.shape[2])
+    o, lse = _map_rows(lambda ht, ct, st, mt: _block_fwd_tile(ht, ct, st, mt, w, (bq, bk, bv), static, tq), bb,
+                       h, cos, sin, mask)
+    if static[4]:
+        o, lse = _named_residual(o, _ATTENTION_SAVED), _named_residual(lse, _ATTENTION_SAVED)
+    return o, (h, wq, wk, wv, bq, bk, bv, cos, sin, mask, o, lse)
+
+
+def _attention_block_bwd(static, res, do):
+    h, wq, wk, wv, bq, bk, bv, cos, sin, mask, o, lse = res
+    H, Hkv, hd, scale = static[:4]
+    f32, dt, G = jnp.float32, h.dtype, H // Hkv
+    B, T, D = h.shape
+    w = tuple(x.astype(dt) for x in (wq, wk, wv))
+    b = (bq, bk, bv)
+    bb, tq = _block_tiles(h, static, mask.shape[2])
+    refs = (h, cos, sin, mask, o, lse, do.astype(dt))
+
+    def tile(acc, xs):  # one batch tile's dh; its weight and bias gradients added to the float32 accumulators
+        ht, ct, st, mt, ot, lt, dot_ = (_from_bits(x, r) for x, r in zip(xs, refs))
+        qg, kt, vt = _block_qkv(ht, ct, st, w, b, static)
+        heads = lambda a: a.reshape(bb, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(bb, Hkv, G * T, hd)  # noqa: E731
+        dog = heads(dot_)
+        delta = jnp.sum(dog.astype(f32) * heads(ot).astype(f32), axis=-1, keepdims=True)
+        lt = lt.reshape(bb, Hkv, G, T)
+
+        def weights(j):  # query tile j's softmax weights, recomputed
+            end = min((j + 1) * tq, T)
+            s = jnp.einsum("bkqh,bksh->bkqs", _query_tile(qg, j, tq, T) * jnp.asarray(scale, dt), kt[:, :, :end],
+                           preferred_element_type=f32).reshape(bb, Hkv, G, -1, end)
+            p = jnp.where(mt[:, None, None, j * tq:end, :end], jnp.exp(s - lt[:, :, :, j * tq:end, None]), 0)
+            return p.astype(dt).reshape(bb, Hkv, -1, end)
+
+        dq, dkt, dvt = _attention_grads(qg, kt, vt, weights, delta, dog, scale, T, tq)
+        dq = dq.reshape(bb, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4)  # [b, T, Hkv, G, hd]
+        dq = _rope_transpose(dq.reshape(bb, T, H, hd), ct, st).astype(dt).reshape(bb * T, H * hd)
+        dk = _swap_last2(dkt).transpose(0, 2, 1, 3)  # [b, T, Hkv, hd]
+        dk = _rope_transpose(dk, ct, st).astype(dt).reshape(bb * T, Hkv * hd)
+        dv = _swap_last2(dvt).transpose(0, 2, 1, 3).astype(dt).reshape(bb * T, Hkv * hd)
+        x2 = ht.reshape(bb * T, D)
+        dh = (_mm(dq, w[0], True) + _mm(dk, w[1], True) + _mm(dv, w[2], True)).astype(dt)
+        gs = (dq, dk, dv)
+        acc_w = tuple(a + _tn_dot(x2, g) for a, g in zip(acc[0], gs))
+        acc_b = tuple(None if a is None else a + jnp.sum(g.astype(f32), axis=0) for a, g in zip(acc[1], gs))
+        return (acc_w, acc_b), _to_bits(dh.reshape(bb, T, D))
+
+    zeros = ((jnp.zeros(wq.shape, f32), jnp.zeros(wk.shape, f32), jnp.zeros(wv.shape, f32)),
+             tuple(None if x is None else jnp.zeros(x.shape, f32) for x in b))
+    xs = tuple(_to_bits(x).reshape((B // bb, bb) + x.shape[1:]) for x in refs)
+    (dws, dbs), dh = jax.lax.scan(tile, zeros, xs)
+    dws = tuple(g.astype(x.dtype) for g, x in zip(dws, (wq, wk, wv)))
+    dbs = tuple(None if x is None else g.astype(x.dtype) for g, x in zip(dbs, b))
+    return (_from_bits(dh.reshape(B, T, D), h),) + dws + dbs + (None, None, None)
+
+
+_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
+
+
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, fused: bool = False,
                    seqlen=None, residuals: str | None = None):
     """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``residuals`` marks the values the backward pass saves for
@@ -882,6 +1043,10 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         if residuals:
             x = saved_residual(x, _LAYER_INPUT)
         h = keep(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))
+        if kv is None and not fused and _attention_block_on(h):
+            o = _attention_block(h, p["wq"], p["wk"], p["wv"], p.get("bq"), p.get("bk"), p.get("bv"), cos, sin,
+                                 attn_mask, (H, Hkv, hd, scale, residuals is not None))
+            return _mlp_block(cfg, x, o, p, keep, keep_o=residuals is None), kv
         q = _dense(h, p["wq"], p.get("bq")).reshape(B, T, H, hd)
         k = _dense(h, p["wk"], p.get("bk")).reshape(B, T, Hkv, hd)
         v = _dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
@@ -920,9 +1085,10 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
     return layer
 
 
-def _mlp_block(cfg: ModelConfig, x, o, p, keep=lambda a: a):
-    """The rest of a layer after attention: output projection, residual, MLP, residual (``keep`` marks residuals)."""
-    x = keep(x + _dense(keep(o), p["wo"], p.get("bo")))
+def _mlp_block(cfg: ModelConfig, x, o, p, keep=lambda a: a, keep_o: bool = True):
+    """The rest of a layer after attention: output projection, residual, MLP, residual (``keep`` marks residuals;
+    ``keep_o`` False: ``o`` is saved already)."""
+    x = keep(x + _dense(keep(o) if keep_o else o, p["wo"], p.get("bo")))
     h = keep(rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
     rows = _mlp_tile_rows(h)
     if rows:
