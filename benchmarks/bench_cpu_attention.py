@@ -1,5 +1,5 @@
 """CPU micro-benchmark, side by side in one run: one layer's attention and RoPE, forward + backward, at SmolLM2's
-training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after sessions 5 and 6.
+training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after sessions 5, 6 and 9.
 
 attention: autodiff of the batched-GEMM attention with plain key/value transposes (session 4) against
            ``_attention_core`` (written-out backward, ``_heads_major`` transposes) untiled (session 5), tiled by
@@ -7,6 +7,12 @@ attention: autodiff of the batched-GEMM attention with plain key/value transpose
            types of every compiled dot are printed (float32 operands = XLA:CPU converted the dot).
 rope:      the query rotation computed in bf16 (rounded after every op, the previous code) against float32
            rounded once (``apply_rope``, the current code), forward + backward.
+block:     a layer's whole attention from its normed input (D 576; q / k / v projections, RoPE, attention):
+           session 8's path (``_dense`` x 3, ``apply_rope``, ``_attention_core``) against ``_attention_block``
+           (session 9: one custom VJP over batch-row tiles, the backward recomputing projections and softmax
+           weights from the input and the saved output + log-sum-exp), forward alone and forward + backward. Under
+           remat the update runs the plain path's forward twice (forward, then recomputed for the backward) and the
+           block's once: the saved output and log-sum-exp let the recomputed layer skip it.
 
     python benchmarks/bench_cpu_attention.py [--repeats 7]
 
@@ -72,6 +78,34 @@ def attention_fn(variant: str):
     return jax.jit(fwd_bwd)
 
 
+def block_fn(variant: str, cos, sin, backward: bool):
+    """variant: "plain" (session 8's layer code) or "block" (``_attention_block``); h [B, T, 576] bf16, float32
+    weights as the trainer holds them."""
+    mask = jnp.tril(jnp.ones((TOK, TOK), bool))[None].repeat(B, 0)
+    scale = HD ** -0.5
+
+    def plain(h, wq, wk, wv):
+        q = T.apply_rope(T._dense(h, wq).reshape(B, TOK, H, HD), cos, sin)
+        k = T.apply_rope(T._dense(h, wk).reshape(B, TOK, HKV, HD), cos, sin)
+        v = T._dense(h, wv).reshape(B, TOK, HKV, HD)
+        qg = q.reshape(B, TOK, HKV, G, HD).transpose(0, 2, 3, 1, 4).reshape(B, HKV, G * TOK, HD)
+        o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale, False, True)
+        return o.reshape(B, HKV, G, TOK, HD).transpose(0, 3, 1, 2, 4).reshape(B, TOK, H * HD)
+
+    def block(h, wq, wk, wv):
+        return T._attention_block(h, wq, wk, wv, None, None, None, cos, sin, mask, (H, HKV, HD, scale, False))
+
+    f = plain if variant == "plain" else block
+    if not backward:
+        return jax.jit(lambda h, wq, wk, wv, do: f(h, wq, wk, wv))
+
+    def fwd_bwd(h, wq, wk, wv, do):
+        o, vjp = jax.vjp(f, h, wq, wk, wv)
+        return (o,) + vjp(do.astype(o.dtype))
+
+    return jax.jit(fwd_bwd)
+
+
 def rope_bf16(x, cos, sin):  # the previous apply_rope: every product rounded to x's dtype
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -128,7 +162,23 @@ def main():
                        (T.apply_rope, "float32, rounded once (current)")):
         fn = rope_fn(rope)
         print(f"| query RoPE fwd+bwd | {name} | {1e3 * best(fn, (q, cos, sin, ct), args.repeats):.1f} |  |")
-    print(f"\nattention output and gradients, max relative difference to the untiled core: autodiff "
+    D = 576
+    h = jnp.asarray(r.randn(B, TOK, D), bf)
+    ws = [jnp.asarray(r.randn(D, n * HD) / np.sqrt(D), f32) for n in (H, HKV, HKV)]
+    blocks = {}
+    for backward in (False, True):
+        for variant, name in (("plain", "projections + RoPE + `_attention_core` (session 8)"),
+                              ("block", "`_attention_block` (current)")):
+            fn = block_fn(variant, cos, sin, backward)
+            args_b = (h, *ws, do)
+            blocks[(variant, backward)] = fn(*args_b)
+            what = "attention block fwd+bwd" if backward else "attention block fwd"
+            print(f"| {what} | {name} | {1e3 * best(fn, args_b, args.repeats):.1f} | "
+                  f"{', '.join(dot_types(fn, args_b))} |")
+    print(f"\nattention block, output and gradients (h, Wq, Wk, Wv), max relative difference of the block to the "
+          f"plain path: {rel(blocks[('block', True)], blocks[('plain', True)]):.1e} (bf16 rounding; the outputs "
+          f"alone: {rel((blocks[('block', False)],), (blocks[('plain', False)],)):.1e})")
+    print(f"attention output and gradients, max relative difference to the untiled core: autodiff "
           f"{rel(outs['autodiff'], outs['core']):.1e} (bf16 rounding), batch tiles {rel(outs['batch'], outs['core']):.1e}, "
           f"causal tiles {rel(outs['causal'], outs['core']):.1e}")
 

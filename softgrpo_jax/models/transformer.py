@@ -905,8 +905,9 @@ def _attention_block(h, wq, wk, wv, bq, bk, bv, cos, sin, mask, static):
     ``mark`` names the saved output and statistics for ``forward``'s checkpoint policies (``_ATTENTION_SAVED``).
 
     The forward is the plain path's arithmetic with its roundings (each projection rounded to h's dtype, RoPE in
-    float32 rounded once, ``_attention_probs_out``), but each tile's projections, rotations and heads-major copies
-    stay in cache, and it saves only h, the output (16-bit) and each query row's log-sum-exp (float32). The backward
+    float32 rounded once, ``_attention_probs_out``; the three projections run as one GEMM, whose float32 sums may
+    come in another order), tile by tile, and it saves only h, the output (16-bit) and each query row's log-sum-exp
+    (float32). The backward
     recomputes a tile's queries, keys and values from h and its softmax weights as exp(s - lse), as flash attention
     does: under remat the recomputed layer forward then skips the attention altogether (the output is saved), and
     without remat the residuals shrink from the weights [B, H, T, T] to [B, H, T]. Per tile it takes delta =
