@@ -341,7 +341,7 @@ def test_logits_at_ids_and_vocab_logprobs(hf_pair):
 
 def test_vocab_logprobs_bf16_and_memory():
     """bf16 compute: the chunked path agrees with the full bf16 logits within bf16 rounding; and the compiled
-    log-prob pass holds [rows, V] float32 logits at a time, not [N, V]."""
+    log-prob pass holds [rows, V] float32 logits at a time (and on XLA:CPU their exponentials), not [N, V]."""
     from softgrpo_jax.models import ModelConfig
     from softgrpo_jax.models.transformer import logits_from_hidden, vocab_logprobs
 
@@ -362,7 +362,7 @@ def test_vocab_logprobs_bf16_and_memory():
     assert np.abs(np.asarray(g) - np.asarray(gw)).max() <= 2e-2 * np.abs(np.asarray(gw)).max()
     logits_bytes = 8 * 64 * 4096 * 4
     temp = f.lower(params, h).compile().memory_analysis().temp_size_in_bytes
-    assert temp < logits_bytes / 4, (temp, logits_bytes)
+    assert temp < logits_bytes / 2, (temp, logits_bytes)  # chunks of 64 of the 512 rows: two chunk buffers
 
 
 def test_swiglu_against_numpy():
