@@ -88,9 +88,9 @@ def block_fn(variant: str, cos, sin, backward: bool):
         q = T.apply_rope(T._dense(h, wq).reshape(B, TOK, H, HD), cos, sin)
         k = T.apply_rope(T._dense(h, wk).reshape(B, TOK, HKV, HD), cos, sin)
         v = T._dense(h, wv).reshape(B, TOK, HKV, HD)
-        qg = q.reshape(B, TOK, HKV, G, HD).transpose(0, 2, 3, 1, 4).reshape(B, HKV, G * TOK, HD)
-        o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale, False, True)
-        return o.reshape(B, HKV, G, TOK, HD).transpose(0, 3, 1, 2, 4).reshape(B, TOK, H * HD)
+        o = T._attention_core(T._group_queries(q, HKV), T._heads_major(k), T._heads_major(v), mask, scale, False,
+                              True)
+        return T._ungroup_queries(o, TOK).reshape(B, TOK, H * HD)
 
     def block(h, wq, wk, wv):
         return T._attention_block(h, wq, wk, wv, None, None, None, cos, sin, mask, (H, HKV, HD, scale, False))

@@ -560,10 +560,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     each of its bf16 products: differences within one bf16 ulp). XLA:CPU has no bf16 arithmetic and rounds after
     every op of a bf16 chain; in float32 the rotation's forward + backward for SmolLM2's queries (16 x 256
     tokens) takes 0.9 ms instead of 8.6 (benchmarks/bench_cpu_attention.py)."""
-    half = x.shape[-1] // 2
     xf = x.astype(jnp.float32)
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+    return (xf * cos[:, :, None, :] + _rotate_half(xf) * sin[:, :, None, :]).astype(x.dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    """HF's rotate_half: [x1, x2] -> [-x2, x1] over the last dim (its transpose is minus itself)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def _dense(x, w, b=None):
@@ -742,6 +746,19 @@ def _attention_probs_lse(qg, kt, vt, mask, scale):
     w = (e / total).astype(qg.dtype).reshape(B, Hkv, GT, S)
     lse = jnp.where(m > NEG_INF / 2, m + jnp.log(total), jnp.inf).reshape(B, Hkv, GT)
     return w, jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32), lse
+
+
+def _group_queries(x: jax.Array, Hkv: int) -> jax.Array:
+    """Queries [B, T, H, hd] -> [B, Hkv, G*T, hd], query head k*G + g of position t at row g*T + t (GQA as batched
+    GEMMs with one contracting dim each: query head k*G + g uses KV head k)."""
+    B, T, H, hd = x.shape
+    return x.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, H * T // Hkv, hd)
+
+
+def _ungroup_queries(x: jax.Array, T: int) -> jax.Array:
+    """The inverse of ``_group_queries``: [B, Hkv, G*T, hd] -> [B, T, H, hd]."""
+    B, Hkv, GT, hd = x.shape
+    return x.reshape(B, Hkv, GT // T, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * GT // T, hd)
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
@@ -961,10 +978,8 @@ def _block_qkv(ht, ct, st, w, b, static):
     if b is not None:
         y = y + b
     y = y.astype(ht.dtype).reshape(bt, T, H + 2 * Hkv, hd)
-    q = apply_rope(y[:, :, :H], ct, st)
     k = apply_rope(y[:, :, H:H + Hkv], ct, st)
-    qg = q.reshape(bt, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4).reshape(bt, Hkv, H * T // Hkv, hd)
-    return qg, _heads_major(k), _heads_major(y[:, :, H + Hkv:])
+    return _group_queries(apply_rope(y[:, :, :H], ct, st), Hkv), _heads_major(k), _heads_major(y[:, :, H + Hkv:])
 
 
 def _block_fwd_tile(ht, ct, st, mt, w, b, static, tq):
@@ -979,15 +994,14 @@ def _block_fwd_tile(ht, ct, st, mt, w, b, static, tq):
                                          mt[:, j * tq:end, :end], scale)
         outs.append(o.astype(ht.dtype).reshape(bt, Hkv, G, tq, hd))
         lses.append(lse.reshape(bt, Hkv, G, tq))
-    o = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(bt, T, H * hd)
+    o = _ungroup_queries(jnp.concatenate(outs, axis=3).reshape(bt, Hkv, G * T, hd), T).reshape(bt, T, H * hd)
     return o, jnp.concatenate(lses, axis=3).reshape(bt, Hkv, G * T)
 
 
 def _rope_transpose(g: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """The transpose of ``apply_rope``'s rotation in float32: g * cos + rot^T(g * sin) (cos / sin broadcast to g)."""
-    half = g.shape[-1] // 2
-    gs = g * sin
-    return g * cos + jnp.concatenate([gs[..., half:], -gs[..., :half]], axis=-1)
+    """The transpose of ``apply_rope``'s rotation in float32: g * cos - rotate_half(g * sin) (cos / sin broadcast
+    to g)."""
+    return g * cos - _rotate_half(g * sin)
 
 
 def _attention_block_fwd(h, wq, wk, wv, bq, bk, bv, cos, sin, mask, static):
@@ -1012,21 +1026,20 @@ def _attention_block_bwd(static, res, do):
     def tile(acc, xs):  # one batch tile's dh; its weight and bias gradients added to the float32 accumulators
         ht, ct, st, mt, ot, lt, dot_ = (_from_bits(x, r) for x, r in zip(xs, refs))
         qg, kt, vt = _block_qkv(ht, ct, st, w, b, static)
-        heads = lambda a: a.reshape(bb, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(bb, Hkv, G * T, hd)  # noqa: E731
-        dog = heads(dot_)
-        delta = jnp.sum(dog.astype(f32) * heads(ot).astype(f32), axis=-1, keepdims=True)
+        dog, og = (_group_queries(a.reshape(bb, T, H, hd), Hkv) for a in (dot_, ot))
+        delta = jnp.sum(dog.astype(f32) * og.astype(f32), axis=-1, keepdims=True)
         lt = lt.reshape(bb, Hkv, G, T)
 
         def weights(j):  # query tile j's softmax weights, recomputed
-            end = min((j + 1) * tq, T)
+            end = (j + 1) * tq
             s = jnp.einsum("bkqh,bksh->bkqs", _query_tile(qg, j, tq, T) * jnp.asarray(scale, dt), kt[:, :, :end],
                            preferred_element_type=f32).reshape(bb, Hkv, G, -1, end)
             p = jnp.where(mt[:, None, None, j * tq:end, :end], jnp.exp(s - lt[:, :, :, j * tq:end, None]), 0)
             return p.astype(dt).reshape(bb, Hkv, -1, end)
 
         dq, dkt, dvt = _attention_grads(qg, kt, vt, weights, delta, dog, scale, T, tq)
-        dq = dq.reshape(bb, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(bb, T, H, hd)
-        dq = _rope_transpose(dq, ct[:, :, None], st[:, :, None]).astype(dt).reshape(bb * T, H * hd)
+        dq = _rope_transpose(_ungroup_queries(dq, T), ct[:, :, None], st[:, :, None])  # [b, T, H, hd]
+        dq = dq.astype(dt).reshape(bb * T, H * hd)
         dk = _swap_last2(dkt).transpose(0, 2, 1, 3)  # [b, T, Hkv, hd]
         dk = _rope_transpose(dk, ct[:, :, None], st[:, :, None]).astype(dt).reshape(bb * T, Hkv * hd)
         dv = _swap_last2(dvt).transpose(0, 2, 1, 3).astype(dt).reshape(bb * T, Hkv * hd)
@@ -1056,7 +1069,6 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
     (the marks force bf16 rounding where XLA could otherwise keep excess precision, so unmarked passes stay as
     they were)."""
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    G = H // Hkv
     scale = 1.0 / math.sqrt(hd)
     mark_all = residuals == "all"
     keep = saved_residual if mark_all else (lambda a: a)
@@ -1096,14 +1108,13 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                 else:
                     kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
                     vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
-        # GQA as batched matmuls with one contracting dim each: query head k*G + g uses KV head k. The layout
-        # [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU.
-        qg = q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd)
+        # the layout [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU
+        qg = _group_queries(q, Hkv)
         if kv is None:  # a whole-sequence pass (log-probs, training): the written-out backward
             o = _attention_core(qg, kt, vt, attn_mask, scale, mark_all, True)
         else:
             o = _attention_probs_out(qg, kt, vt, attn_mask, scale)[1].astype(x.dtype)
-        o = o.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        o = _ungroup_queries(o, T).reshape(B, T, H * hd)
         return _mlp_block(cfg, x, o, p, keep), kv
 
     return layer
