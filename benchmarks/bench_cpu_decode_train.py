@@ -155,27 +155,32 @@ def bench_torch_train(tmodel, B, L, vocab, repeats, autocast=False):
     ids = torch.tensor(np.random.RandomState(0).randint(0, vocab, (B, L)))
     tmodel.train()
 
-    def step():
+    def step():  # -> the seconds of its phases (eager CPU torch is synchronous)
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
             loss = tmodel(ids, labels=ids).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
         opt.step()
+        return dict(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
 
     step()
-    times, faults, sys_s = [], [], []
+    times, faults, sys_s, phases = [], [], [], []
     for _ in range(repeats):
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
-        step()
+        phases.append(step())
         times.append(time.perf_counter() - t)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         faults.append(r1.ru_minflt - r0.ru_minflt)
         sys_s.append(r1.ru_stime - r0.ru_stime)
     i = int(np.argmin(times))
-    return dict(tokens=B * L, seconds=times[i], tok_s=B * L / times[i], minflt=faults[i], sys_s=sys_s[i])
+    return dict(tokens=B * L, seconds=times[i], tok_s=B * L / times[i], minflt=faults[i], sys_s=sys_s[i],
+                phases=phases[i])
 
 
 def train_row(row, hf_dir, B, L, V, repeats):
@@ -312,6 +317,10 @@ def main():
     print("\n(ratios: each row of this project against transformers in the same dtype. The SofT-GRPO rows score "
           "a soft step from its K ids' logits and form vocabulary-wide logits only at scored discrete targets; "
           "transformers' step computes the full-vocabulary loss at every position, as a plain LM step does)")
+    for what, name, r, _, _ in rows:
+        if "phases" in r:
+            print(f"{name}, the timed step's phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
+                  + " (forward includes the loss)")
     for dt in (None, "bfloat16") if ours else ():
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "

@@ -6,6 +6,7 @@ a fresh subprocess (best of ``--repeats`` updates after a compiling one), so mac
 
     python benchmarks/bench_cpu_update_ab.py [--batch 16 --len 256 --micro 1 --pairs 2] [--no-remat]
     python benchmarks/bench_cpu_update_ab.py --against 20ef333   # this checkout against an older commit
+    python benchmarks/bench_cpu_update_ab.py --against 708ced8 --grpo   # the GRPO update (discrete tokens)
     python benchmarks/bench_cpu_update_ab.py --gemm   # isolated bf16 GEMMs: XLA:CPU against torch
     python benchmarks/bench_cpu_update_ab.py --mlp    # the MLP stack alone: plain against token tiles
 
@@ -32,7 +33,7 @@ from bench_cpu_attention import best  # noqa: E402
 from bench_cpu_decode_train import cpu_name, train_batch  # noqa: E402
 
 
-def one_run(variant, B, L, micro, remat, repeats, src=None):
+def one_run(variant, B, L, micro, remat, repeats, src=None, grpo=False):
     import softgrpo_jax
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.config import base_config, loss_config
@@ -48,7 +49,7 @@ def one_run(variant, B, L, micro, remat, repeats, src=None):
         T._attention_tiles = lambda b, t, *a: (b, t)
     model = load_pretrained("smollm2", compute_dtype="bfloat16", remat=remat)
     pol = PolicyState(model, make_optimizer(1e-6), loss_config(base_config().rl), None)
-    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, True), micro))
+    batch = pol.put(split_micro(train_batch(B, L, 5, model.config.vocab_size, not grpo), micro))
     old = pol.logprobs(pol.params, batch)
     jax.block_until_ready(pol.update(batch, old, old))
     times = []
@@ -119,6 +120,7 @@ def main():
     ap.add_argument("--len", type=int, default=256)
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per update")
     ap.add_argument("--no-remat", action="store_true")
+    ap.add_argument("--grpo", action="store_true", help="the GRPO update (discrete tokens) instead of SofT-GRPO's")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm", action="store_true")
@@ -129,7 +131,8 @@ def main():
     args = ap.parse_args()
     remat = not args.no_remat
     if args.variant:
-        print(json.dumps(one_run(args.variant, args.batch, args.len, args.micro, remat, args.repeats, args.src)))
+        print(json.dumps(one_run(args.variant, args.batch, args.len, args.micro, remat, args.repeats, args.src,
+                                 args.grpo)))
         return
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}")
     if args.gemm:
@@ -154,7 +157,8 @@ def main():
         rev = subprocess.run(["git", "-C", wt, "log", "-1", "--format=%h %s"], check=True, stdout=subprocess.PIPE,
                              text=True).stdout.strip()
         print(f"old = {rev[:100]}\n")
-    print(f"update of {args.batch} x {args.len} tokens in {args.micro} micro-batch(es), bf16 compute, "
+    print(f"{'GRPO' if args.grpo else 'SofT-GRPO'} update of {args.batch} x {args.len} tokens in {args.micro} "
+          f"micro-batch(es), bf16 compute, "
           f"remat {remat}; best of {args.repeats} per run\n")
     print("| run | variant | best (s) | all (s) |")
     print("|---|---|---|---|")
@@ -165,6 +169,8 @@ def main():
                    "--len", str(args.len), "--micro", str(args.micro), "--repeats", str(args.repeats)]
             if not remat:
                 cmd.append("--no-remat")
+            if args.grpo:
+                cmd.append("--grpo")
             if variant == "old" and wt:
                 cmd += ["--src", wt]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,

@@ -287,16 +287,21 @@ def test_bf16_matmul_gradients(n, d, f, transpose_w):
                                atol=1e-4 * np.abs(np.asarray(y)).max())
 
 
-def test_logits_at_ids_and_vocab_logprobs(hf_pair):
+@pytest.mark.parametrize("block", [None, (16, 7)])
+def test_logits_at_ids_and_vocab_logprobs(hf_pair, block, monkeypatch):
     """The soft path's K-id logits and the discrete path's chunked vocabulary log-probs against the full logits
     (``logits_from_hidden``), values and gradients (to the hidden states and every weight), tied and untied heads,
-    with chunks of 1, 5 (ragged) and the default size, and a mask with no needed position."""
+    with chunks of 1, 5 (ragged) and the default size, and a mask with no needed position; with the whole
+    vocabulary as one block, and in blocks of 7 columns (``VOCAB_BLOCK``: many blocks, the last one ragged)."""
+    from softgrpo_jax.models import transformer as T
     from softgrpo_jax.models.transformer import logits_from_hidden, logits_at_ids, vocab_logprobs
 
+    monkeypatch.setattr(T, "VOCAB_BLOCK", block)
     d, _ = hf_pair
     m = load_pretrained(d)
     cfg, params = m.config, m.param_tree()
     V, D = cfg.vocab_size, cfg.hidden_size
+    assert T._vocab_block(V) == (V if block is None else 7) and V % 7, V
     rng = np.random.RandomState(3)
     h = jnp.asarray(rng.randn(3, 11, D), jnp.float32)
     ids = jnp.asarray(rng.randint(0, V, (3, 11, 4)))

@@ -209,13 +209,31 @@ def logits_at_ids(cfg: ModelConfig, params: dict[str, Any], h: jax.Array, ids: j
 
 # Rows of [rows, V] float32 logits live at once in ``vocab_logprobs`` when no chunk size is given: ~128 MB.
 VOCAB_CHUNK_BYTES = 128 * 2**20
+# Single-device XLA:CPU: ``vocab_logprobs`` works in chunks of this many rows and forms each chunk's logits in
+# blocks of this many vocabulary columns, so a block's float32 logits (8 MB) and its gradient GEMMs' operands stay
+# small, and the head's gradient is written block by block instead of adding a whole [V, D] float32 array per
+# chunk; None: one block of the whole vocabulary (chunks of ~``VOCAB_CHUNK_BYTES``), as on other backends.
+# SmolLM2's head, 16 x 256 positions, V = 49152: forward 489 -> 295 ms, forward + backward 2.37 -> 1.07 s
+# (``benchmarks/bench_cpu_head.py``); the GRPO update ~1.1x. 1024 rows rather than 2048: a chunk runs whole even
+# when few of its rows are needed (a SofT-GRPO batch's discrete answer tokens).
+VOCAB_BLOCK: tuple[int, int] | None = (1024, 2048)
+
+
+def _vocab_block(vocab_size: int) -> int:
+    """Vocabulary columns per block of ``vocab_logprobs``: ``VOCAB_BLOCK``'s on single-device XLA:CPU when the
+    vocabulary is wider, else the whole vocabulary."""
+    if VOCAB_BLOCK and _cpu_single_device() and vocab_size > VOCAB_BLOCK[1]:
+        return VOCAB_BLOCK[1]
+    return vocab_size
 
 
 def vocab_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk of ``vocab_logprobs``: ``chunk_size`` if given, else ~``VOCAB_CHUNK_BYTES`` of float32
-    logits (a multiple of 8, between 64 and 4096)."""
+    """Rows per chunk of ``vocab_logprobs``: ``chunk_size`` if given; else with vocabulary blocks (``VOCAB_BLOCK``)
+    its rows, otherwise ~``VOCAB_CHUNK_BYTES`` of float32 logits (a multiple of 8, between 64 and 4096)."""
     if chunk_size:
         return int(chunk_size)
+    if _vocab_block(vocab_size) < vocab_size:
+        return VOCAB_BLOCK[0]
     return max(64, min(4096, VOCAB_CHUNK_BYTES // (4 * vocab_size) // 8 * 8))
 
 
@@ -228,12 +246,13 @@ def vocab_logprobs(cfg: ModelConfig, params: dict[str, Any], h: jax.Array, targe
 
     The needed positions are moved to the front (a stable sort, per batch row under a multi-device mesh so the
     batch stays sharded; over the flattened batch otherwise) and processed in chunks of ``vocab_chunk_rows`` rows
-    by a loop that runs only as many chunks as hold needed positions: only [rows, V] logits (and on XLA:CPU their
-    exponentials, see ``_logsumexp_rows``) are ever live, and a
-    batch with no needed position (a SofT-GRPO batch whose scored steps are all soft) never touches the vocabulary.
-    Forward and backward are written out (``_vocab_lp``): the backward recomputes each chunk's logits, forms
-    ``(onehot - softmax) * g / temperature`` with the softmax as exp(logits - lse) from the forward's saved
-    log-sum-exp (``_logsumexp_rows``), and accumulates the head's gradient over the chunks in float32."""
+    by a loop that runs only as many chunks as hold needed positions: only [rows, V] logits (on single-device
+    XLA:CPU [rows, block] ones, see ``VOCAB_BLOCK``) are ever live, and a batch with no needed position (a
+    SofT-GRPO batch whose scored steps are all soft) never touches the vocabulary.
+    Forward and backward are written out (``_vocab_lp``): the forward combines the blocks' log-sum-exps
+    (``_logsumexp_rows``); the backward recomputes each block's logits, forms ``(onehot - softmax) * g /
+    temperature`` with the softmax as exp(logits - lse) from the forward's saved log-sum-exp, and writes the
+    head's gradient block by block (accumulated over the chunks in float32)."""
     B, T, D = h.shape
     mesh = current_activation_mesh()
     per_row = mesh is not None and mesh.size > 1
@@ -253,17 +272,44 @@ def vocab_logprobs(cfg: ModelConfig, params: dict[str, Any], h: jax.Array, targe
         ts = jnp.pad(ts, ((0, 0), (0, pad)))
     trips = (count + c - 1) // c
     w, vd = _head_weight(cfg, params)
-    lp_sorted = _vocab_lp(hs, w, ts, trips, (c, float(temperature), vd, jnp.dtype(cfg.jnp_dtype).name))[:, :N]
+    static = (c, float(temperature), vd, jnp.dtype(cfg.jnp_dtype).name, _vocab_block(cfg.vocab_size))
+    lp_sorted = _vocab_lp(hs, w, ts, trips, static)[:, :N]
     inv = jnp.argsort(order, axis=1)
     lp = jnp.take_along_axis(lp_sorted, inv, axis=1)
     lp = jnp.where(need, lp, 0.0)
     return lp.reshape(B, T)
 
 
-def _vocab_chunk_logits(hs, wc, i, c, temp, vd):
-    x = jax.lax.dynamic_slice_in_dim(hs, i * c, c, axis=1)  # [R, c, D]
-    x = x.reshape(-1, x.shape[-1]).astype(wc.dtype)
-    return x, _mm(x, wc, vd) / temp  # [R*c, V] float32
+def _vocab_chunk(hs, i, c, *xs):
+    """Chunk i's rows: hs [R, Np, D] -> x [R*c, D], and each [R, Np] array of ``xs`` -> [R*c]."""
+    x = jax.lax.dynamic_slice_in_dim(hs, i * c, c, axis=1)
+    return (x.reshape(-1, x.shape[-1]),) + tuple(jax.lax.dynamic_slice_in_dim(a, i * c, c, axis=1).reshape(-1)
+                                                 for a in xs)
+
+
+def _head_blocks(w, vd, vb, cd):
+    """The head weight cast to ``cd`` and zero-padded to whole blocks of ``vb`` vocabulary entries (along axis 0 if
+    ``vd``, the tied [V, D] embedding, else axis 1), with the vocabulary size and the block count."""
+    V = w.shape[0] if vd else w.shape[1]
+    wc = w.astype(cd)
+    if V % vb:
+        wc = jnp.pad(wc, ((0, -V % vb), (0, 0)) if vd else ((0, 0), (0, -V % vb)))
+    return wc, V, -(-V // vb)
+
+
+def _block_logits(x, wc, j, static, V):
+    """Block j's float32 logits [rows, vb] of x [rows, D] (columns past the vocabulary -inf), and its weight."""
+    _, temp, vd, _, vb = static
+    wb = jax.lax.dynamic_slice_in_dim(wc, j * vb, vb, axis=0 if vd else 1) if wc.shape[0 if vd else 1] > vb else wc
+    logits = _mm(x, wb, vd) / temp
+    if V % vb:
+        logits = jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + j * vb < V, logits, -jnp.inf)
+    return wb, logits
+
+
+def _over_blocks(blk, nb, init):
+    """``blk(j, carry)`` over the vocabulary blocks (called once, without a loop, for one block)."""
+    return blk(0, init) if nb == 1 else jax.lax.fori_loop(0, nb, blk, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -272,17 +318,25 @@ def _vocab_lp(hs, w, ts, trips, static):
 
 
 def _vocab_lp_fwd(hs, w, ts, trips, static):
-    c, temp, vd, cd = static
+    c, temp, vd, cd, vb = static
     R, Np = ts.shape
 
     def run(_):
-        wc = w.astype(cd)
+        wc, V, nb = _head_blocks(w, vd, vb, cd)
 
         def body(i, out):
-            _, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
-            t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
-            picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-            lse = _logsumexp_rows(logits)
+            x, t = _vocab_chunk(hs, i, c, ts)
+            x = x.astype(cd)
+
+            def blk(j, carry):  # the running log-sum-exp and the target's logit (from the block holding it)
+                lse, picked = carry
+                _, logits = _block_logits(x, wc, j, static, V)
+                tj = t - j * vb
+                hit = (tj >= 0) & (tj < vb)
+                at = jnp.take_along_axis(logits, jnp.clip(tj, 0, vb - 1)[:, None], axis=-1)[:, 0]
+                return jnp.logaddexp(lse, _logsumexp_rows(logits)), picked + jnp.where(hit, at, 0.0)
+
+            lse, picked = _over_blocks(blk, nb, (jnp.full(t.shape, -jnp.inf), jnp.zeros(t.shape, jnp.float32)))
             return tuple(jax.lax.dynamic_update_slice_in_dim(o, x.reshape(R, c), i * c, axis=1)
                          for o, x in zip(out, (picked - lse, lse)))
 
@@ -308,41 +362,47 @@ def _logsumexp_rows(x: jax.Array) -> jax.Array:
 
 
 def _vocab_lp_bwd(static, res, g):
-    c, temp, vd, cd = static
     hs, w, ts, trips, lse = res
-    R, Np, D = hs.shape
 
     def run(_):
         return _vocab_lp_bwd_loop(static, hs, w, ts, trips, g, lse)
 
-    # nothing to do without a chunk: zeros, without the [D, V] accumulator's transpose and the weight's cast
+    # nothing to do without a chunk: zeros, without the weight's cast
     dh, dw = jax.lax.cond(trips > 0, run, lambda _: (jnp.zeros_like(hs), jnp.zeros(w.shape, jnp.float32)), None)
     return dh, dw.astype(w.dtype), None, None
 
 
 def _vocab_lp_bwd_loop(static, hs, w, ts, trips, g, lse):
-    c, temp, vd, cd = static
-    wc = w.astype(cd)
+    c, temp, vd, cd, vb = static
+    wc, V, nb = _head_blocks(w, vd, vb, cd)
     R, Np, D = hs.shape
-    V = wc.shape[0] if vd else wc.shape[1]
+    axis = 0 if vd else 1  # the head's gradient is laid out as the weight: [V, D] (tied) or [D, V]
 
     def body(i, carry):
         dh, dw = carry
-        x, logits = _vocab_chunk_logits(hs, wc, i, c, temp, vd)
-        t = jax.lax.dynamic_slice_in_dim(ts, i * c, c, axis=1).reshape(-1)
-        gc = jax.lax.dynamic_slice_in_dim(g, i * c, c, axis=1).reshape(-1, 1) / temp
-        # the softmax from the forward's log-sum-exp: one elementwise pass, no max / sum reductions
-        p = jnp.exp(logits - jax.lax.dynamic_slice_in_dim(lse, i * c, c, axis=1).reshape(-1, 1))
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
-        gl = (gc * (onehot.astype(jnp.float32) - p)).astype(cd)  # d lp / d (x W), the cotangent cast as _matmul16's
-        dx = _mm(gl, wc, not vd).astype(hs.dtype).reshape(R, c, D)
-        dh = jax.lax.dynamic_update_slice_in_dim(dh, dx, i * c, axis=1)
-        return dh, dw + _tn_dot(x, gl)  # [D, V] either way
+        x, t, gc, lc = _vocab_chunk(hs, i, c, ts, g / temp, lse)
+        x = x.astype(cd)
 
-    dh, dw = jax.lax.fori_loop(0, trips, body, (jnp.zeros_like(hs), jnp.zeros((D, V), jnp.float32)))
-    if vd:
-        dw = _transpose_tiled(dw) if _tiles_ok(D, V) else dw.T
-    return dh, dw
+        def blk(j, carry):  # block j's share of dx, its slice of the head's gradient
+            dx, dw = carry
+            wb, logits = _block_logits(x, wc, j, static, V)
+            # the softmax from the forward's log-sum-exp: one elementwise pass, no max / sum reductions
+            p = jnp.exp(logits - lc[:, None])
+            onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + j * vb == t[:, None]
+            gl = (gc[:, None] * (onehot.astype(jnp.float32) - p)).astype(cd)  # d lp / d (x W), cast as _matmul16's
+            dx = dx + _mm(gl, wb, not vd)
+            dwb = _tn_dot(gl, x) if vd else _tn_dot(x, gl)
+            if nb == 1:
+                return dx, dw + dwb
+            old = jax.lax.dynamic_slice_in_dim(dw, j * vb, vb, axis=axis)
+            return dx, jax.lax.dynamic_update_slice_in_dim(dw, old + dwb, j * vb, axis=axis)
+
+        dx, dw = _over_blocks(blk, nb, (jnp.zeros((x.shape[0], D), jnp.float32), dw))
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, dx.astype(hs.dtype).reshape(R, c, D), i * c, axis=1)
+        return dh, dw
+
+    dh, dw = jax.lax.fori_loop(0, trips, body, (jnp.zeros_like(hs), jnp.zeros(wc.shape, jnp.float32)))
+    return dh, jax.lax.slice_in_dim(dw, 0, V, axis=axis)
 
 
 _vocab_lp.defvjp(_vocab_lp_fwd, _vocab_lp_bwd)
