@@ -231,7 +231,16 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     """Compile the step's programs for ``spec`` on ``mesh`` and return per-device memory per phase (bytes).
 
     Result: ``{"mesh", "devices", "model", "sizes", "resident", "phases": {name: {...}}, "peak", "fits"}``.
+    Traced under ``models.transformer.accelerator_paths``: a one-device mesh of a CPU host plans the accelerator's
+    program, not XLA:CPU's tiled one.
     """
+    from softgrpo_jax.models.transformer import accelerator_paths
+
+    with accelerator_paths():
+        return _plan(spec, mesh=mesh, devices=devices, log=log)
+
+
+def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     import optax
 
     from softgrpo_jax.rl.objective import LossConfig

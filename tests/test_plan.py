@@ -99,3 +99,30 @@ def test_plan_command(tmp_path):
     p = subprocess.run(cmd[:-1] + ["--config.rl.micro_batch=1"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "unknown config key" in p.stderr
+
+
+def test_one_device_plan_traces_the_accelerator_paths(monkeypatch):
+    """A one-device plan on a CPU host compiles the accelerator's program: none of XLA:CPU's own paths (the
+    attention block, the MLP over token tiles, the vocabulary head in blocks) is traced; without
+    ``accelerator_paths`` the same plan does trace them (the traps below fire)."""
+    import contextlib
+
+    from softgrpo_jax.models import transformer as T
+
+    def trap(*a, **k):
+        raise AssertionError("an XLA:CPU-only path was traced")
+
+    monkeypatch.setattr(T, "_attention_block", trap)
+    monkeypatch.setattr(T, "_swiglu_mlp", trap)
+    blocks, vocab_block = [], T._vocab_block
+    monkeypatch.setattr(T, "_vocab_block", lambda v: blocks.append(vocab_block(v)) or blocks[-1])
+    spec = P.PlanSpec(model=TINY.replace(vocab_size=4096), mesh_shape=(1, 1, 1), rollout_rows=4, prompt_len=8,
+                      max_new_tokens=8, micro_batch_size=2, mini_batch_rows=4, logprob_chunk_size=None,
+                      phases=("logprobs", "update"))
+    res = P.plan(spec, devices=jax.devices()[:1])
+    assert res["phases"]["update"]["temporaries"] > 0
+    assert blocks and set(blocks) == {4096}  # one block of the whole vocabulary
+    assert vocab_block(4096) == T.VOCAB_BLOCK[1] < 4096  # outside the context: blocks
+    monkeypatch.setattr(T, "accelerator_paths", contextlib.nullcontext)
+    with pytest.raises(AssertionError, match="XLA:CPU-only"):
+        P.plan(spec, devices=jax.devices()[:1])

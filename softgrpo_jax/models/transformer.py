@@ -15,6 +15,7 @@ The KV cache is a plain dict (a pytree) of fixed size, so decoding compiles once
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -711,11 +712,27 @@ def _transpose_tiled(a: jax.Array) -> jax.Array:
     return bits(u.transpose(0, 2, 1, 3).reshape(M, N), a.dtype)
 
 
+_ACCELERATOR_PATHS = [False]
+
+
+@contextlib.contextmanager
+def accelerator_paths():
+    """Within this context, programs traced on XLA:CPU take the paths of the accelerator backends (no CPU-only
+    tiling: ``_cpu_single_device`` is False). ``softgrpo plan`` compiles under it, so a one-device plan on a CPU
+    host reports the memory of the accelerator's program, not of the CPU's blocked and tiled one."""
+    old, _ACCELERATOR_PATHS[0] = _ACCELERATOR_PATHS[0], True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_PATHS[0] = old
+
+
 def _cpu_single_device() -> bool:
     """XLA:CPU without a multi-device activation mesh: the tiled transposes would break GSPMD's batch sharding
-    (``tests/test_plan.py`` caught the update's temporaries doubling under fsdp), so sharded runs use plain dots."""
+    (``tests/test_plan.py`` caught the update's temporaries doubling under fsdp), so sharded runs use plain dots.
+    False inside ``accelerator_paths``."""
     mesh = current_activation_mesh()
-    return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1)
+    return jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1) and not _ACCELERATOR_PATHS[0]
 
 
 def _tiles_ok(*dims: int) -> bool:
