@@ -198,7 +198,8 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
       temperature: logits are divided by it before any log-prob (``T_train``).
       noise: "gumbel" (SofT-GRPO), "gaussian" or "dirichlet" (ablations) for soft targets.
       chunk_size: rows (positions of the whole batch) per chunk of vocabulary-wide logits: only [chunk_size, V]
-        float32 logits are live at once. None: ~128 MB of them (``models.transformer.vocab_chunk_rows``).
+        float32 logits are live at once. None: ~128 MB of them (``models.transformer.vocab_chunk_rows``; on
+        single-device XLA:CPU 1024 rows whose logits are formed in blocks of vocabulary columns, ``VOCAB_BLOCK``).
       discrete_from_ids: use the original's ``all(ids[1:] == 0)`` discrete test instead of ``soft_mask``.
       score_mask: [B, T] bool, the positions the caller will use (the loss mask); the others return 0 and cost
         nothing. None: every valid position.
