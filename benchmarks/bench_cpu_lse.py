@@ -1,5 +1,6 @@
 """The vocabulary head's log-sum-exp on XLA:CPU: one [680, 49152] float32 chunk of logits (``vocab_logprobs``'
-default chunk at SmolLM2's vocabulary) through ``jax.nn.logsumexp`` (XLA fuses the exp into a YNNPACK reduction)
+chunk at SmolLM2's vocabulary before session 10; it now applies ``_logsumexp_rows`` to [1024, 2048] blocks,
+``VOCAB_BLOCK``) through ``jax.nn.logsumexp`` (XLA fuses the exp into a YNNPACK reduction)
 against ``models/transformer.py: _logsumexp_rows`` (the sum of exponentials as a GEMV against ones). Best of 7
 after a warm-up. By default each call's fresh output buffers are page-faulted in, as a standalone jit call does;
 ``--no-faults`` dispatches synchronously with glibc keeping freed memory, which is closer to the chunk loop inside
