@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import AXES, BATCH_AXES, fit_spec, make_mesh
 from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models import transformer
 from softgrpo_jax.models.transformer import Transformer, init_cache
 
 GiB = 1024 ** 3
@@ -234,9 +235,7 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     Traced under ``models.transformer.accelerator_paths``: a one-device mesh of a CPU host plans the accelerator's
     program, not XLA:CPU's tiled one.
     """
-    from softgrpo_jax.models.transformer import accelerator_paths
-
-    with accelerator_paths():
+    with transformer.accelerator_paths():
         return _plan(spec, mesh=mesh, devices=devices, log=log)
 
 

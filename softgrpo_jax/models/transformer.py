@@ -338,8 +338,8 @@ def _vocab_lp_fwd(hs, w, ts, trips, static):
                 return jnp.logaddexp(lse, _logsumexp_rows(logits)), picked + jnp.where(hit, at, 0.0)
 
             lse, picked = _over_blocks(blk, nb, (jnp.full(t.shape, -jnp.inf), jnp.zeros(t.shape, jnp.float32)))
-            return tuple(jax.lax.dynamic_update_slice_in_dim(o, x.reshape(R, c), i * c, axis=1)
-                         for o, x in zip(out, (picked - lse, lse)))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(o, a.reshape(R, c), i * c, axis=1)
+                         for o, a in zip(out, (picked - lse, lse)))
 
         return jax.lax.fori_loop(0, trips, body, (jnp.zeros((R, Np), jnp.float32),) * 2)
 
@@ -378,10 +378,11 @@ def _vocab_lp_bwd_loop(static, hs, w, ts, trips, g, lse):
     wc, V, nb = _head_blocks(w, vd, vb, cd)
     R, Np, D = hs.shape
     axis = 0 if vd else 1  # the head's gradient is laid out as the weight: [V, D] (tied) or [D, V]
+    g = g / temp
 
     def body(i, carry):
         dh, dw = carry
-        x, t, gc, lc = _vocab_chunk(hs, i, c, ts, g / temp, lse)
+        x, t, gc, lc = _vocab_chunk(hs, i, c, ts, g, lse)
         x = x.astype(cd)
 
         def blk(j, carry):  # block j's share of dx, its slice of the head's gradient
