@@ -81,9 +81,10 @@ def cmd_eval(args, overrides):
     from softgrpo_jax.distributed import make_mesh
     from softgrpo_jax.eval_runner import evaluate
     from softgrpo_jax.sampling import RolloutEngine
-    from softgrpo_jax.train import load_problems, log
+    from softgrpo_jax.train import enable_compilation_cache, load_problems, log
 
     cfg = _load_cfg(args.config, overrides)
+    enable_compilation_cache(cfg.trainer.compilation_cache)
     mesh = make_mesh(tuple(cfg.trainer.mesh))
     model = load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                             mesh=mesh, scan_layers=cfg.model.scan_layers)

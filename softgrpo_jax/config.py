@@ -116,6 +116,9 @@ def base_config() -> ConfigDict:
         log_every=1,
         tensorboard=True,
         progress=True,
+        compilation_cache="auto",  # JAX's persistent compilation cache, so a resumed or repeated run skips most
+        #   compiling: auto = $SOFTGRPO_COMPILATION_CACHE if set, else the project cache folder's jax/ (see
+        #   checkpoint.embedded.cache_dir); or a folder; "" or "off" = no cache
     ))
     c.eval = ConfigDict(dict(
         n_samples=32,

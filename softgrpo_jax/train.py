@@ -27,6 +27,33 @@ def log(msg: str):
         print(f"[softgrpo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def enable_compilation_cache(setting: str) -> str | None:
+    """Point JAX's persistent compilation cache at the folder ``setting`` names (``trainer.compilation_cache``):
+    ``auto`` = ``$SOFTGRPO_COMPILATION_CACHE`` if set, else ``<cache_dir()>/jax``; ``""`` / ``off`` = leave JAX as it
+    is. Programs that took at least ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s) to compile are
+    written there and read back by the next process that compiles the same program for the same devices and flags.
+    Returns the folder in use, or None. A folder already set (by the user or an earlier run) is kept."""
+    setting = (setting or "").strip()
+    if setting == "auto":
+        setting = os.environ.get("SOFTGRPO_COMPILATION_CACHE", "")
+        if not setting:
+            from softgrpo_jax.checkpoint.embedded import cache_dir
+
+            setting = os.path.join(cache_dir(), "jax")
+    if setting.lower() in ("", "off", "none", "false", "0"):
+        return jax.config.jax_compilation_cache_dir or None
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = os.path.abspath(os.path.expanduser(setting))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a cache is an optimisation: never a reason to stop a run
+        log(f"compilation cache {path} not usable ({e}); compiling without it")
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------ data
 def _rg_kwargs(cfg: ConfigDict) -> dict:
     rg = cfg.data.reasoning_gym
@@ -86,6 +113,7 @@ class Run:
 
         self.cfg = cfg
         self.reward_fn = reward_fn
+        enable_compilation_cache(cfg.trainer.compilation_cache)
         self.out = os.path.abspath(cfg.trainer.output_dir)
         os.makedirs(self.out, exist_ok=True)
         self.mesh = make_mesh(tuple(cfg.trainer.mesh))

@@ -99,6 +99,66 @@ def test_train_sigint_then_resume(tmp_path):
     assert os.path.isfile(os.path.join(out, "hf_export", "config.json"))
 
 
+def test_compilation_cache_serves_the_next_process(tmp_path):
+    """trainer.compilation_cache: the first `softgrpo train` process writes its compiled programs to the cache folder;
+    a second, identical one finds every program there (it writes nothing new) and trains to the same metrics."""
+    d = make_tiny_smollm_dir(str(tmp_path / "m"))
+    cache = tmp_path / "cache"
+    env = dict(_env(), SOFTGRPO_COMPILATION_CACHE=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_DEBUG_LOG_MODULES="jax._src.compiler")  # logs each persistent-cache hit
+    entries, metrics, hits = [], [], []
+    for run in ("a", "b"):
+        out = str(tmp_path / run)
+        r = subprocess.run([sys.executable, "-m", "softgrpo_jax.cli", "train", "--config", "configs/demo_smollm2_smoke.py",
+                            f"--config.model.path={d}", f"--config.trainer.output_dir={out}",
+                            "--config.trainer.total_steps=1", "--config.trainer.eval_before=false",
+                            "--config.data.eval_limit=2", "--config.trainer.progress=false",
+                            "--config.trainer.export_hf=false"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        hits.append((r.stdout + r.stderr).count("Persistent compilation cache hit"))
+        entries.append(set(os.listdir(cache)))
+        metrics.append([json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))])
+    assert len(entries[0]) >= 3, entries[0]  # rollout, log-prob and update programs at least
+    assert entries[1] == entries[0]
+    assert hits[0] == 0 and hits[1] >= len(entries[0]), hits
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [1]
+    for a, b in zip(*metrics):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if "time" not in k and "per_s" not in k:
+                assert b[k] == v, (k, v, b[k])
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    import jax
+
+    from softgrpo_jax.train import enable_compilation_cache
+
+    assert jax.config.jax_compilation_cache_dir is None
+    try:
+        assert enable_compilation_cache("off") is None and enable_compilation_cache("") is None
+        monkeypatch.setenv("SOFTGRPO_COMPILATION_CACHE", "off")
+        assert enable_compilation_cache("auto") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("SOFTGRPO_COMPILATION_CACHE", str(tmp_path / "env"))
+        assert enable_compilation_cache("auto") == str(tmp_path / "env") and (tmp_path / "env").is_dir()
+        # a folder already in use is kept: one process, one cache
+        assert enable_compilation_cache(str(tmp_path / "other")) == str(tmp_path / "env")
+        assert not (tmp_path / "other").exists()
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.delenv("SOFTGRPO_COMPILATION_CACHE")
+        monkeypatch.setenv("SOFTGRPO_CACHE", str(tmp_path / "project"))
+        assert enable_compilation_cache("auto") == str(tmp_path / "project" / "jax")
+        jax.config.update("jax_compilation_cache_dir", None)
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        assert enable_compilation_cache(str(blocker / "sub")) is None  # not creatable: no cache, no error
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
 @pytest.mark.slow
 def test_demo_smoke_end_to_end(tmp_path):
     """The README's main job at its smoke setting, on the real embedded SmolLM2-135M; the export loads in
