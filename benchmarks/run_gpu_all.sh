@@ -7,7 +7,7 @@
 # nothing else). Each benchmark runs under its own time limit (at most what is left of BUDGET seconds), writes its
 # markdown report and full log under $OUT, and the tail of each log is printed as it ends, so a benchmark cut off by
 # its limit still leaves the rows it printed. STEPS picks and orders them (default: soft_embed decode train;
-# decode_flags reruns batch-1 decode under DECODE_XLA_FLAGS).
+# decode_flags reruns batch-1 decode under DECODE_XLA_FLAGS; e2e runs benchmarks/gpu_e2e.sh).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -40,6 +40,11 @@ for step in ${STEPS:-soft_embed decode train}; do
     soft_embed) bench soft_embed "${SOFT_EMBED_S:-150}" benchmarks/bench_soft_embed.py --sweep-budget-s "${SWEEP_S:-60}" ;;
     decode) bench decode "${DECODE_S:-240}" benchmarks/bench_gpu_decode.py --reps "${DECODE_REPS:-2}" ;;
     train) bench train "${TRAIN_S:-600}" benchmarks/bench_gpu_train.py --steps "${TRAIN_STEPS:-3}" ;;
+    e2e)  # `softgrpo train` end to end on a random SmolLM2-shaped model (needs benchmarks/gpu_e2e_prep.py's .gpu/)
+      left=$((BUDGET - ($(date +%s) - start))); t=$(( ${E2E_S:-240} < left ? ${E2E_S:-240} : left ))
+      echo "== e2e (limit ${t}s)"; t0=$(date +%s)
+      timeout -k 10 "$t" bash benchmarks/gpu_e2e.sh > "$OUT/e2e.log" 2>&1
+      echo "== e2e rc=$? in $(( $(date +%s) - t0 ))s"; grep -E "^(==|step|[0-9]+ \|)|rror" "$OUT/e2e.log" | tail -n 20 ;;
     decode_flags)  # batch-1 discrete decode again under extra XLA flags (e.g. command buffers for loops)
       XLA_FLAGS="${DECODE_XLA_FLAGS:-}" bench decode_flags "${DECODE_FLAGS_S:-120}" benchmarks/bench_gpu_decode.py \
         --reps 2 --batches 1 --modes discrete --no-torch ;;
