@@ -32,7 +32,8 @@ def enable_compilation_cache(setting: str) -> str | None:
     ``auto`` = ``$SOFTGRPO_COMPILATION_CACHE`` if set, else ``<cache_dir()>/jax``; ``""`` / ``off`` = leave JAX as it
     is. Programs that took at least ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s) to compile are
     written there and read back by the next process that compiles the same program for the same devices and flags.
-    Returns the folder in use, or None. A folder already set (by the user or an earlier run) is kept."""
+    Returns the folder in use, or None. A folder already set (by the user or an earlier run) is kept. The cache is
+    not capped (JAX's ``jax_compilation_cache_max_size``, env ``JAX_COMPILATION_CACHE_MAX_SIZE``, caps it)."""
     setting = (setting or "").strip()
     if setting == "auto":
         setting = os.environ.get("SOFTGRPO_COMPILATION_CACHE", "")
@@ -40,17 +41,18 @@ def enable_compilation_cache(setting: str) -> str | None:
             from softgrpo_jax.checkpoint.embedded import cache_dir
 
             setting = os.path.join(cache_dir(), "jax")
+    current = getattr(jax.config, "jax_compilation_cache_dir", None)
     if setting.lower() in ("", "off", "none", "false", "0"):
-        return jax.config.jax_compilation_cache_dir or None
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+        return current or None
+    if current:
+        return current
     path = os.path.abspath(os.path.expanduser(setting))
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:  # a cache is an optimisation: never a reason to stop a run
         log(f"compilation cache {path} not usable ({e}); compiling without it")
         return None
-    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_compilation_cache_dir", path)  # (JAX opens the cache at the next compile)
     return path
 
 

@@ -132,10 +132,12 @@ def test_compilation_cache_serves_the_next_process(tmp_path):
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):
     import jax
+    import jax.numpy as jnp
 
     from softgrpo_jax.train import enable_compilation_cache
 
     assert jax.config.jax_compilation_cache_dir is None
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
         assert enable_compilation_cache("off") is None and enable_compilation_cache("") is None
         monkeypatch.setenv("SOFTGRPO_COMPILATION_CACHE", "off")
@@ -146,6 +148,13 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         # a folder already in use is kept: one process, one cache
         assert enable_compilation_cache(str(tmp_path / "other")) == str(tmp_path / "env")
         assert not (tmp_path / "other").exists()
+        # a process that compiled before the cache was set (JAX decides at the first compile) still uses it
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.jit(lambda x: x * 3)(np.ones(3)).block_until_ready()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        assert enable_compilation_cache(str(tmp_path / "late")) == str(tmp_path / "late")
+        jax.jit(lambda x: jnp.sin(x) * 5.25)(np.ones(3)).block_until_ready()
+        assert os.listdir(tmp_path / "late")
         jax.config.update("jax_compilation_cache_dir", None)
         monkeypatch.delenv("SOFTGRPO_COMPILATION_CACHE")
         monkeypatch.setenv("SOFTGRPO_CACHE", str(tmp_path / "project"))
@@ -156,7 +165,11 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert enable_compilation_cache(str(blocker / "sub")) is None  # not creatable: no cache, no error
         assert jax.config.jax_compilation_cache_dir is None
     finally:
+        from jax.experimental.compilation_cache import compilation_cache
+
         jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation_cache.reset_cache()
 
 
 @pytest.mark.slow
