@@ -35,7 +35,7 @@ def enable_compilation_cache(setting: str) -> str | None:
     Returns the folder in use, or None. A folder already set (by the user or an earlier run) is kept. The cache is
     not capped (JAX's ``jax_compilation_cache_max_size``, env ``JAX_COMPILATION_CACHE_MAX_SIZE``, caps it)."""
     setting = (setting or "").strip()
-    if setting == "auto":
+    if setting.lower() == "auto":
         setting = os.environ.get("SOFTGRPO_COMPILATION_CACHE", "")
         if not setting:
             from softgrpo_jax.checkpoint.embedded import cache_dir
