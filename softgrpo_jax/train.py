@@ -46,6 +46,9 @@ def enable_compilation_cache(setting: str) -> str | None:
         return current or None
     if current:
         return current
+    if "://" in setting:  # a URL JAX's cache opens itself (gs://bucket/cache: shared by a pod's hosts)
+        jax.config.update("jax_compilation_cache_dir", setting)
+        return setting
     path = os.path.abspath(os.path.expanduser(setting))
     try:
         os.makedirs(path, exist_ok=True)

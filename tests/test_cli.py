@@ -160,6 +160,9 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         monkeypatch.setenv("SOFTGRPO_CACHE", str(tmp_path / "project"))
         assert enable_compilation_cache("auto") == str(tmp_path / "project" / "jax")
         jax.config.update("jax_compilation_cache_dir", None)
+        assert enable_compilation_cache("gs://bucket/jax-cache") == "gs://bucket/jax-cache"  # left to JAX to open
+        assert not os.path.exists("gs:")
+        jax.config.update("jax_compilation_cache_dir", None)
         blocker = tmp_path / "file"
         blocker.write_text("x")
         assert enable_compilation_cache(str(blocker / "sub")) is None  # not creatable: no cache, no error
