@@ -9,6 +9,7 @@ a fresh subprocess (best of ``--repeats`` updates after a compiling one), so mac
     python benchmarks/bench_cpu_update_ab.py --against 708ced8 --grpo   # the GRPO update (discrete tokens)
     python benchmarks/bench_cpu_update_ab.py --gemm   # isolated bf16 GEMMs: XLA:CPU against torch
     python benchmarks/bench_cpu_update_ab.py --mlp    # the MLP stack alone: plain against token tiles
+    python benchmarks/bench_cpu_update_ab.py --optimizer   # clip + AdamW alone: optax's clip against ours
 
 The demo's update is ``--batch 32 --len 192 --micro 2``.
 """
@@ -114,6 +115,61 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+def optimizer_table(repeats: int = 7):
+    """The update's optimizer step alone on SmolLM2's 135M float32 parameters (random gradients whose norm
+    triggers the clip), under the update's skip conditional, params and state donated: ``optax.clip_by_global_norm``
+    + ``optax.adamw`` against ``make_optimizer`` (``rl.trainer.clip_by_global_norm``, given the norm the update
+    computes anyway); alternating calls, best of ``repeats``."""
+    import optax
+    from flax import nnx
+
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.rl.trainer import make_optimizer
+
+    _, params = nnx.split(load_pretrained("smollm2"))
+    leaves, tdef = jax.tree.flatten(params)
+    key = jax.random.key(0)
+    grads = jax.tree.unflatten(tdef, [jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype) * 1e-3
+                                      for i, x in enumerate(leaves)])
+    txs = {"optax clip_by_global_norm + adamw": (optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+               optax.constant_schedule(1e-6), b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)), False),
+           "make_optimizer (clip given the norm) + adamw": (make_optimizer(1e-6), True)}
+
+    def make(tx, given):
+        def step(p, o, g):
+            n = optax.tree.norm(g)
+
+            def take(_):
+                u, o2 = tx.update(g, o, p, grad_norm=n) if given else tx.update(g, o, p)
+                return optax.apply_updates(p, u), o2
+
+            return jax.lax.cond(jnp.isfinite(n), take, lambda _: (p, o), None)
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    fns = {k: make(tx, given) for k, (tx, given) in txs.items()}
+    state = {k: (jax.tree.map(jnp.copy, params), txs[k][0].init(params)) for k in fns}
+    for k, f in fns.items():  # compile, and one step from the same start for the comparison
+        state[k] = jax.block_until_ready(f(*state[k], grads))
+    a, b = (jax.tree.leaves(state[k][0]) for k in fns)
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b))
+    step = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, jax.tree.leaves(params)))
+    print(f"gradient norm {float(optax.tree.norm(grads)):.2f} (clipped to 1); after one step the two parameter sets "
+          f"differ by at most {diff:.2e} (the step itself moved them up to {step:.2e})\n")
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            state[k] = jax.block_until_ready(f(*state[k], grads))
+            times[k].append(time.perf_counter() - t)
+    print("| clip + AdamW (135M float32 parameters) | best (s) | all (s) |")
+    print("|---|---|---|")
+    for k, ts in times.items():
+        print(f"| {k} | {min(ts):.3f} | {', '.join(f'{t:.3f}' for t in ts)} |")
+    ka, kb = list(times)
+    print(f"\n{ka} / {kb}: {min(times[ka]) / min(times[kb]):.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
@@ -125,6 +181,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm", action="store_true")
     ap.add_argument("--mlp", action="store_true", help="the MLP stack alone: plain against token tiles")
+    ap.add_argument("--optimizer", action="store_true", help="clip + AdamW alone: optax's clip against ours")
     ap.add_argument("--against", metavar="REV", help="old = the code of this git revision")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one run, print JSON
     ap.add_argument("--src", help=argparse.SUPPRESS)  # internal: the worktree an "old" run imports from
@@ -140,6 +197,9 @@ def main():
         return
     if args.mlp:
         mlp_table()
+        return
+    if args.optimizer:
+        optimizer_table()
         return
     env_old, wt = None, None
     if args.against:

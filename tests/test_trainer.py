@@ -132,6 +132,52 @@ def test_nonfinite_gradient_skips_update(model_dir):
 
 
 # ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("scale", [0.05, 3.0])  # global norm below / above the clip
+def test_clip_and_adamw_against_numpy(scale):
+    """make_optimizer's step against a NumPy float64 AdamW after torch's clip_grad_norm_ (the seed's): gradients
+    times min(1, max_norm / (norm + 1e-6)), decoupled weight decay; the same with the norm passed in; and the
+    optimizer state has optax's structure (checkpoints written before the custom clip still restore)."""
+    import optax
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((7, 5)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    lr, b1, b2, eps, wd, clip = 1e-2, 0.9, 0.999, 1e-8, 0.01, 1.0
+    tx = make_optimizer(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, grad_clip=clip)
+    state = tx.init(params)
+    ref_state = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(optax.constant_schedule(lr))).init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    p_np = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p_np.items()}
+    v = {k: np.zeros_like(x) for k, x in p_np.items()}
+    p_given, state_given = params, state
+    for t in range(1, 4):
+        g = {k: rng.standard_normal(x.shape) * scale for k, x in p_np.items()}
+        gj = {k: jnp.asarray(x, jnp.float32) for k, x in g.items()}
+        u, state = tx.update(gj, state, params)
+        params = optax.apply_updates(params, u)
+        u2, state_given = tx.update(gj, state_given, p_given, grad_norm=optax.tree.norm(gj))
+        p_given = optax.apply_updates(p_given, u2)
+        norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+        c = min(1.0, clip / (norm + 1e-6))
+        assert (c < 1.0) == (scale > 1.0)
+        for k in p_np:
+            gk = g[k] * c
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk ** 2
+            step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+            p_np[k] = p_np[k] - lr * (step + wd * p_np[k])
+        for k in p_np:
+            np.testing.assert_allclose(np.asarray(params[k]), p_np[k], rtol=0, atol=2e-6)
+            np.testing.assert_array_equal(np.asarray(p_given[k]), np.asarray(params[k]))
+    # torch's 1e-6 in the denominator: a gradient of norm 1e-6 against max_norm 1e-6 is halved (optax: unchanged)
+    from softgrpo_jax.rl.trainer import clip_by_global_norm
+
+    g = {"w": jnp.asarray([[6e-7, 8e-7]], jnp.float32)}
+    out, _ = clip_by_global_norm(1e-6).update(g, optax.EmptyState())
+    np.testing.assert_allclose(np.asarray(out["w"]), [[3e-7, 4e-7]], rtol=1e-5)
+
+
 def test_config_overrides_and_errors():
     cfg = get_config("configs/deepscaler_7b.py", ["--config.rl.group_size=4", "--config.rollout.tau=0.25",
                                                    "--config.model.remat=false"])
