@@ -129,6 +129,16 @@ def test_nonfinite_gradient_skips_update(model_dir):
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(pol.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert int(jax.device_get(pol.opt_state[1][0].count)) == 0  # adam state untouched
+    # any optax transformation drives the update (it passes grad_norm=, which a plain one like optax.scale must not see)
+    import optax
+
+    pol = PolicyState(load_pretrained(model_dir), optax.scale(-1e-2), loss_config(base_config().rl), None)
+    batch["advantages"][0] = 1.0
+    mb = pol.put(split_micro(batch, 2))
+    old = pol.logprobs(pol.params, mb)
+    m = jax.device_get(pol.update(mb, old, old))
+    assert int(m["skipped"]) == 0 and np.isfinite(float(m["grad_norm"]))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(pol.params)))
 
 
 # ------------------------------------------------------------------------------------------ configs

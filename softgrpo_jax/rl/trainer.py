@@ -174,7 +174,10 @@ def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
 
 
 def make_update_fn(graphdef, tx, settings: UpdateSettings, mesh=None):
-    """The jitted update (params and optimizer state donated); activations batch-sharded on ``mesh``."""
+    """The jitted update (params and optimizer state donated); activations batch-sharded on ``mesh``. ``tx`` is any
+    optax transformation; the update passes it the gradients' global norm as ``grad_norm=`` (used by
+    ``make_optimizer``'s clip, ignored by transformations that take no extra arguments)."""
+    tx = optax.with_extra_args_support(tx)
     return jax.jit(with_activation_sharding(mesh, functools.partial(_update, graphdef, tx, settings)),
                    donate_argnums=(0, 1))
 
