@@ -120,7 +120,9 @@ def cmd_sample(args, overrides):
     from softgrpo_jax import load_pretrained, load_tokenizer
     from softgrpo_jax.data.prompts import build_prompt
     from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+    from softgrpo_jax.train import enable_compilation_cache
 
+    enable_compilation_cache("auto")  # the next sample of the same model and settings skips most compiling
     model = load_pretrained(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
     cfg = SamplingConfig(mode=args.mode, max_topk=args.k, temperature=args.temperature, top_k=args.top_k,
