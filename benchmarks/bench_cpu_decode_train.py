@@ -12,15 +12,19 @@ train:  forward + backward + AdamW on 16 x 256 tokens (32 prompt tokens, 224 res
         transformers' step (a plain LM loss) forms them at every position. Each train row runs in a fresh
         subprocess, one after another (``--in-process``: all in this one): in one process the last row measured
         10.5-11.1 s where alone it took 9.5-10.0 s.
-        Rows ending in ``_tuned`` run the same step with glibc's allocator told to keep freed memory
+        Rows with ``_huge`` run with glibc's ``glibc.malloc.hugetlb=1`` (transparent huge pages for what malloc
+        maps), which the ``softgrpo`` command sets for itself (``softgrpo_jax.cli.hugepage_env``), so this
+        project's rows run with it too unless ``--no-hugepages``.
+        Rows with ``_tuned`` run the same step with glibc's allocator told to keep freed memory
         (``GLIBC_TUNABLES``: no mmap for large blocks, no trimming; what PyTorch's CPU tuning guide gets from
         jemalloc / tcmalloc). transformers' step allocates its large tensors afresh every step, and on this VM the
         kernel's page faults then cost it 3-10 s of system time per step (reported per row); tuned, it ran
         ~1.4x faster here. This trainer's update reuses one XLA buffer per execution (its faults cost no measurable
-        wall time: removing them changed nothing), so its ratio is also given against the tuned row.
+        wall time: removing them changed nothing). Each row of this project is also compared with the fastest
+        transformers row measured (on a Xeon with AMX, autocast tuned; on an AVX2-only CPU, float32).
 
     python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
-        [--skip-decode] [--rows soft_bf16,soft_bf16_remat,soft_bf16_remat_tuned]
+        [--skip-decode] [--rows soft_bf16,soft_bf16_remat,soft_bf16_remat_tuned] [--torch-rows torch_f32,torch_f32_tuned]
 
 Prints a markdown table (tokens/s and ratios); compile time is reported separately and excluded from tokens/s.
 """
@@ -118,6 +122,9 @@ def train_batch(B, L, K, vocab, soft: bool, seed=0, answer=0):
 ANSWER = 32  # discrete response tokens at the end of the "answer" row's sequences
 # glibc malloc keeping freed memory mapped (the "_tuned" rows): no mmap for large blocks, no trimming of the heap
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+# transparent huge pages for what malloc maps (the "_huge" rows): what the `softgrpo` command sets for itself
+# (softgrpo_jax.cli.hugepage_env); this project's rows run with it unless --no-hugepages
+HUGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
 def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, answer=0, **kw):
@@ -209,8 +216,14 @@ def main():
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--in-process", action="store_true",
                     help="measure every train row in this process (default: a fresh subprocess per row)")
-    ap.add_argument("--rows", help="comma-separated train rows of this project to measure (the transformers rows "
-                    "always run); default: all")
+    ap.add_argument("--rows", help="comma-separated train rows of this project to measure; default: all")
+    ap.add_argument("--torch-rows", default="torch_f32,torch_autocast,torch_autocast_tuned",
+                    help="comma-separated transformers rows to measure (default: %(default)s; also torch_f32_tuned, "
+                    "torch_f32_huge, torch_f32_tuned_huge, torch_autocast_huge). "
+                    "On a CPU without native bf16 (AVX2 only) torch's autocast step runs bf16 GEMMs at ~1 GFLOP/s "
+                    "and takes many minutes: leave it out there")
+    ap.add_argument("--no-hugepages", action="store_true",
+                    help="run this project's rows without glibc's huge-page tunable (the `softgrpo` command sets it)")
     ap.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: measure one train row, print JSON
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -243,7 +256,7 @@ def main():
     questions = [f"What is {a} + {b}?" for a, b in zip(range(3, 40, 2), range(50, 10, -2))][:args.batch]
     prompts = [tok(build_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
 
-    rows, ours = [], {}
+    rows, ours, best = [], {}, None
     if not args.skip_decode:
         tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
         d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
@@ -273,40 +286,52 @@ def main():
                  "soft_bf16_remat_answer": f"softgrpo_jax SofT-GRPO update, bf16 compute + remat, last {ANSWER} "
                                            "response tokens discrete",
                  "grpo_bf16_remat": "softgrpo_jax GRPO update, bf16 compute + remat"}
-        tuned = {"torch_autocast_tuned": "torch_autocast", "soft_bf16_remat_tuned": "soft_bf16_remat",
-                 "grpo_bf16_remat_tuned": "grpo_bf16_remat"}
-        names.update({k: names[v] + ", malloc tuned" for k, v in tuned.items()})
+        tuned = {"torch_f32_tuned": "torch_f32", "torch_autocast_tuned": "torch_autocast",
+                 "soft_bf16_remat_tuned": "soft_bf16_remat",
+                 "grpo_bf16_remat_tuned": "grpo_bf16_remat", "torch_f32_huge": "torch_f32",
+                 "torch_f32_tuned_huge": "torch_f32", "torch_autocast_huge": "torch_autocast"}
+        names.update({k: names[v] + (", malloc tuned" if "_tuned" in k else "") + (", huge pages" if "_huge" in k
+                                                                                    else "") for k, v in tuned.items()})
+        if not args.no_hugepages:  # this project's rows as the `softgrpo` command runs them
+            names.update({k: v + ", huge pages" for k, v in names.items() if not k.startswith("torch")})
         names = dict(sorted(names.items(), key=lambda kv: not kv[0].startswith("torch")))  # transformers rows first
         if args.in_process:  # GLIBC_TUNABLES applies to a fresh process only
             names = {k: v for k, v in names.items() if k not in tuned}
-        if args.rows:
-            unknown = sorted(set(args.rows.split(",")) - set(names))
-            if unknown:
-                raise SystemExit(f"unknown rows {unknown}; rows: {sorted(names)}")
-            names = {k: v for k, v in names.items() if k in args.rows.split(",") or k.startswith("torch")}
+        torch_rows = args.torch_rows.split(",") if args.torch_rows else []
+        ours_rows = args.rows.split(",") if args.rows else [k for k in names if not k.startswith("torch")]
+        unknown = sorted(set(torch_rows + ours_rows) - set(names))
+        if unknown or any(not r.startswith("torch") for r in torch_rows):
+            raise SystemExit(f"unknown rows {unknown or torch_rows}; rows: {sorted(names)}")
+        names = {k: v for k, v in names.items() if k in torch_rows + ours_rows}
         res = {}
         for row in names:
             if args.in_process:
                 res[row] = train_row(row, tmp, tb, tl, V, args.repeats)
             else:  # a fresh process per row: no row inherits another's heap, thread pools or caches
                 env = dict(os.environ)
-                if row in tuned:
-                    env["GLIBC_TUNABLES"] = TUNED_MALLOC
+                tunables = [TUNED_MALLOC] if "_tuned" in row else []
+                if "_huge" in row or (not row.startswith("torch") and not args.no_hugepages):
+                    tunables.append(HUGE_MALLOC)
+                if tunables:
+                    env["GLIBC_TUNABLES"] = ":".join(tunables)
                 cmd = [sys.executable, os.path.abspath(__file__), "--train-row", tuned.get(row, row), "--hf-dir",
                        tmp, "--train-batch", str(tb), "--train-len", str(tl), "--repeats", str(args.repeats)]
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 res[row] = json.loads(out.strip().splitlines()[-1])  # stderr shown
             print(f"train {row}: {res[row]['tok_s']:.1f} tokens/s", flush=True)
+        best = max((r for r in res if r.startswith("torch")), key=lambda r: res[r]["tok_s"], default=None)
         for row, name in names.items():
-            ref = None if row.startswith("torch") else res["torch_autocast" if "bf16" in row else "torch_f32"]
-            ref_t = res.get("torch_autocast_tuned") if "bf16" in row and not row.startswith("torch") else None
+            ref = None if row.startswith("torch") else res.get("torch_autocast" if "bf16" in row else "torch_f32")
+            ref_t = None if row.startswith("torch") or best is None else res[best]
             rows.append(("train", name, res[row], None if ref is None else res[row]["tok_s"] / ref["tok_s"],
                          None if ref_t is None else res[row]["tok_s"] / ref_t["tok_s"]))
 
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; SmolLM2-135M float32")
     print(f"decode: batch {args.batch}, {args.new} new tokens; train: {args.train_batch} x {args.train_len} tokens\n")
-    print("| what | implementation | tokens/s | time (s) | vs transformers | vs transformers, malloc tuned | "
+    if best:
+        print(f"fastest transformers row: {names[best]}")
+    print("| what | implementation | tokens/s | time (s) | vs transformers, same dtype | vs fastest transformers row | "
           "compile (s) | page faults, system s per step |")
     print("|---|---|---|---|---|---|---|---|")
     for what, name, r, ratio, ratio_t in rows:

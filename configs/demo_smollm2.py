@@ -5,8 +5,11 @@ last number counts when there is no \\boxed{}) and reward 0 for a response that 
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
 not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's,
 0.271 -> 0.344 after session 6's and 0.302 -> 0.422 after session 7's rounding-level model changes: see README),
-and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward; rematerialised
-layers), which the AMX units of recent x86 CPUs run faster than float32."""
+and the compute dtype "auto": bf16 (float32 master weights and optimizer, bf16 rollouts, forward and backward) on
+a CPU with bf16 units (the AMX of recent Xeons, AVX512-BF16), which run it faster than float32, and float32 on other
+CPUs (AVX2 only: bf16 there is converted op by op, and the update ran 1.6x slower in bf16 on a 2-core AMD EPYC).
+Layers are not rematerialised: in float32 remat cost 1.2-1.4x per update on that EPYC, and in bf16 on the Xeon the
+two measured within 4% of each other (benchmarks/RESULTS.md)."""
 
 from softgrpo_jax.config import base_config
 
@@ -23,8 +26,8 @@ def get_config():
     c = base_config()
     c.name = "demo-smollm2"
     c.model.path = "smollm2"
-    c.model.compute_dtype = "bfloat16"  # rollouts follow (rollout.dtype "" = the compute dtype)
-    c.model.remat = True  # bf16 under a layer scan runs fastest rematerialised on XLA:CPU (benchmarks/RESULTS.md)
+    c.model.compute_dtype = "auto"  # bf16 where the CPU has bf16 units, else float32; rollouts follow
+    c.model.remat = False
     c.data.train = "reasoning_gym_math"
     c.data.eval = ("reasoning_gym_math:test",)
     c.data.reasoning_gym.tasks = repr(TASKS)

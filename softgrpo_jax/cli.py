@@ -273,5 +273,42 @@ def main(argv=None):
         return 2
 
 
-if __name__ == "__main__":
+# glibc's malloc gives every large block its own mmap, and a block asked for on a worker thread gets one however
+# the process is tuned (a thread's arena cannot grow past 64 MB): XLA:CPU's temporary buffer for an execution
+# (7.4 GB for the float32 SmolLM2 update at 16 x 256 tokens) is mapped afresh and faulted in 4 KiB page by page
+# every step (1.8 M faults, 6-13 s of system time per update on a 2-core AMD EPYC VM). With the tunable below glibc
+# asks for transparent huge pages on what it maps (madvise; the kernel's default THP mode): 3.7 K faults, the
+# update 1.14-1.2x faster there (benchmarks/RESULTS.md, session 12). A tunable is read when a process starts, so
+# the command re-executes itself once with it; SOFTGRPO_HUGEPAGES=0 leaves the process as it is.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def hugepage_env(environ) -> dict | None:
+    """The environment to re-execute with (``GLIBC_TUNABLES`` plus ``HUGEPAGE_TUNABLE``), or None: not Linux,
+    turned off by ``SOFTGRPO_HUGEPAGES=0``, or a ``glibc.malloc.hugetlb`` setting already there (the user's or
+    this re-execution's)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if environ.get("SOFTGRPO_HUGEPAGES", "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    cur = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in cur:
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{cur}:{HUGEPAGE_TUNABLE}" if cur else HUGEPAGE_TUNABLE}
+
+
+def entry():
+    """The ``softgrpo`` console script: ``main`` in a process whose malloc asks for huge pages (``hugepage_env``)."""
+    env = hugepage_env(os.environ)
+    argv = getattr(sys, "orig_argv", None)
+    if env is not None and argv:
+        try:
+            os.execve(sys.executable, argv, env)  # does not return
+        except OSError as e:  # run as we are
+            print(f"softgrpo: could not re-execute with {HUGEPAGE_TUNABLE} ({e}); continuing without",
+                  file=sys.stderr)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -27,7 +27,8 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         path="smollm2",  # HF dir, .gguf file, orbax checkpoint, or "smollm2" (the embedded default)
         param_dtype="float32",  # master weights (optimizer state follows)
-        compute_dtype="float32",  # activations: "bfloat16" on accelerators
+        compute_dtype="float32",  # activations: "bfloat16" on accelerators; "auto": bfloat16 on accelerators and
+        #                           on CPUs with bf16 units (AMX-BF16, AVX512-BF16), float32 on other CPUs
         scan_layers=True,
         remat=False,
         attention="auto",  # auto (cuDNN flash attention for bf16 on NVIDIA GPUs, else XLA) | xla | cudnn

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import AXES, BATCH_AXES, fit_spec, make_mesh
-from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
 from softgrpo_jax.models import transformer
 from softgrpo_jax.models.transformer import Transformer, init_cache
 
@@ -98,8 +98,9 @@ def model_config(path: str, *, param_dtype: str = "float32", compute_dtype: str 
             hf = json.load(f)
     else:
         hf = preset_config(path)
-    return ModelConfig.from_hf(hf, param_dtype=param_dtype, dtype=compute_dtype, scan_layers=scan_layers,
-                               remat=remat)
+    # a plan is for an accelerator mesh: "auto" is bfloat16 there, whatever this host's CPU
+    return ModelConfig.from_hf(hf, param_dtype=param_dtype, dtype=resolve_compute_dtype(compute_dtype, backend="gpu"),
+                               scan_layers=scan_layers, remat=remat)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

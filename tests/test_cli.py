@@ -204,3 +204,60 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert np.abs(np.asarray(ours(ids)) - ref).max() < 1e-3
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     assert tok.decode(tok("7 + 8 = 15")["input_ids"], skip_special_tokens=True) == "7 + 8 = 15"
+
+
+# ------------------------------------------------------------------------------------------ huge pages
+def test_hugepage_env():
+    from softgrpo_jax.cli import HUGEPAGE_TUNABLE, hugepage_env
+
+    if not sys.platform.startswith("linux"):
+        assert hugepage_env({}) is None
+        return
+    assert hugepage_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": HUGEPAGE_TUNABLE}
+    assert hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:" + HUGEPAGE_TUNABLE)
+    assert hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
+    for off in ("0", "off", "False"):
+        assert hugepage_env({"SOFTGRPO_HUGEPAGES": off}) is None
+
+
+def _thp_available():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
+def test_entry_reexecutes_with_hugepages():
+    """The console script re-executes itself once with the tunable, keeps the user's tunables, and (where the kernel
+    has transparent huge pages) a 256 MB block then faults in 2 MB pages instead of 4 KiB ones."""
+    code = ("import ctypes, os, resource, sys\n"
+            "libc = ctypes.CDLL(None)\n"
+            "libc.malloc.restype = ctypes.c_void_p\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "ctypes.memset(libc.malloc(1 << 28), 1, 1 << 28)\n"  # 256 MB through malloc (its own mmap), written
+            "print('FAULTS=%d' % (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0))\n"
+            "print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''))\n"
+            "sys.argv = ['softgrpo', 'convert', '--help']\n"
+            "from softgrpo_jax.cli import entry\n"
+            "entry()\n")
+    env = {k: v for k, v in _env().items() if k != "SOFTGRPO_HUGEPAGES"}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
+    runs = {}
+    for setting in ("", "0"):
+        if setting:
+            env["SOFTGRPO_HUGEPAGES"] = setting
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "usage: softgrpo convert" in r.stdout
+        runs[setting] = r.stdout.splitlines()
+    tun = lambda lines: [x.split("=", 1)[1] for x in lines if x.startswith("TUNABLES=")]  # noqa: E731
+    faults = lambda lines: [int(x.split("=")[1]) for x in lines if x.startswith("FAULTS=")]  # noqa: E731
+    assert tun(runs[""]) == ["glibc.malloc.check=0", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"]
+    assert tun(runs["0"]) == ["glibc.malloc.check=0"]  # SOFTGRPO_HUGEPAGES=0: no re-execution
+    before, after = faults(runs[""])
+    assert before >= 60000  # 4 KiB pages: 65536 for 256 MB
+    if _thp_available():
+        assert after < before / 8, (before, after)

@@ -185,6 +185,36 @@ def test_bf16_params_close(hf_pair):
     assert np.abs(out - torch_logits(tm, ids)).max() < 0.1
 
 
+def test_compute_dtype_auto(tmp_path, monkeypatch):
+    from softgrpo_jax.models import config as mc
+    from softgrpo_jax.models.config import cpu_flags, resolve_compute_dtype
+
+    for backend in ("gpu", "tpu"):
+        assert resolve_compute_dtype("auto", backend=backend, flags=frozenset()) == "bfloat16"
+    assert resolve_compute_dtype("auto", backend="cpu", flags=frozenset({"avx2", "fma"})) == "float32"
+    for f in ("amx_bf16", "avx512_bf16"):
+        assert resolve_compute_dtype("auto", backend="cpu", flags=frozenset({"avx2", f})) == "bfloat16"
+    assert [resolve_compute_dtype(n, backend="cpu") for n in ("float32", "bfloat16", jnp.float16)] == [
+        "float32", "bfloat16", "float16"]
+    with pytest.raises(TypeError):
+        resolve_compute_dtype("bfloat17")
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\n"
+                   "flags\t\t: other\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(str(x86)) == {"fpu", "avx2", "fma"} and cpu_flags(str(arm)) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    # through the loaders (HF and orbax): what the host's CPU reports decides
+    hf, orb = str(tmp_path / "hf"), str(tmp_path / "orbax")
+    make_hf_model(hf, "llama", seed=3)
+    save_pretrained(load_pretrained(hf), orb, format="orbax")
+    for flags, want in ((frozenset({"avx2"}), jnp.float32), (frozenset({"avx2", "amx_bf16"}), jnp.bfloat16)):
+        monkeypatch.setattr(mc, "cpu_flags", lambda flags=flags: flags)
+        for path in (hf, orb):
+            m = load_pretrained(path, compute_dtype="auto")
+            assert m.config.jnp_dtype == want and m.config.jnp_param_dtype == jnp.float32, (path, flags)
+
+
 # ------------------------------------------------------------------------------------------- bad checkpoints
 def _edit_config(d, **kw):
     p = os.path.join(d, "config.json")

@@ -38,7 +38,8 @@ def detect_format(path: str) -> str:
 def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
     """Load a model from a Hugging Face directory, a llama.cpp ``.gguf`` file or an orbax checkpoint.
 
-    ``dtype`` is the parameter dtype (default float32), ``compute_dtype`` the activation dtype (default: ``dtype``),
+    ``dtype`` is the parameter dtype (default float32), ``compute_dtype`` the activation dtype (default: ``dtype``;
+    ``"auto"``: bfloat16 on accelerators and on CPUs with bf16 units, else float32: ``resolve_compute_dtype``),
     ``mesh`` places every weight on its sharding as it is read. Extra keyword arguments override ModelConfig fields
     (e.g. ``scan_layers=False``, ``remat=True``).
     """

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from softgrpo_jax.checkpoint.hf import CheckpointError, assemble
-from softgrpo_jax.models.config import ModelConfig, RopeScaling, UnsupportedModelError
+from softgrpo_jax.models.config import ModelConfig, RopeScaling, UnsupportedModelError, resolve_compute_dtype
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 
@@ -372,8 +372,8 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh=N
     reader = open_gguf(path)
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
-    overrides.setdefault("dtype", str(np.dtype(compute_dtype)) if compute_dtype is not None else overrides.get(
-        "param_dtype", "float32"))
+    overrides.setdefault("dtype", resolve_compute_dtype(compute_dtype) if compute_dtype is not None
+                         else overrides.get("param_dtype", "float32"))
     cfg = config_from_gguf(reader, path, **overrides)
     return assemble(cfg, iter_gguf_tensors(reader, cfg, path), mesh=mesh, source=path)
 

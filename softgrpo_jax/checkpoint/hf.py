@@ -15,7 +15,7 @@ from flax import nnx
 
 from softgrpo_jax.checkpoint import safetensors_io as st
 from softgrpo_jax.distributed import fit_spec
-from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
 from softgrpo_jax.models.transformer import PARAM_SPECS, Transformer, param_shapes
 
 
@@ -184,7 +184,7 @@ def load_hf(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides
     hf = read_hf_config(path)
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
-    overrides.setdefault("dtype", str(np.dtype(compute_dtype)) if compute_dtype else overrides.get(
+    overrides.setdefault("dtype", resolve_compute_dtype(compute_dtype) if compute_dtype else overrides.get(
         "param_dtype", "float32"))
     cfg = ModelConfig.from_hf(hf, **overrides)
     return assemble(cfg, iter_hf_tensors(path), mesh=mesh, source=path)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from softgrpo_jax.checkpoint.hf import CheckpointError, atomic_dir
 from softgrpo_jax.distributed import state_shardings
-from softgrpo_jax.models.config import ModelConfig
+from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
 from softgrpo_jax.models.transformer import Transformer
 
 MARKER = "softgrpo_model.json"
@@ -63,7 +63,7 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overri
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
     if compute_dtype is not None:
-        overrides["dtype"] = str(np.dtype(compute_dtype))
+        overrides["dtype"] = resolve_compute_dtype(compute_dtype)
     cfg = cfg.replace(**overrides)
     model = nnx.eval_shape(lambda: Transformer(cfg, abstract=True))
     # materialise zeros lazily per leaf, then restore over them

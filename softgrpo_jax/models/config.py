@@ -35,6 +35,41 @@ class RopeScaling:
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
+# CPU flags (Linux /proc/cpuinfo) of x86 units that compute in bf16: AMX tiles and AVX512-BF16's dot products.
+NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first processor's feature flags from ``/proc/cpuinfo`` (empty where there is none: macOS, Windows)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_compute_dtype(name, *, backend: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """A compute dtype's canonical name; ``"auto"``: bfloat16 on accelerators and on CPUs with bf16 units (AMX-BF16,
+    AVX512-BF16), float32 on other CPUs.
+
+    XLA:CPU without bf16 units converts every bf16 operand to float32 and rounds after each op: on a 2-core AMD EPYC
+    (AVX2) the SmolLM2 SofT-GRPO update ran 1.6x slower in bf16 (with remat) than in float32 and Gumbel decoding
+    1.1x slower (benchmarks/RESULTS.md, session 12), where on a Xeon with AMX bf16 is the faster one."""
+    import numpy as np
+
+    if name is None or str(name) != "auto":
+        return str(np.dtype(jnp.dtype(name)))
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16"
+    return "bfloat16" if NATIVE_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
