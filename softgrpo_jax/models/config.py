@@ -60,7 +60,7 @@ def resolve_compute_dtype(name, *, backend: str | None = None, flags: frozenset[
     1.1x slower (benchmarks/RESULTS.md, session 12), where on a Xeon with AMX bf16 is the faster one."""
     import numpy as np
 
-    if name is None or str(name) != "auto":
+    if str(name) != "auto":
         return str(np.dtype(jnp.dtype(name)))
     if backend is None:
         import jax
