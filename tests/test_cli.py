@@ -222,6 +222,13 @@ def test_hugepage_env():
 
 
 def _thp_available():
+    """Transparent huge pages that glibc's tunable can ask for: a kernel with THP not set to "never" and glibc >=
+    2.35 (the first with ``glibc.malloc.hugetlb``; older ones ignore it)."""
+    import platform
+
+    lib, ver = platform.libc_ver()
+    if lib != "glibc" or tuple(int(x) for x in ver.split(".")[:2]) < (2, 35):
+        return False
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             return "[never]" not in f.read()
