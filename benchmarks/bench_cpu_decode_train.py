@@ -124,7 +124,7 @@ ANSWER = 32  # discrete response tokens at the end of the "answer" row's sequenc
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # transparent huge pages for what malloc maps (the "_huge" rows): what the `softgrpo` command sets for itself
 # (softgrpo_jax.cli.hugepage_env); this project's rows run with it unless --no-hugepages
-HUGE_MALLOC = "glibc.malloc.hugetlb=1"
+from softgrpo_jax.cli import HUGEPAGE_TUNABLE as HUGE_MALLOC  # noqa: E402
 
 
 def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, answer=0, **kw):
