@@ -2,7 +2,7 @@
 
   softgrpo train  --config configs/deepscaler_1p5b.py [--config.rl.group_size=4 ...]
   softgrpo eval   --config configs/eval_softgrpo_gumbel.py --config.model.path=DIR
-  softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--show-topk]
+  softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--show-topk] [--compute-dtype auto]
   softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16]
   softgrpo demo   [--config configs/demo_smollm2.py] [--config.preset=smoke]
   softgrpo plan   --config configs/deepscaler_7b.py --mesh 1,8,1 [--device h100 | --device-memory-gb 80]
@@ -123,7 +123,7 @@ def cmd_sample(args, overrides):
     from softgrpo_jax.train import enable_compilation_cache
 
     enable_compilation_cache("auto")  # the next sample of the same model and settings skips most compiling
-    model = load_pretrained(args.model, dtype=args.dtype)
+    model = load_pretrained(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype)
     tok = load_tokenizer(args.model)
     cfg = SamplingConfig(mode=args.mode, max_topk=args.k, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, tau=args.tau, max_new_tokens=args.max_new_tokens,
@@ -135,7 +135,7 @@ def cmd_sample(args, overrides):
     toks, lens = np.asarray(r.tokens), np.asarray(r.lengths)
     for b in range(args.n):
         L, T = int(lens[b]), int(r.think_lengths[b])
-        print(f"=== sample {b} ({args.mode}; {L} tokens, {T} soft-thinking steps, finish "
+        print(f"=== sample {b} ({args.mode}, {model.config.dtype}; {L} tokens, {T} soft-thinking steps, finish "
               f"{['length', 'stop', 'cold_stop'][int(r.finish_reason[b])]})")
         if args.show_topk and T:
             ids_k, w = np.asarray(r.topk_ids[b]), np.asarray(r.weights[b])
@@ -250,7 +250,9 @@ def main(argv=None):
     p.add_argument("--style", default="auto")
     p.add_argument("--raw", action="store_true", help="use the prompt text as is (no chat template)")
     p.add_argument("--show-topk", type=int, default=0, metavar="N", help="print the first N soft steps' top-K")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="parameter dtype")
+    p.add_argument("--compute-dtype", default="auto",
+                   help="decoding dtype (auto: bfloat16 on accelerators and CPUs with bf16 units, else float32)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("convert", help="convert between HF directories, GGUF (import) and orbax checkpoints")
     p.add_argument("src")

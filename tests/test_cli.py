@@ -38,12 +38,22 @@ def test_convert_hf_orbax_hf(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_sample_prints_trace(tmp_path, capsys):
+def test_sample_prints_trace(tmp_path, capsys, monkeypatch):
     d = make_tiny_smollm_dir(str(tmp_path / "m"))
     assert main(["sample", "--model", d, "--mode", "gumbel", "--max-new-tokens", "8", "--show-topk", "3",
                  "--n", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("=== sample") == 2 and "step    0" in out and "thinking (argmax tokens)" in out
+    # the decoding dtype: explicit, and "auto" (the default) by the host's CPU flags
+    import softgrpo_jax.models.config as C
+
+    for flags, expect in ((frozenset({"avx2", "fma"}), "float32"), (frozenset({"avx2", "amx_bf16"}), "bfloat16")):
+        monkeypatch.setattr(C, "cpu_flags", lambda *a, f=flags: f)
+        assert main(["sample", "--model", d, "--mode", "gumbel", "--max-new-tokens", "4"]) == 0
+        assert f"=== sample 0 (gumbel, {expect};" in capsys.readouterr().out
+    assert main(["sample", "--model", d, "--mode", "discrete", "--max-new-tokens", "4",
+                 "--compute-dtype", "bfloat16"]) == 0
+    assert "=== sample 0 (discrete, bfloat16;" in capsys.readouterr().out
 
 
 def test_unknown_config_key_fails_cleanly(capsys):
