@@ -504,6 +504,76 @@ def test_token_logprobs_vs_independent_recomputation(tiny):
                                np.asarray(rl.token_logprobs(model, batch, tau=0.1)), atol=1e-6)
 
 
+def torch_policy_gradient_loss(torch_model, batch, tau):
+    """Independent torch path of the policy-gradient surrogate at ratio 1: soft inputs (softmax(ytil / tau) of the K
+    ids' embeddings, one-hot slot 0 at discrete steps, no gradient), the transformers model, the Gumbel density of
+    SPEC.md 2.2 at soft targets and log_softmax at discrete ones, -sum(adv * lp) / (scored tokens)."""
+    import torch
+
+    ids = torch.tensor(np.asarray(batch["topk_ids"], np.int64))
+    ytil = torch.tensor(np.asarray(batch["topk_ytil"], np.float32))
+    soft = torch.tensor(np.asarray(batch["soft_mask"], bool))
+    am = torch.tensor(np.asarray(batch["attention_mask"], bool))
+    w = torch.where(soft[..., None], torch.softmax(ytil / tau, -1), torch.eye(ids.shape[-1])[0])
+    with torch.no_grad():
+        emb = (w[..., None] * torch_model.model.embed_tokens.weight[ids]).sum(-2)
+    pos = (am.long().cumsum(1) - 1).clamp(min=0)
+    lg = torch_model(inputs_embeds=emb, attention_mask=am.long(), position_ids=pos).logits.float()[:, :-1]
+    tokens = torch.tensor(np.asarray(batch["tokens"], np.int64))[:, 1:]
+    disc_lp = torch.log_softmax(lg, -1).gather(-1, tokens[..., None])[..., 0]
+    lam = torch.log(torch.softmax(lg.gather(-1, ids[:, 1:]), -1) + 1e-6)
+    raw = ytil[:, 1:] - lam
+    z = torch.clamp(raw, -1.5, 3.0)
+    keep = (lam > -3).float().detach()
+    soft_lp = ((-z - torch.exp(-z)) * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+    lp = torch.where(soft[:, 1:], soft_lp, disc_lp)
+    valid = (am[:, 1:] & am[:, :-1] & torch.tensor(np.asarray(batch["loss_mask"], bool))[:, 1:]).float()
+    adv = torch.tensor(np.asarray(batch["advantages"], np.float32))[:, None]
+    return -(adv * lp * valid).sum() / valid.sum(), raw.detach().numpy(), (valid[..., None] * keep).bool().numpy()
+
+
+def test_loss_gradient_vs_torch_autograd(tiny):
+    """The trainer's loss (``loss_fn``, on-policy: ratio 1, no KL) has the gradient of -sum(adv * lp) / N, and it
+    equals torch autograd through transformers' model and the Gumbel density written in torch, for every parameter:
+    soft and discrete targets, slots clamped by the clip (no gradient) and inside it. No slot sits on a clip
+    boundary (there, whether a slot gets gradient is decided by float rounding: README, "A numerical fact")."""
+    import torch
+
+    from softgrpo_jax.checkpoint.hf import hf_name_to_param
+
+    torch_model, model = tiny
+    batch = make_batch(model.config.vocab_size, seed=3)
+    tau = 0.1
+    graphdef, params = nnx.split(model)
+    lp = rl.token_logprobs(model, batch, tau=tau)
+    (_, _), g = jax.value_and_grad(
+        lambda p: rl.loss_fn(p, batch, lp, None, LossConfig(), graphdef=graphdef), has_aux=True)(params)
+    jg = {path[-1]: np.asarray(v.get_value(), np.float64) for path, v in nnx.to_flat_state(g)}
+
+    torch_model.zero_grad()
+    loss, z, scored = torch_policy_gradient_loss(torch_model, batch, tau)
+    loss.backward()
+    zs = z[scored & np.asarray(batch["soft_mask"])[:, 1:, None]]
+    inside = (zs > -1.5) & (zs < 3)
+    assert (~inside).sum() >= 3 and inside.sum() >= 10  # slots clamped by the clip and slots inside it
+    assert np.abs(zs - 3).min() > 1e-2 and np.abs(zs + 1.5).min() > 1e-2
+    n = 0
+    for name, prm in torch_model.named_parameters():
+        leaf, layer, tr = hf_name_to_param(name)
+        got = jg[leaf] if layer is None else jg[leaf][layer]
+        got = got.T if tr else got
+        if prm.grad is None:  # the input embedding of an untied model: inputs are rebuilt without gradient
+            assert name == "model.embed_tokens.weight" and not np.any(got), name
+            n += 1
+            continue
+        want = prm.grad.double().numpy()
+        assert np.linalg.norm(want) > 0, name
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-3, (name, rel)
+        n += 1
+    assert n == len(list(torch_model.parameters()))
+
+
 def test_token_logprobs_discrete_from_ids(tiny):
     _, model = tiny
     batch = make_batch(model.config.vocab_size, seed=1)
