@@ -10,7 +10,8 @@ layers), which the AMX units of recent x86 CPUs run faster than float32. On a CP
 bf16 is converted op by op and the update runs ~1.9x slower than in float32 (benchmarks/RESULTS.md, session 12);
 `--config.model.compute_dtype=auto --config.model.remat=false` picks float32 there, but its one demo run (2-core
 AMD EPYC, 24 steps) did not learn: training rewards fell from 0.25 to 0-0.06 and responses grew (see README), so
-the validated bf16 setting stays the default."""
+the validated bf16 setting stays the default. On that EPYC the bf16 default did not learn either (session 13,
+55 minutes: pass@1 0.266 -> 0.250, responses 51.5 -> 68.4 tokens); every run on the Xeon did (seven runs)."""
 
 from softgrpo_jax.config import base_config
 
