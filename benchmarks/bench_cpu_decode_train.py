@@ -292,11 +292,15 @@ def main():
                  "torch_f32_tuned_huge": "torch_f32", "torch_autocast_huge": "torch_autocast"}
         names.update({k: names[v] + (", malloc tuned" if "_tuned" in k else "") + (", huge pages" if "_huge" in k
                                                                                     else "") for k, v in tuned.items()})
+        # XLA:CPU's YNNPACK dot fusions forced on / off in this project's float32 rows ($SOFTGRPO_YNN_DOTS; the
+        # plain rows run its default, auto: softgrpo_jax.xla_options)
+        ynn = {f"{k}_{s}": (k, v) for k in ("soft_f32", "grpo_f32") for s, v in (("ynn", "on"), ("noynn", "off"))}
+        names.update({k: names[b] + f", YNNPACK dot fusions {v}" for k, (b, v) in ynn.items()})
         if not args.no_hugepages:  # this project's rows as the `softgrpo` command runs them
             names.update({k: v + ", huge pages" for k, v in names.items() if not k.startswith("torch")})
         names = dict(sorted(names.items(), key=lambda kv: not kv[0].startswith("torch")))  # transformers rows first
-        if args.in_process:  # GLIBC_TUNABLES applies to a fresh process only
-            names = {k: v for k, v in names.items() if k not in tuned}
+        if args.in_process:  # GLIBC_TUNABLES and SOFTGRPO_YNN_DOTS apply to a fresh process only
+            names = {k: v for k, v in names.items() if k not in tuned and k not in ynn}
         torch_rows = args.torch_rows.split(",") if args.torch_rows else []
         ours_rows = args.rows.split(",") if args.rows else [k for k in names if not k.startswith("torch")]
         unknown = sorted(set(torch_rows + ours_rows) - set(names))
@@ -314,7 +318,10 @@ def main():
                     tunables.append(HUGE_MALLOC)
                 if tunables:
                     env["GLIBC_TUNABLES"] = ":".join(tunables)
-                cmd = [sys.executable, os.path.abspath(__file__), "--train-row", tuned.get(row, row), "--hf-dir",
+                if row in ynn:
+                    env["SOFTGRPO_YNN_DOTS"] = ynn[row][1]
+                base = ynn[row][0] if row in ynn else tuned.get(row, row)
+                cmd = [sys.executable, os.path.abspath(__file__), "--train-row", base, "--hf-dir",
                        tmp, "--train-batch", str(tb), "--train-len", str(tl), "--repeats", str(args.repeats)]
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 res[row] = json.loads(out.strip().splitlines()[-1])  # stderr shown

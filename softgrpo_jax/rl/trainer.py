@@ -37,6 +37,7 @@ from softgrpo_jax.rl.logprobs import token_logprobs
 from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
                                        loss_denominator, loss_fn)
 from softgrpo_jax.sampling import Rollout, RolloutEngine, bucket_length
+from softgrpo_jax.xla_options import compiler_options, mesh_backend
 
 BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask", "loss_mask", "advantages", "tau")
 
@@ -179,11 +180,12 @@ def make_update_fn(graphdef, tx, settings: UpdateSettings, mesh=None):
     ``make_optimizer``'s clip, ignored by transformations that take no extra arguments)."""
     tx = optax.with_extra_args_support(tx)
     return jax.jit(with_activation_sharding(mesh, functools.partial(_update, graphdef, tx, settings)),
-                   donate_argnums=(0, 1))
+                   donate_argnums=(0, 1), compiler_options=compiler_options(mesh_backend(mesh)) or None)
 
 
 def make_logprob_fn(graphdef, loss_cfg: LossConfig, mesh=None):
-    return jax.jit(with_activation_sharding(mesh, functools.partial(_logprobs, graphdef, loss_cfg)))
+    return jax.jit(with_activation_sharding(mesh, functools.partial(_logprobs, graphdef, loss_cfg)),
+                   compiler_options=compiler_options(mesh_backend(mesh)) or None)
 
 
 class PolicyState:

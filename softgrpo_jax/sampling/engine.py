@@ -26,6 +26,7 @@ from softgrpo_jax.models.config import ModelConfig
 from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
 from softgrpo_jax.ops import soft_embed
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, step
+from softgrpo_jax.xla_options import jit as xla_jit
 
 FINISH_LENGTH, FINISH_STOP, FINISH_COLD_STOP = 0, 1, 2
 FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_COLD_STOP: "cold_stop"}
@@ -114,7 +115,7 @@ def _constrain_cache(cache, mesh):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("mcfg", "cache_len", "mesh"))
+@xla_jit(static_argnames=("mcfg", "cache_len", "mesh"))
 def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
     per_layer = isinstance(params["layers"], list)
     cache = _constrain_cache(init_cache(mcfg, tokens.shape[0], cache_len, per_layer=per_layer), mesh)
@@ -124,8 +125,8 @@ def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
     return logits, _constrain_cache(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps",
-                                             "embed_impl", "mesh"), donate_argnames=("cache",))
+@xla_jit(static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps", "embed_impl", "mesh"),
+         donate_argnames=("cache",))
 def _decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
             stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
     table = params["embed"]

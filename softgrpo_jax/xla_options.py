@@ -1,0 +1,97 @@
+"""Per-computation XLA options for this project's jitted model code (decoding, log-probs, the update).
+
+One knob today: whether XLA:CPU compiles dots into YNNPACK fusions (jaxlib 0.10's default) or leaves them to
+its dot thunks (``xla_cpu_experimental_ynn_fusion_type=""``). On a 2-core AMD EPYC (Zen 3, AVX2/FMA, no bf16
+units) the SmolLM2 SofT-GRPO update in float32 ran 1.07x faster without the fusions (198.5 against 185.9
+tokens/s) and Gumbel decoding 1.06-1.20x faster; the log-prob pass was unchanged (benchmarks/RESULTS.md,
+session 14). On the AMX Xeon of earlier
+sessions nothing was measured without them, so ``auto`` turns them off only on CPUs without bf16 units, the
+machine class it was measured on.
+
+``$SOFTGRPO_YNN_DOTS``: ``auto`` (default), ``on`` (XLA's default, no option passed), ``off`` (no YNNPACK dot
+fusions on any CPU). The option is passed per computation (``jax.jit(..., compiler_options=...)``), not through
+``XLA_FLAGS``: XLA aborts the process on an unknown ``XLA_FLAGS`` entry, while an unknown compile option is an
+error this module catches once (a probe compile) and then leaves the option out, so a jaxlib that renamed or
+dropped the flag runs with its defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from softgrpo_jax.models.config import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+YNN_DOTS_ENV = "SOFTGRPO_YNN_DOTS"
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_MODES = ("auto", "on", "off")
+
+
+@functools.cache
+def option_supported(name: str, value: str) -> bool:
+    """Whether this jaxlib's CPU compiler accepts the compile option ``name=value`` (one tiny probe compile)."""
+    try:
+        x = jax.device_put(np.float32(0), jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda a: a + 1, compiler_options={name: value}).lower(x).compile()
+        return True
+    except (jax.errors.JaxRuntimeError, ValueError, TypeError):  # "No such compile option: ..."
+        return False
+
+
+def compiler_options(backend: str | None = None, *, flags: frozenset[str] | None = None,
+                     mode: str | None = None) -> dict[str, str]:
+    """The compile options for model computations on ``backend`` (default: JAX's default backend).
+
+    ``mode`` defaults to ``$SOFTGRPO_YNN_DOTS`` (``auto``); ``flags`` to this machine's CPU flags."""
+    mode = (os.environ.get(YNN_DOTS_ENV, "auto") if mode is None else mode).strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"{YNN_DOTS_ENV}={mode!r}: expected one of {', '.join(_MODES)}")
+    if (backend or jax.default_backend()) != "cpu" or mode == "on":
+        return {}
+    if mode == "auto" and NATIVE_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags):
+        return {}
+    if not option_supported(YNN_OPTION, ""):
+        if mode == "off":
+            warnings.warn(f"{YNN_DOTS_ENV}=off: this jaxlib has no compile option {YNN_OPTION}; using its defaults",
+                          stacklevel=2)
+        return {}
+    return {YNN_OPTION: ""}
+
+
+def mesh_backend(mesh) -> str | None:
+    """The platform of a mesh's devices (None without a mesh: JAX's default backend)."""
+    return None if mesh is None else mesh.devices.flat[0].platform
+
+
+def jit(fun: Callable | None = None, **jit_kwargs: Any):
+    """``jax.jit`` with :func:`compiler_options` for JAX's default backend, resolved at the first call or
+    ``.lower`` (not at import, which would start the backend before the caller could configure it). Usable as
+    ``@jit`` or ``@jit(static_argnames=...)``."""
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+    return _LazyJit(fun, jit_kwargs)
+
+
+class _LazyJit:
+    def __init__(self, fun: Callable, jit_kwargs: dict[str, Any]):
+        self._fun, self._kw, self._jitted = fun, jit_kwargs, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(self._fun, compiler_options=compiler_options() or None, **self._kw)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._get().lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self._get().trace(*args, **kwargs)
