@@ -787,6 +787,46 @@ def test_bf16_layer_scan_saves_residuals_as_bits(remat, monkeypatch):
             assert rel < 2e-2, (jax.tree_util.keystr(path), rel)
 
 
+def test_float32_scan_saves_only_weight_gemm_outputs(monkeypatch):
+    """A float32 layer scan on XLA:CPU without remat stacks only its weight GEMMs' outputs (and the carry) for the
+    backward (norms, RoPE, SwiGLU and attention recomputed): fewer stacked residuals than a plain backward saves,
+    less temporary memory, and the same gradients, on random weights with padding."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models import transformer as T
+
+    L = 3
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=L,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(6)))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), params)
+    ids = jnp.asarray(_ids(64, (2, 16), seed=8))
+    mask = jnp.asarray(np.arange(16)[None, :] >= np.array([[0], [4]]))
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+        return (jax.nn.log_softmax(logits, -1)[..., 11] * mask).sum()
+
+    def stacked_and_temp():
+        fwd_scan = next(e for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns if e.primitive.name == "scan")
+        stacked = [v.aval for v in fwd_scan.outvars if v.aval.shape[:1] == (L,)]
+        temp = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+        return stacked, temp, jax.jit(jax.grad(loss))(params)
+
+    dots, temp_dots, g_dots = stacked_and_temp()
+    monkeypatch.setattr(T, "SAVE_ONLY_DOTS_F32", False)
+    plain, temp_plain, g_plain = stacked_and_temp()
+    # saved: the layer input (the carry), q, k, v, the attention output projection's input, gate and up (7 here);
+    # the plain backward adds the norms' outputs and statistics, RoPE'd q and k, the attention probabilities, the
+    # SwiGLU output, the residual sums
+    assert len(dots) < len(plain), (dots, plain)
+    assert sum(np.prod(a.shape) for a in dots) < 0.8 * sum(np.prod(a.shape) for a in plain), (dots, plain)
+    assert temp_dots < temp_plain, (temp_dots, temp_plain)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_dots), jax.tree.leaves(g_plain)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a).max() > 0, path
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_bf16_training_gradients_close(hf_pair, remat):
     """Gradients of a bf16-compute model (float32 master weights) stay within bf16 rounding of float32's, for every

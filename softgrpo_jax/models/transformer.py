@@ -490,6 +490,9 @@ def forward(
         body = jax.checkpoint(body, policy=_REMAT_POLICY if bits else jax.checkpoint_policies.nothing_saveable)
     elif bits:
         body = jax.checkpoint(body, policy=_SAVE_POLICY)
+    elif (SAVE_ONLY_DOTS_F32 and cfg.scan_layers and not per_layer and jnp.dtype(cd).itemsize == 4
+          and jax.default_backend() == "cpu"):
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
     kv_in = None if cache is None else (cache["k"], cache["v"])
     if per_layer:
@@ -566,6 +569,14 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 # sliced in place, and only bitcasts are recomputed. SmolLM2 update, 16 x 256 tokens, bf16 without remat: 24-25 ->
 # ~10 s; with remat 1-4% faster (benchmarks/RESULTS.md).
 RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
+# A float32 layer scan on XLA:CPU without remat saves only its weight GEMMs' outputs for the backward pass
+# (``dots_with_no_batch_dims_saveable``: q, k, v, the attention output projection's input, gate, up) and
+# recomputes the rest in the backward scan: the norms, RoPE, the SwiGLU and the attention's scores and
+# probabilities. What a plain backward saves is stacked across the scan (zero-filled, copied in, copied out:
+# ~6 GB for the SmolLM2 update at 16 x 256 tokens); recomputing the cheap part instead ran that update 1.09x
+# faster (median of 6 alternating updates each, faster in 3 of 3 rounds; 2-core AMD EPYC, benchmarks/RESULTS.md,
+# session 14).
+SAVE_ONLY_DOTS_F32 = True  # the switch (tests compare against False)
 _RESIDUAL = "softgrpo_residual"
 _LAYER_INPUT = "softgrpo_layer_input"
 # the attention block's output and softmax statistics (``_attention_block``): saved under remat too, so the
