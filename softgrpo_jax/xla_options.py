@@ -92,6 +92,3 @@ class _LazyJit:
 
     def lower(self, *args, **kwargs):
         return self._get().lower(*args, **kwargs)
-
-    def trace(self, *args, **kwargs):
-        return self._get().trace(*args, **kwargs)

@@ -63,3 +63,17 @@ def make_tiny_smollm_dir(path: str, seed: int = 0, **kw) -> str:
     make_hf_model(path, "llama", seed=seed, **base)
     tok.save_pretrained(path)
     return path
+
+
+def expect_ynn(mode: str) -> bool:
+    """Whether a program compiled under ``$SOFTGRPO_YNN_DOTS=mode`` should hold YNNPACK fusions on this jaxlib: when
+    its default uses them and either ``mode`` is "on" or the jaxlib lacks the option that turns them off (then it
+    keeps its default under both settings). A jaxlib without YNNPACK: never."""
+    import jax
+    import jax.numpy as jnp
+
+    from softgrpo_jax.xla_options import YNN_OPTION, option_supported
+
+    a = jnp.ones((64, 64), jnp.float32)
+    default = "ynn_fusion" in jax.jit(lambda x, y: x @ y).lower(a, a).compile().as_text()
+    return default and (mode == "on" or not option_supported(YNN_OPTION, ""))
