@@ -569,6 +569,13 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 # sliced in place, and only bitcasts are recomputed. SmolLM2 update, 16 x 256 tokens, bf16 without remat: 24-25 ->
 # ~10 s; with remat 1-4% faster (benchmarks/RESULTS.md).
 RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
+_RESIDUAL = "softgrpo_residual"
+_LAYER_INPUT = "softgrpo_layer_input"
+# the attention block's output and softmax statistics (``_attention_block``): saved under remat too, so the
+# recomputed layer forward skips the attention
+_ATTENTION_SAVED = "softgrpo_attention_saved"
+_SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _RESIDUAL, _ATTENTION_SAVED)
+_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _ATTENTION_SAVED)
 # A float32 layer scan on XLA:CPU without remat saves only its weight GEMMs' outputs for the backward pass
 # (``dots_with_no_batch_dims_saveable``: q, k, v, the attention output projection's input, gate, up) and
 # recomputes the rest in the backward scan: the norms, RoPE, the SwiGLU and the attention's scores and
@@ -577,13 +584,6 @@ RESIDUALS_AS_BITS = True  # the switch (tests compare against False)
 # faster (median of 6 alternating updates each, faster in 3 of 3 rounds; 2-core AMD EPYC, benchmarks/RESULTS.md,
 # session 14).
 SAVE_ONLY_DOTS_F32 = True  # the switch (tests compare against False)
-_RESIDUAL = "softgrpo_residual"
-_LAYER_INPUT = "softgrpo_layer_input"
-# the attention block's output and softmax statistics (``_attention_block``): saved under remat too, so the
-# recomputed layer forward skips the attention
-_ATTENTION_SAVED = "softgrpo_attention_saved"
-_SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _RESIDUAL, _ATTENTION_SAVED)
-_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(_LAYER_INPUT, _ATTENTION_SAVED)
 
 
 def _named_residual(a: jax.Array, name: str = _RESIDUAL) -> jax.Array:
