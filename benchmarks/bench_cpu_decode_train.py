@@ -22,9 +22,13 @@ train:  forward + backward + AdamW on 16 x 256 tokens (32 prompt tokens, 224 res
         ~1.4x faster here. This trainer's update reuses one XLA buffer per execution (its faults cost no measurable
         wall time: removing them changed nothing). Each row of this project is also compared with the fastest
         transformers row measured (on a Xeon with AMX, autocast tuned; on an AVX2-only CPU, float32).
+        ``--rounds N`` measures the train rows N times, in reverse order every other round (A B, B A, ...), and
+        reports medians with each ratio taken within its round: on a VM whose speed drifts 10-20% between runs a
+        single pass of rows is one sample of that drift.
 
     python benchmarks/bench_cpu_decode_train.py [--batch 16 --new 128 --train-len 256 --repeats 2] [--small]
         [--skip-decode] [--rows soft_bf16,soft_bf16_remat,soft_bf16_remat_tuned] [--torch-rows torch_f32,torch_f32_tuned]
+        [--rounds 3]
 
 Prints a markdown table (tokens/s and ratios); compile time is reported separately and excluded from tokens/s.
 """
@@ -37,6 +41,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -190,6 +195,20 @@ def bench_torch_train(tmodel, B, L, vocab, repeats, autocast=False):
                 phases=phases[i])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The rounds of one train row as one result: tokens/s and seconds the medians, the rest (compile time, page
+    faults, phases) from the run nearest the median."""
+    med = statistics.median(r["tok_s"] for r in runs)
+    out = dict(min(runs, key=lambda r: abs(r["tok_s"] - med)))
+    out.update(tok_s=med, seconds=out["tokens"] / med)
+    return out
+
+
+def round_ratios(runs: list[dict], refs: list[dict] | None) -> list[float] | None:
+    """Tokens/s of ``runs`` over ``refs`` round by round (None without a reference row)."""
+    return None if refs is None else [a["tok_s"] / b["tok_s"] for a, b in zip(runs, refs)]
+
+
 def train_row(row, hf_dir, B, L, V, repeats):
     """One row of the train table, measured in this process."""
     if row.startswith("torch"):
@@ -224,6 +243,10 @@ def main():
                     "and takes many minutes: leave it out there")
     ap.add_argument("--no-hugepages", action="store_true",
                     help="run this project's rows without glibc's huge-page tunable (the `softgrpo` command sets it)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the train rows this many times, the order reversed every other round (A B, B A, "
+                    "...: drift of the machine then cancels); tokens/s and ratios are medians over the rounds, each "
+                    "ratio taken within a round")
     ap.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: measure one train row, print JSON
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -256,7 +279,7 @@ def main():
     questions = [f"What is {a} + {b}?" for a, b in zip(range(3, 40, 2), range(50, 10, -2))][:args.batch]
     prompts = [tok(build_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
 
-    rows, ours, best = [], {}, None
+    rows, ours, best, per_round = [], {}, None, []
     if not args.skip_decode:
         tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
         d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
@@ -307,31 +330,36 @@ def main():
         if unknown or any(not r.startswith("torch") for r in torch_rows):
             raise SystemExit(f"unknown rows {unknown or torch_rows}; rows: {sorted(names)}")
         names = {k: v for k, v in names.items() if k in torch_rows + ours_rows}
-        res = {}
-        for row in names:
-            if args.in_process:
-                res[row] = train_row(row, tmp, tb, tl, V, args.repeats)
-            else:  # a fresh process per row: no row inherits another's heap, thread pools or caches
-                env = dict(os.environ)
-                tunables = [TUNED_MALLOC] if "_tuned" in row else []
-                if "_huge" in row or (not row.startswith("torch") and not args.no_hugepages):
-                    tunables.append(HUGE_MALLOC)
-                if tunables:
-                    env["GLIBC_TUNABLES"] = ":".join(tunables)
-                if row in ynn:
-                    env["SOFTGRPO_YNN_DOTS"] = ynn[row][1]
-                base = ynn[row][0] if row in ynn else tuned.get(row, row)
-                cmd = [sys.executable, os.path.abspath(__file__), "--train-row", base, "--hf-dir",
-                       tmp, "--train-batch", str(tb), "--train-len", str(tl), "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
-                res[row] = json.loads(out.strip().splitlines()[-1])  # stderr shown
-            print(f"train {row}: {res[row]['tok_s']:.1f} tokens/s", flush=True)
+        runs = {row: [] for row in names}
+        for rnd in range(args.rounds):
+            for row in list(names)[::-1 if rnd % 2 else 1]:
+                if args.in_process:
+                    r = train_row(row, tmp, tb, tl, V, args.repeats)
+                else:  # a fresh process per row: no row inherits another's heap, thread pools or caches
+                    env = dict(os.environ)
+                    tunables = [TUNED_MALLOC] if "_tuned" in row else []
+                    if "_huge" in row or (not row.startswith("torch") and not args.no_hugepages):
+                        tunables.append(HUGE_MALLOC)
+                    if tunables:
+                        env["GLIBC_TUNABLES"] = ":".join(tunables)
+                    if row in ynn:
+                        env["SOFTGRPO_YNN_DOTS"] = ynn[row][1]
+                    base = ynn[row][0] if row in ynn else tuned.get(row, row)
+                    cmd = [sys.executable, os.path.abspath(__file__), "--train-row", base, "--hf-dir", tmp,
+                           "--train-batch", str(tb), "--train-len", str(tl), "--repeats", str(args.repeats)]
+                    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+                    r = json.loads(out.strip().splitlines()[-1])  # stderr shown
+                runs[row].append(r)
+                rnd_s = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
+                print(f"train {row}{rnd_s}: {r['tok_s']:.1f} tokens/s", flush=True)
+        res = {row: median_run(rs) for row, rs in runs.items()}
         best = max((r for r in res if r.startswith("torch")), key=lambda r: res[r]["tok_s"], default=None)
         for row, name in names.items():
-            ref = None if row.startswith("torch") else res.get("torch_autocast" if "bf16" in row else "torch_f32")
-            ref_t = None if row.startswith("torch") or best is None else res[best]
-            rows.append(("train", name, res[row], None if ref is None else res[row]["tok_s"] / ref["tok_s"],
-                         None if ref_t is None else res[row]["tok_s"] / ref_t["tok_s"]))
+            ref = None if row.startswith("torch") else "torch_autocast" if "bf16" in row else "torch_f32"
+            ref_t = None if row.startswith("torch") else best
+            ratio, ratio_t = (round_ratios(runs[row], runs.get(x)) for x in (ref, ref_t))
+            rows.append(("train", name, res[row], ratio, ratio_t))
+            per_round.append((name, runs[row], ratio, ratio_t))
 
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; SmolLM2-135M float32")
@@ -343,9 +371,20 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for what, name, r, ratio, ratio_t in rows:
         faults = f"{r['minflt']:,}, {r['sys_s']:.2f}" if "minflt" in r else ""
+        ratio, ratio_t = (None if x is None else statistics.median(x) for x in (ratio, ratio_t))
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if ratio_t is None else f'{ratio_t:.2f}x'} | "
               f"{r.get('compile_s', float('nan')):.1f} | {faults} |")
+    if args.rounds > 1 and per_round:
+        print(f"\nTrain rows per round (rounds in alternating order; the table gives medians over the {args.rounds} "
+              "rounds, the run nearest the median for time, compile and faults, each ratio taken within a round):\n")
+        print("| implementation | tokens/s per round | vs transformers, same dtype, per round | "
+              "vs fastest transformers row, per round |")
+        print("|---|---|---|---|")
+        for name, rs, ratio, ratio_t in per_round:
+            fmt = lambda xs, f: "" if xs is None else " / ".join(f.format(x) for x in xs)  # noqa: E731
+            print(f"| {name} | {fmt([x['tok_s'] for x in rs], '{:.1f}')} | {fmt(ratio, '{:.2f}x')} | "
+                  f"{fmt(ratio_t, '{:.2f}x')} |")
     print("\n(ratios: each row of this project against transformers in the same dtype. The SofT-GRPO rows score "
           "a soft step from its K ids' logits and form vocabulary-wide logits only at scored discrete targets; "
           "transformers' step computes the full-vocabulary loss at every position, as a plain LM step does)")
