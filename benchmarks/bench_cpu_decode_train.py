@@ -371,7 +371,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for what, name, r, ratio, ratio_t in rows:
         faults = f"{r['minflt']:,}, {r['sys_s']:.2f}" if "minflt" in r else ""
-        ratio, ratio_t = (None if x is None else statistics.median(x) for x in (ratio, ratio_t))
+        # train ratios come per round (a list): their median
+        ratio, ratio_t = (statistics.median(x) if isinstance(x, list) else x for x in (ratio, ratio_t))
         print(f"| {what} | {name} | {r['tok_s']:.1f} | {r['seconds']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if ratio_t is None else f'{ratio_t:.2f}x'} | "
               f"{r.get('compile_s', float('nan')):.1f} | {faults} |")
