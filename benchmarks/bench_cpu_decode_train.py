@@ -250,6 +250,8 @@ def main():
     ap.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: measure one train row, print JSON
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.train_row:
         import transformers
 
