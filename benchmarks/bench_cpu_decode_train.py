@@ -247,11 +247,18 @@ def main():
                     help="measure the train rows this many times, the order reversed every other round (A B, B A, "
                     "...: drift of the machine then cancels); tokens/s and ratios are medians over the rounds, each "
                     "ratio taken within a round")
+    ap.add_argument("--decode-dtypes", default="float32,bfloat16",
+                    help="comma-separated dtypes of the decode rows, both frameworks (default: %(default)s). On a CPU "
+                    "without native bf16 (AVX2 only) transformers' bf16 generate runs its GEMMs at ~1 GFLOP/s: "
+                    "pass float32 there")
     ap.add_argument("--train-row", help=argparse.SUPPRESS)  # internal: measure one train row, print JSON
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    decode_dtypes = [d.strip() for d in args.decode_dtypes.split(",") if d.strip()]
+    if not decode_dtypes or set(decode_dtypes) - {"float32", "bfloat16"}:
+        ap.error(f"--decode-dtypes: expected float32 and/or bfloat16, got {args.decode_dtypes!r}")
     if args.train_row:
         import transformers
 
@@ -283,13 +290,16 @@ def main():
 
     rows, ours, best, per_round = [], {}, None, []
     if not args.skip_decode:
-        tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
-        d_torch = bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)
-        d_torch16 = bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)
-        del tmodel16
-        rows.append(("decode", "transformers generate (sampling), float32", d_torch, None, None))
-        rows.append(("decode", "transformers generate (sampling), bf16", d_torch16, None, None))
-        for dt, ref in ((None, d_torch), ("bfloat16", d_torch16)):
+        refs = []
+        if "float32" in decode_dtypes:
+            refs.append((None, bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)))
+            rows.append(("decode", "transformers generate (sampling), float32", refs[-1][1], None, None))
+        if "bfloat16" in decode_dtypes:
+            tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
+            refs.append(("bfloat16", bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)))
+            del tmodel16
+            rows.append(("decode", "transformers generate (sampling), bf16", refs[-1][1], None, None))
+        for dt, ref in refs:
             for mode in ("discrete", "gumbel"):
                 r = bench_ours_decode(model, tok, prompts, args.new, args.repeats, mode, dtype=dt)
                 ours[(dt, mode)] = r
@@ -395,7 +405,7 @@ def main():
         if "phases" in r:
             print(f"{name}, the timed step's phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
                   + " (forward includes the loss)")
-    for dt in (None, "bfloat16") if ours else ():
+    for dt in sorted({k[0] for k in ours}, key=str):
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "
               f"({a['step_ms']:.1f} ms vs {b['step_ms']:.1f} ms per new token, prefill included)")
