@@ -290,15 +290,14 @@ def main():
 
     rows, ours, best, per_round = [], {}, None, []
     if not args.skip_decode:
-        refs = []
-        if "float32" in decode_dtypes:
-            refs.append((None, bench_torch_decode(tmodel, tok, prompts, args.new, args.repeats)))
-            rows.append(("decode", "transformers generate (sampling), float32", refs[-1][1], None, None))
-        if "bfloat16" in decode_dtypes:
-            tmodel16 = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval()
-            refs.append(("bfloat16", bench_torch_decode(tmodel16, tok, prompts, args.new, args.repeats)))
-            del tmodel16
-            rows.append(("decode", "transformers generate (sampling), bf16", refs[-1][1], None, None))
+        refs = []  # (our dtype argument: None = the model's float32, transformers' row) per decode dtype
+        for name in decode_dtypes:
+            bf16 = name == "bfloat16"
+            tm = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval() if bf16 else tmodel
+            refs.append(("bfloat16" if bf16 else None, bench_torch_decode(tm, tok, prompts, args.new, args.repeats)))
+            del tm
+            rows.append(("decode", f"transformers generate (sampling), {'bf16' if bf16 else 'float32'}", refs[-1][1],
+                         None, None))
         for dt, ref in refs:
             for mode in ("discrete", "gumbel"):
                 r = bench_ours_decode(model, tok, prompts, args.new, args.repeats, mode, dtype=dt)
@@ -405,7 +404,7 @@ def main():
         if "phases" in r:
             print(f"{name}, the timed step's phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
                   + " (forward includes the loss)")
-    for dt in sorted({k[0] for k in ours}, key=str):
+    for dt in dict.fromkeys(k[0] for k in ours):  # the decode dtypes, in the order measured
         a, b = ours[(dt, "gumbel")], ours[(dt, "discrete")]
         print(f"Gumbel / discrete decode time, {'bf16' if dt else 'float32'}: {a['step_ms'] / b['step_ms']:.3f} "
               f"({a['step_ms']:.1f} ms vs {b['step_ms']:.1f} ms per new token, prefill included)")
