@@ -178,10 +178,12 @@ def test_pool_is_thread_safe(pool):
 
 
 def test_pool_survives_a_killed_worker(pool):
-    pool._workers[0].proc.kill()
-    pool._workers[0].proc.wait()
+    proc = pool.processes[0]
+    proc.kill()
+    proc.wait()
     got = R.score_batch(["\\boxed{2}"] * 4, ["2"] * 4, pool=pool)
     assert got.tolist() == [1.0] * 4
+    assert pool.processes[0] is not proc and len(pool.processes) == 2  # the dead worker was replaced
 
 
 def test_pool_rejects_bad_arguments():
@@ -232,3 +234,11 @@ def test_eval_scorer_adversarial_and_size_cap(pool):
 
 def test_benchmark_gold_formats():
     assert R.BENCHMARK_GOLD_FORMAT["aime24"] == "expr" and R.BENCHMARK_GOLD_FORMAT["math500"] == "latex"
+
+
+def test_package_exports():
+    # the names the rest of the code base imports from softgrpo_jax.rewards, all re-exported by the package
+    for name in ("strip_string", "extract_boxed_answer", "extract_lenient_answer", "score_batch", "eval_score_batch",
+                 "math_reward", "EvalScores", "ScoringPool", "PoolStats", "get_pool", "default_workers"):
+        assert name in R.__all__ and callable(getattr(R, name)), name
+    assert all(hasattr(R, name) for name in R.__all__)
