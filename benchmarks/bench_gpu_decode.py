@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from softgrpo_jax.sampling import RolloutEngine, SamplingConfig  # noqa: E402
-from softgrpo_jax.sampling.engine import _decode, _prefill  # noqa: E402
+from softgrpo_jax.sampling.engine import decode, prefill  # noqa: E402
 from softgrpo_jax.sampling.step import MODES  # noqa: E402
 
 
@@ -55,10 +55,10 @@ def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: st
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(B))
 
     def prefill():
-        return C.block(_prefill(mcfg, params, toks, mask, cache_len=Pn + steps))
+        return C.block(prefill(mcfg, params, toks, mask, cache_len=Pn + steps))
 
     def decode(logits0, cache):
-        return C.block(_decode(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
+        return C.block(decode(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
                                pad_id=0, steps=steps, embed_impl=embed_impl))
 
     logits0, cache = prefill()  # compile

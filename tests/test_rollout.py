@@ -180,7 +180,7 @@ def test_sharded_equals_unsharded(model):
 def test_layouts_agree_and_bf16_rollouts(model):
     """The layer-scan and per-layer layouts decode the same rollout; a bf16 engine of the float32 model decodes
     with bf16 weights and a bf16 cache, and its prefill logits stay within bf16 rounding of float32's."""
-    from softgrpo_jax.sampling.engine import _prefill
+    from softgrpo_jax.sampling.engine import prefill
 
     key = jax.random.key(21)
     cfg = SamplingConfig(mode="gumbel", max_new_tokens=8)
@@ -200,9 +200,9 @@ def test_layouts_agree_and_bf16_rollouts(model):
     assert mcfg.dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     toks, mask = e16.prepare_prompts(PROMPTS)
-    lg16, cache16 = _prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4)
+    lg16, cache16 = prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4)
     f32cfg, p32 = RolloutEngine(model, cfg, pad_id=0).decode_params(model)
-    lg32, _ = _prefill(f32cfg, p32, toks, mask, cache_len=toks.shape[1] + 4)
+    lg32, _ = prefill(f32cfg, p32, toks, mask, cache_len=toks.shape[1] + 4)
     assert jax.tree.leaves(cache16["k"])[0].dtype == jnp.bfloat16
     err = np.abs(np.asarray(lg16) - np.asarray(lg32)).max()
     assert 0 < err < 0.05 * np.abs(np.asarray(lg32)).max(), err

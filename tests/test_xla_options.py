@@ -73,9 +73,9 @@ def test_lazy_jit_and_engine_compile_without_ynn(monkeypatch, tmp_path):
     logits = {}
     for mode in ("off", "on"):
         monkeypatch.setenv(xla_options.YNN_DOTS_ENV, mode)
-        monkeypatch.setattr(engine._prefill, "_jitted", None)
-        text = engine._prefill.lower(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4).compile().as_text()
+        monkeypatch.setattr(engine.prefill, "_jitted", None)
+        text = engine.prefill.lower(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4).compile().as_text()
         assert ("ynn_fusion" in text) == expect_ynn(mode), mode
-        logits[mode] = np.asarray(engine._prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4)[0])
+        logits[mode] = np.asarray(engine.prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 4)[0])
     np.testing.assert_allclose(logits["off"], logits["on"], rtol=1e-5, atol=1e-5)
     assert np.abs(logits["on"]).max() > 0.1

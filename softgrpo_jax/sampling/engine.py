@@ -116,7 +116,8 @@ def _constrain_cache(cache, mesh):
 
 
 @xla_jit(static_argnames=("mcfg", "cache_len", "mesh"))
-def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
+def prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
+    """The prompt's pass: logits of the last position [B, V] and a cache of ``cache_len`` slots holding it."""
     per_layer = isinstance(params["layers"], list)
     cache = _constrain_cache(init_cache(mcfg, tokens.shape[0], cache_len, per_layer=per_layer), mesh)
     with activation_sharding(mesh):
@@ -127,8 +128,9 @@ def _prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
 
 @xla_jit(static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps", "embed_impl", "mesh"),
          donate_argnames=("cache",))
-def _decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
-            stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
+def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
+           stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
+    """The decode loop: ``steps`` soft / discrete steps from the prefill's last logits and cache (donated)."""
     table = params["embed"]
     B = logits0.shape[0]
     K = cfg.max_topk
@@ -332,8 +334,8 @@ class RolloutEngine:
             args = [host_to_global(a, _batch_spec(self.mesh, a.shape)) for a in (toks, mask, modes_np, kd)]
             args[3] = jax.random.wrap_key_data(args[3], impl=jax.random.key_impl(row_keys))
         toks_d, mask_d, modes_d, keys_d = args
-        logits0, cache = _prefill(mcfg, params, toks_d, mask_d, cache_len=toks.shape[1] + steps, mesh=self.mesh)
-        buf, st, _ = _decode(mcfg, params, logits0, cache, modes_d, keys_d, cfg=cfg,
+        logits0, cache = prefill(mcfg, params, toks_d, mask_d, cache_len=toks.shape[1] + steps, mesh=self.mesh)
+        buf, st, _ = decode(mcfg, params, logits0, cache, modes_d, keys_d, cfg=cfg,
                           end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id, steps=steps,
                           embed_impl=self.embed_impl, mesh=self.mesh)
         taus = np.where(modes_np == GUMBEL, cfg.tau, 1.0).astype(np.float32)
