@@ -38,8 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import AXES, BATCH_AXES, fit_spec, make_mesh
 from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
-from softgrpo_jax.models import transformer
 from softgrpo_jax.models.transformer import Transformer, init_cache
+from softgrpo_jax.ops.tuning import accelerator_paths
 
 GiB = 1024 ** 3
 
@@ -233,10 +233,10 @@ def plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     """Compile the step's programs for ``spec`` on ``mesh`` and return per-device memory per phase (bytes).
 
     Result: ``{"mesh", "devices", "model", "sizes", "resident", "phases": {name: {...}}, "peak", "fits"}``.
-    Traced under ``models.transformer.accelerator_paths``: a one-device mesh of a CPU host plans the accelerator's
+    Traced under ``ops.tuning.accelerator_paths``: a one-device mesh of a CPU host plans the accelerator's
     program, not XLA:CPU's tiled one.
     """
-    with transformer.accelerator_paths():
+    with accelerator_paths():
         return _plan(spec, mesh=mesh, devices=devices, log=log)
 
 
@@ -245,7 +245,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
 
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
-    from softgrpo_jax.sampling.engine import _decode, _prefill
+    from softgrpo_jax.sampling.engine import decode, prefill
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)
@@ -327,7 +327,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding), ptree)
         # the engine decodes a cast copy; the policy's own weights stay resident beside it
         b_master = b_params if cfg.param_dtype != cfg.dtype else 0
-        prefill_c = _prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
+        prefill_c = prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
         if "prefill" in spec.phases:
             record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
@@ -339,7 +339,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
                              cache_sh)
         modes = _batch((B,), i32, mesh)
         keys = _batch((B,), jax.random.key(0).dtype, mesh)
-        dec = _decode.lower(dcfg, ptree, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
+        dec = decode.lower(dcfg, ptree, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
                             stop_ids=(0,), pad_id=0, steps=L, embed_impl=spec.embed_impl, mesh=mesh).compile()
         record("decode", dec, dict(params=b_master, ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
             (tokens, pmask))), time.time() - t0)

@@ -18,3 +18,16 @@ atexit.register(shutil.rmtree, os.environ["SOFTGRPO_DATA_DIR"], ignore_errors=Tr
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_tuning():
+    """Tests may change softgrpo_jax.ops.tuning; each starts from, and leaves behind, the tuning it found."""
+    from softgrpo_jax.ops.tuning import set_tuning, tuning
+
+    before = tuning()
+    yield
+    set_tuning(before)

@@ -107,22 +107,25 @@ def test_one_device_plan_traces_the_accelerator_paths(monkeypatch):
     ``accelerator_paths`` the same plan does trace them (the traps below fire)."""
     import contextlib
 
+    from softgrpo_jax import plan as plan_module
     from softgrpo_jax.models import transformer as T
+    from softgrpo_jax.ops import vocab_logprobs as VL
+    from softgrpo_jax.ops.tuning import Tuning
 
     def trap(*a, **k):
         raise AssertionError("an XLA:CPU-only path was traced")
 
-    monkeypatch.setattr(T, "_attention_block", trap)
-    monkeypatch.setattr(T, "_swiglu_mlp", trap)
-    blocks, vocab_block = [], T._vocab_block
-    monkeypatch.setattr(T, "_vocab_block", lambda v: blocks.append(vocab_block(v)) or blocks[-1])
+    monkeypatch.setattr(T.attention_block, "attention_block", trap)
+    monkeypatch.setattr(T.mlp, "swiglu_mlp", trap)
+    blocks, vocab_block = [], VL.vocab_block
+    monkeypatch.setattr(VL, "vocab_block", lambda v: blocks.append(vocab_block(v)) or blocks[-1])
     spec = P.PlanSpec(model=TINY.replace(vocab_size=4096), mesh_shape=(1, 1, 1), rollout_rows=4, prompt_len=8,
                       max_new_tokens=8, micro_batch_size=2, mini_batch_rows=4, logprob_chunk_size=None,
                       phases=("logprobs", "update"))
     res = P.plan(spec, devices=jax.devices()[:1])
     assert res["phases"]["update"]["temporaries"] > 0
     assert blocks and set(blocks) == {4096}  # one block of the whole vocabulary
-    assert vocab_block(4096) == T.VOCAB_BLOCK[1] < 4096  # outside the context: blocks
-    monkeypatch.setattr(T, "accelerator_paths", contextlib.nullcontext)
+    assert vocab_block(4096) == Tuning().vocab_block[1] < 4096  # outside the context: blocks
+    monkeypatch.setattr(plan_module, "accelerator_paths", contextlib.nullcontext)
     with pytest.raises(AssertionError, match="XLA:CPU-only"):
         P.plan(spec, devices=jax.devices()[:1])

@@ -216,8 +216,9 @@ def test_stop_gradient_use_traces_no_backward_kernel():
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 
-def test_dispatch_on_cpu(monkeypatch):
-    monkeypatch.delenv(se.ENV_IMPL, raising=False)
+def test_dispatch_on_cpu():
+    from softgrpo_jax.ops.tuning import Tuning, use_tuning
+
     assert se.resolve_impl("auto") == "xla"
     assert se.resolve_impl("xla") == "xla"
     assert se.resolve_impl("pallas", interpret=True) == "pallas"
@@ -225,17 +226,16 @@ def test_dispatch_on_cpu(monkeypatch):
         se.resolve_impl("pallas")
     with pytest.raises(ValueError, match="impl must be"):
         se.soft_embed(jnp.ones((4, 8)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3)), impl="triton")
-    monkeypatch.setenv(se.ENV_IMPL, "pallas")
-    assert se.resolve_impl("auto") == "pallas"
-    assert se.resolve_impl("xla") == "xla"  # the variable only steers auto
-    monkeypatch.setenv(se.ENV_IMPL, "bogus")
+    with use_tuning(Tuning.from_env({se.ENV_IMPL: "pallas"})):
+        assert se.resolve_impl("auto") == "pallas"
+        assert se.resolve_impl("xla") == "xla"  # the knob only steers auto
+    assert se.resolve_impl("auto") == "xla"
     with pytest.raises(ValueError, match=se.ENV_IMPL):
-        se.resolve_impl("auto")
+        Tuning.from_env({se.ENV_IMPL: "bogus"})
 
 
 def test_auto_picks_kernel_only_where_it_would_not_be_replicated(monkeypatch):
     """On a (pretended) GPU: 8 devices outside shard_map -> XLA; inside shard_map over all axes -> the kernel."""
-    monkeypatch.delenv(se.ENV_IMPL, raising=False)
     monkeypatch.setattr(se.jax, "default_backend", lambda: "gpu")
     assert jax.device_count() == 8  # conftest
     assert se.resolve_impl("auto") == "xla"

@@ -115,29 +115,29 @@ def test_sharded_update_equals_unsharded(model_dir):
             np.testing.assert_allclose(ps[k], p1[k], rtol=1e-4, atol=1e-7, err_msg=f"{shape} {k}")
 
 
-def test_update_and_logprobs_follow_ynn_setting(model_dir, monkeypatch):
+def test_update_and_logprobs_follow_ynn_setting(model_dir):
     """The update and log-prob functions compile with softgrpo_jax.xla_options' setting for their mesh's backend
     (YNNPACK dot fusions off / on) and compute the same log-probs and SGD update either way."""
     import optax
 
-    from softgrpo_jax import xla_options
+    from softgrpo_jax.ops.tuning import use_tuning
     from helpers import expect_ynn
 
     batch = _one_batch(model_dir)
     out = {}
     for mode in ("off", "on"):
-        monkeypatch.setenv(xla_options.YNN_DOTS_ENV, mode)
-        pol = PolicyState(load_pretrained(model_dir), optax.sgd(1.0), loss_config(base_config().rl), None)
-        mb = pol.put(split_micro(batch, 2))
-        assert ("ynn_fusion" in pol._lp.lower(pol.params, mb).compile().as_text()) == expect_ynn(mode)
-        old = pol.logprobs(pol.params, mb)
-        before = jax.tree.map(np.asarray, pol.params)
-        pol.update(mb, old, old)
-        (fn,) = pol._update_cache.values()
-        text = fn.lower(pol.params, pol.opt_state, mb, old, old).compile().as_text()
-        assert ("ynn_fusion" in text) == expect_ynn(mode)
-        out[mode] = np.asarray(old), [np.asarray(b) - a for a, b in zip(jax.tree.leaves(before),
-                                                                        jax.tree.leaves(pol.params))]
+        with use_tuning(ynn_dots=mode):
+            pol = PolicyState(load_pretrained(model_dir), optax.sgd(1.0), loss_config(base_config().rl), None)
+            mb = pol.put(split_micro(batch, 2))
+            assert ("ynn_fusion" in pol._lp.lower(pol.params, mb).compile().as_text()) == expect_ynn(mode)
+            old = pol.logprobs(pol.params, mb)
+            before = jax.tree.map(np.asarray, pol.params)
+            pol.update(mb, old, old)
+            (fn,) = pol._update_cache.values()
+            text = fn.lower(pol.params, pol.opt_state, mb, old, old).compile().as_text()
+            assert ("ynn_fusion" in text) == expect_ynn(mode)
+            out[mode] = np.asarray(old), [np.asarray(b) - a for a, b in zip(jax.tree.leaves(before),
+                                                                            jax.tree.leaves(pol.params))]
     np.testing.assert_allclose(out["off"][0], out["on"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(out["off"][1], out["on"][1]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, np.abs(b).max()))

@@ -14,7 +14,8 @@ Implementations (``impl``):
 - ``"auto"`` (default): the kernel on GPU and TPU, XLA on CPU. Also XLA under a sharded (non-manual) mesh context or
   on more than one device outside one: a Pallas call has no SPMD partitioning rule, so XLA would gather its sharded
   operands onto every device. Under ``jax.shard_map`` (all mesh axes manual) auto uses the kernel on the local shard.
-  The environment variable ``SOFTGRPO_SOFT_EMBED_IMPL=xla|pallas`` overrides what ``auto`` picks (an escape hatch).
+  ``Tuning.soft_embed_impl`` (default from ``$SOFTGRPO_SOFT_EMBED_IMPL=xla|pallas``) overrides what ``auto`` picks
+  (an escape hatch).
 
 The ids must lie in [0, V): the kernels clamp them into the table (a memory-safety guard, not a feature).
 """
@@ -22,14 +23,15 @@ The ids must lie in [0, V): the kernels clamp them into the table (a memory-safe
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from softgrpo_jax.ops.tuning import SOFT_EMBED_ENV, tuning
+
 IMPLS = ("auto", "xla", "pallas")
 KERNELS = ("gpu", "tpu")
-ENV_IMPL = "SOFTGRPO_SOFT_EMBED_IMPL"
+ENV_IMPL = SOFT_EMBED_ENV
 
 
 def soft_weights(ytil: jax.Array, tau, discrete: jax.Array | None = None) -> jax.Array:
@@ -64,11 +66,9 @@ def resolve_impl(impl: str = "auto", interpret=False) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        env = os.environ.get(ENV_IMPL, "").strip().lower()
-        if env in ("xla", "pallas"):
-            return env
-        if env not in ("", "auto"):
-            raise ValueError(f"{ENV_IMPL}={env!r}: expected 'xla', 'pallas' or 'auto'")
+        forced = tuning().soft_embed_impl
+        if forced in ("xla", "pallas"):
+            return forced
         if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and _kernel_fits_context():
             return "pallas"
         return "xla"

@@ -1,0 +1,223 @@
+"""Attention over a whole sequence or a KV cache, behind one dispatcher (:func:`resolve`): "cudnn" (flash attention
+through ``jax.nn.dot_product_attention``, for 16-bit compute on NVIDIA GPUs) or "xla" (GQA as batched GEMMs with a
+written-out, flash-style backward; on single-device XLA:CPU tiled over batch rows and causal query tiles).
+
+Layout: queries grouped as [B, Hkv, G*T, hd] (query head k*G + g of position t at row g*T + t), keys and values
+[B, Hkv, S, hd], so every dot and its gradients is a plain batched GEMM on XLA:CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from softgrpo_jax.ops.residuals import named_residual
+from softgrpo_jax.ops.tiling import map_rows
+from softgrpo_jax.ops.tuning import cpu_single_device, tuning
+
+IMPLS = ("auto", "xla", "cudnn")
+
+
+def resolve(impl: str, dtype, head_dim: int) -> str:
+    """``impl`` ("auto" | "xla" | "cudnn") -> "xla" or "cudnn". auto: cuDNN flash attention for bf16 / f16 compute
+    on an NVIDIA GPU with a head dim cuDNN takes (a multiple of 8, at most 128), else the XLA path."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
+        return "xla"
+    try:
+        dev = jax.devices()[0]
+        cuda = dev.platform == "gpu" and "cuda" in dev.client.platform_version.lower()
+    except Exception:  # noqa: BLE001 - no backend details: stay on the portable path
+        cuda = False
+    return "cudnn" if cuda else "xla"
+
+
+NEG_INF = -1e30
+
+
+def attention_dpa(q, k, v, seqlen, scale):
+    """Causal attention through ``jax.nn.dot_product_attention`` for rows whose real tokens come first
+    (``seqlen`` [B] of them, None: all). q [B, T, H, hd], k / v [B, T, Hkv, hd] -> [B, T, H, hd]; rows past a
+    row's length are zeroed (cuDNN leaves them undefined, and they must not reach a weight gradient)."""
+    o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=seqlen,
+                                     key_value_seq_lengths=seqlen, implementation=tuning().dpa_implementation)
+    if seqlen is not None:
+        valid = jnp.arange(q.shape[1])[None, :] < seqlen[:, None]
+        o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+    return o
+
+
+def attention_probs_out(qg, kt, vt, mask, scale):
+    """GQA attention as batched GEMMs. qg [B, Hkv, G*T, hd] (query head k*G + g of position t at row g*T + t),
+    kt / vt [B, Hkv, S, hd], mask [B, T, S] -> (the softmax weights in the compute dtype [B, Hkv, G*T, S], the
+    float32 output [B, Hkv, G*T, hd]). The scale is applied to the queries ([.., hd], not the [.., S] scores)."""
+    return attention_probs_lse(qg, kt, vt, mask, scale)[:2]
+
+
+def attention_probs_lse(qg, kt, vt, mask, scale):
+    """``attention_probs_out`` and each query row's log-sum-exp of its scaled scores (float32 [B, Hkv, G*T]; +inf
+    for a row with no visible key, so that weights recomputed as exp(s - lse) are 0 there)."""
+    B, Hkv, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    s = jnp.einsum("bkqh,bksh->bkqs", qg * jnp.asarray(scale, qg.dtype), kt, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None, :, :], s.reshape(B, Hkv, GT // T, T, S), NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    w = (e / total).astype(qg.dtype).reshape(B, Hkv, GT, S)
+    lse = jnp.where(m > NEG_INF / 2, m + jnp.log(total), jnp.inf).reshape(B, Hkv, GT)
+    return w, jnp.einsum("bkqs,bksh->bkqh", w, vt, preferred_element_type=jnp.float32), lse
+
+
+def group_queries(x: jax.Array, Hkv: int) -> jax.Array:
+    """Queries [B, T, H, hd] -> [B, Hkv, G*T, hd], query head k*G + g of position t at row g*T + t (GQA as batched
+    GEMMs with one contracting dim each: query head k*G + g uses KV head k)."""
+    B, T, H, hd = x.shape
+    return x.reshape(B, T, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, H * T // Hkv, hd)
+
+
+def ungroup_queries(x: jax.Array, T: int) -> jax.Array:
+    """The inverse of ``group_queries``: [B, Hkv, G*T, hd] -> [B, T, H, hd]."""
+    B, Hkv, GT, hd = x.shape
+    return x.reshape(B, Hkv, GT // T, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * GT // T, hd)
+
+
+def heads_major(x: jax.Array) -> jax.Array:
+    """[B, T, N, hd] -> [B, N, T, hd] as a real copy: with T split first, XLA cannot fold the transpose into the
+    consuming dot's dimension numbers, where XLA:CPU would find a batched dot it does not run in bf16 and convert
+    the dot to float32 (measured: every attention dot of the update)."""
+    B, T, N, hd = x.shape
+    s = math.gcd(T, 8)
+    return x.reshape(B, T // s, s, N, hd).transpose(0, 3, 1, 2, 4).reshape(B, N, T, hd)
+
+
+def swap_last2(x: jax.Array) -> jax.Array:
+    """[..., M, N] -> [..., N, M] as a real copy (``heads_major`` on a [prod(...), M, N, 1] view)."""
+    *lead, M, N = x.shape
+    return heads_major(x.reshape(-1, M, N, 1)).reshape(*lead, N, M)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def attention_core(qg, kt, vt, mask, scale, mark=False, causal=False):
+    """``attention_probs_out``'s output in the compute dtype, with the backward written out flash-style: the
+    softmax gradient takes its row term from delta = rowsum(dO * O) ([.., G*T, hd]) instead of autodiff's
+    rowsum(dW * W) over the [.., G*T, S] weights (on XLA:CPU that reduction alone was 0.95 s of a 12 s
+    SmolLM2 update), the scale is applied to [.., hd] arrays only, and every GEMM takes compute-dtype operands
+    with float32 accumulation, in layouts XLA:CPU runs as bf16 GEMMs (the key / value gradients as
+    dK^T = Q^T dS and dV^T = dO^T W: no GEMM contracts the rows of both operands). ``mark``: name the residuals
+    for ``forward``'s checkpoint policy (``RESIDUAL``). ``causal``: the mask is causal in slot order (S == T)
+    at least; on XLA:CPU the work is then tiled (see ``attention_tiles``)."""
+    return _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal)[0]
+
+
+def attention_tiles(B: int, T: int, S: int, row_bytes: int, causal: bool) -> tuple[int, int]:
+    """(batch rows per tile, query positions per tile) for ``attention_core``. On XLA:CPU the attention is
+    bound by moving its [.., G*T, S] scores and weights through memory (~10 passes); a loop over tiles of a few
+    batch rows keeps each tile's arrays in cache, and with a causal mask each query tile only touches the keys up
+    to its end (positions tiled by 64: 5/8 of the score elements at T = 256). One SmolLM2 layer's attention
+    forward + backward (16 x 256 tokens): 74 -> 54 ms (benchmarks/bench_cpu_attention.py). Elsewhere, and under
+    a multi-device mesh (a loop over batch rows would fight GSPMD's batch sharding): one tile. A query row with no
+    visible key (left padding) then averages the values of its tile's keys instead of all S: such rows never
+    reach a real position's output, and no cotangent reaches them."""
+    if tuning().attention_tiles:
+        return tuning().attention_tiles
+    if not cpu_single_device():
+        return B, T
+    tq = 64 if causal and S == T and T % 64 == 0 and T >= 128 else T
+    bb = 1
+    for d in range(1, B + 1):  # the most batch rows whose float32 scores stay within ~8 MB
+        if B % d == 0 and d * row_bytes <= 8 << 20:
+            bb = d
+    return bb, tq
+
+
+def query_tile(x, j, tq, T):
+    """Rows of query positions [j*tq, (j+1)*tq) of a [b, Hkv, G*T, ...] array (row g*T + t)."""
+    b, k, GT = x.shape[:3]
+    x5 = x.reshape((b, k, GT // T, T) + x.shape[3:])[:, :, :, j * tq:(j + 1) * tq]
+    return x5.reshape((b, k, (GT // T) * tq) + x.shape[3:])
+
+
+def _attention_fwd_tile(qg, kt, vt, mask, scale, tq):
+    """One batch tile's attention: (float32 output [b, Hkv, G*T, hd], the weights per query tile)."""
+    T = mask.shape[1]
+    if tq >= T:
+        w, o = attention_probs_out(qg, kt, vt, mask, scale)
+        return o, (w,)
+    b, k, GT, hd = qg.shape
+    outs, ws = [], []
+    for j in range(T // tq):
+        end = (j + 1) * tq  # causal: the keys up to this tile's last query
+        w, o = attention_probs_out(query_tile(qg, j, tq, T), kt[:, :, :end], vt[:, :, :end],
+                                    mask[:, j * tq:end, :end], scale)
+        outs.append(o.reshape(b, k, GT // T, tq, hd))
+        ws.append(w)
+    return jnp.concatenate(outs, axis=3).reshape(b, k, GT, hd), tuple(ws)
+
+
+def _attention_bwd_tile(qg, kt, vt, ws, o, do, scale, T, tq):
+    """One batch tile's (dQ, dK, dV) from the forward's weights ``ws`` (per query tile) and float32 output."""
+    do = do.astype(qg.dtype)
+    delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1, keepdims=True)  # rowsum(dW * W) = dO . O
+    dq, dkt, dvt = attention_grads(qg, kt, vt, lambda j: ws[j], delta, do, scale, T, tq)
+    return dq.astype(qg.dtype), swap_last2(dkt).astype(kt.dtype), swap_last2(dvt).astype(vt.dtype)
+
+
+def attention_grads(qg, kt, vt, weights, delta, do, scale, T, tq):
+    """float32 (dQ [b, Hkv, G*T, hd], dK^T and dV^T [b, Hkv, hd, S]) of one batch tile, query tile by query tile
+    (``tq``; causal: tile j sees the keys up to its end), from ``weights(j)`` (tile j's softmax weights in the
+    compute dtype), delta = rowsum(dO * O) [b, Hkv, G*T, 1] and dO in the compute dtype."""
+    f32, dt = jnp.float32, qg.dtype
+
+    def grads(q, do_, delta_, w, k, v):
+        dw = jnp.einsum("bkqh,bksh->bkqs", do_, v, preferred_element_type=f32)
+        ds = (w.astype(f32) * (dw - delta_)).astype(dt)  # dS / scale
+        dq = jnp.einsum("bkqs,bksh->bkqh", ds, k, preferred_element_type=f32) * scale
+        dkt = jnp.einsum("bkhq,bkqs->bkhs", swap_last2(q), ds, preferred_element_type=f32) * scale
+        dvt = jnp.einsum("bkhq,bkqs->bkhs", swap_last2(do_), w, preferred_element_type=f32)
+        return dq, dkt, dvt
+
+    if tq >= T:
+        return grads(qg, do, delta, weights(0), kt, vt)
+    b, k, GT, hd = qg.shape
+    S = kt.shape[2]
+    dqs, dkt, dvt = [], jnp.zeros((b, k, hd, S), f32), jnp.zeros((b, k, hd, S), f32)
+    for j in range(T // tq):
+        end = (j + 1) * tq
+        dq_j, dk_j, dv_j = grads(*(query_tile(a, j, tq, T) for a in (qg, do, delta)), weights(j),
+                                 kt[:, :, :end], vt[:, :, :end])
+        dqs.append(dq_j.reshape(b, k, GT // T, tq, hd))
+        dkt = dkt.at[..., :end].add(dk_j)
+        dvt = dvt.at[..., :end].add(dv_j)
+    return jnp.concatenate(dqs, axis=3).reshape(b, k, GT, hd), dkt, dvt
+
+
+def _attention_core_fwd(qg, kt, vt, mask, scale, mark, causal):
+    B, k, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    bb, tq = attention_tiles(B, T, S, k * GT * S * 4, causal)
+    o, ws = map_rows(lambda q, kk, v, m: _attention_fwd_tile(q, kk, v, m, scale, tq), bb, qg, kt, vt, mask)
+    ws, o = jax.lax.optimization_barrier((ws, o))  # keep them: XLA would otherwise recompute O inside the backward
+    res = (qg, kt, vt, ws, o)
+    if mark:
+        res = jax.tree.map(named_residual, res)
+    return o.astype(qg.dtype), res[:3] + (mask,) + res[3:]
+
+
+def _attention_core_bwd(scale, mark, causal, res, do):
+    qg, kt, vt, mask, ws, o = res
+    B, k, GT, _ = qg.shape
+    T, S = mask.shape[1], kt.shape[2]
+    bb, tq = attention_tiles(B, T, S, k * GT * S * 4, causal)
+    dq, dk, dv = map_rows(lambda q, kk, v, w, o_, d: _attention_bwd_tile(q, kk, v, w, o_, d, scale, T, tq), bb,
+                           qg, kt, vt, ws, o, do)
+    return dq, dk, dv, None
+
+
+attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
