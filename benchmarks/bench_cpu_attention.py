@@ -1,20 +1,21 @@
 """CPU micro-benchmark, side by side in one run: one layer's attention and RoPE, forward + backward, at SmolLM2's
-training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), before and after sessions 5, 6 and 9.
+training shape (16 x 256 tokens, 9 query / 3 KV heads, head dim 64, bf16), the simpler paths against the current ones.
 
-attention: autodiff of the batched-GEMM attention with plain key/value transposes (session 4) against
-           ``_attention_core`` (written-out backward, ``_heads_major`` transposes) untiled (session 5), tiled by
-           batch rows, and tiled by batch rows and causal query tiles (session 6, the current code); the element
-           types of every compiled dot are printed (float32 operands = XLA:CPU converted the dot).
+attention: autodiff of the batched-GEMM attention with plain key/value transposes against ``ops.attention.
+           attention_core`` (written-out backward, ``heads_major`` transposes) untiled, tiled by batch rows, and
+           tiled by batch rows and causal query tiles (the current code); the element types of every compiled dot
+           are printed (float32 operands = XLA:CPU converted the dot).
 rope:      the query rotation computed in bf16 (rounded after every op, the previous code) against float32
            rounded once (``apply_rope``, the current code), forward + backward.
 block:     a layer's whole attention from its normed input (D 576; q / k / v projections, RoPE, attention):
-           session 8's path (``_dense`` x 3, ``apply_rope``, ``_attention_core``) against ``_attention_block``
-           (session 9: one custom VJP over batch-row tiles, the backward recomputing projections and softmax
+           the plain path (``dense`` x 3, ``apply_rope``, ``attention_core``) against ``ops.attention_block.
+           attention_block`` (one custom VJP over batch-row tiles, the backward recomputing projections and softmax
            weights from the input and the saved output + log-sum-exp), forward alone and forward + backward. Under
            remat the update runs the plain path's forward twice (forward, then recomputed for the backward) and the
            block's once: the saved output and log-sum-exp let the recomputed layer skip it.
 
     python benchmarks/bench_cpu_attention.py [--repeats 7]
+    python benchmarks/bench_cpu_attention.py --small    # tiny shapes, one repeat: a smoke run, not a measurement
 
 Single-op timings on XLA:CPU include page-faulting each call's fresh output buffers; benchmarks/RESULTS.md quotes
 the whole update too.
@@ -33,9 +34,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from softgrpo_jax.models import transformer as T  # noqa: E402
+from softgrpo_jax.models import ModelConfig  # noqa: E402
+from softgrpo_jax.models.transformer import inv_frequencies  # noqa: E402
+from softgrpo_jax.ops.attention import (attention_core, attention_probs_out, group_queries, heads_major,  # noqa: E402
+                                        ungroup_queries)
+from softgrpo_jax.ops.attention_block import attention_block  # noqa: E402
+from softgrpo_jax.ops.matmul import dense  # noqa: E402
+from softgrpo_jax.ops.rope import apply_rope  # noqa: E402
+from softgrpo_jax.ops.tuning import use_tuning  # noqa: E402
 
-B, TOK, H, HKV, HD = 16, 256, 9, 3, 64
+B, TOK, H, HKV, HD, D = 16, 256, 9, 3, 64, 576  # --small: see main
 G = H // HKV
 
 
@@ -57,8 +65,8 @@ def dot_types(fn, args):
 
 
 def attention_fn(variant: str):
-    """variant: "autodiff" (session 4), "core" (``_attention_core`` untiled, session 5), "batch" (tiled by batch
-    rows), "causal" (batch rows and causal query tiles: the current code)."""
+    """variant: "autodiff", "core" (``attention_core``; untiled when run under ``Tuning.attention_tiles`` (B, T)),
+    "batch" (tiled by batch rows), "causal" (batch rows and causal query tiles: the current code)."""
     mask = jnp.tril(jnp.ones((TOK, TOK), bool))[None].repeat(B, 0)
     scale = HD ** -0.5
 
@@ -66,9 +74,9 @@ def attention_fn(variant: str):
         qg = q.reshape(B, TOK, HKV, G, HD).transpose(0, 2, 3, 1, 4).reshape(B, HKV, G * TOK, HD)
         if variant == "autodiff":
             kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            o = T._attention_probs_out(qg, kt, vt, mask, scale)[1].astype(q.dtype)
+            o = attention_probs_out(qg, kt, vt, mask, scale)[1].astype(q.dtype)
         else:
-            o = T._attention_core(qg, T._heads_major(k), T._heads_major(v), mask, scale, False, variant == "causal")
+            o = attention_core(qg, heads_major(k), heads_major(v), mask, scale, False, variant == "causal")
         return o.reshape(B, HKV, G, TOK, HD).transpose(0, 3, 1, 2, 4).reshape(B, TOK, H * HD)
 
     def fwd_bwd(q, k, v, do):
@@ -79,21 +87,20 @@ def attention_fn(variant: str):
 
 
 def block_fn(variant: str, cos, sin, backward: bool):
-    """variant: "plain" (session 8's layer code) or "block" (``_attention_block``); h [B, T, 576] bf16, float32
-    weights as the trainer holds them."""
+    """variant: "plain" (projections, RoPE and ``attention_core``, the layer's path without the fused block) or
+    "block" (``attention_block``); h [B, T, D] bf16, float32 weights as the trainer holds them."""
     mask = jnp.tril(jnp.ones((TOK, TOK), bool))[None].repeat(B, 0)
     scale = HD ** -0.5
 
     def plain(h, wq, wk, wv):
-        q = T.apply_rope(T._dense(h, wq).reshape(B, TOK, H, HD), cos, sin)
-        k = T.apply_rope(T._dense(h, wk).reshape(B, TOK, HKV, HD), cos, sin)
-        v = T._dense(h, wv).reshape(B, TOK, HKV, HD)
-        o = T._attention_core(T._group_queries(q, HKV), T._heads_major(k), T._heads_major(v), mask, scale, False,
-                              True)
-        return T._ungroup_queries(o, TOK).reshape(B, TOK, H * HD)
+        q = apply_rope(dense(h, wq).reshape(B, TOK, H, HD), cos, sin)
+        k = apply_rope(dense(h, wk).reshape(B, TOK, HKV, HD), cos, sin)
+        v = dense(h, wv).reshape(B, TOK, HKV, HD)
+        o = attention_core(group_queries(q, HKV), heads_major(k), heads_major(v), mask, scale, False, True)
+        return ungroup_queries(o, TOK).reshape(B, TOK, H * HD)
 
     def block(h, wq, wk, wv):
-        return T._attention_block(h, wq, wk, wv, None, None, None, cos, sin, mask, (H, HKV, HD, scale, False))
+        return attention_block(h, wq, wk, wv, None, None, None, cos, sin, mask, (H, HKV, HD, scale, False))
 
     f = plain if variant == "plain" else block
     if not backward:
@@ -121,9 +128,13 @@ def rope_fn(rope):
 
 
 def main():
+    global B, TOK, D
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--small", action="store_true", help="tiny shapes (B 2, T 128, D 64), one repeat: a smoke run")
     args = ap.parse_args()
+    if args.small:  # T 128: the smallest T that still takes causal query tiles (ops.attention.attention_tiles)
+        B, TOK, D, args.repeats = 2, 128, 64, 1
     r = np.random.RandomState(0)
     bf = jnp.bfloat16
     q = jnp.asarray(r.randn(B, TOK, H, HD), bf)
@@ -133,19 +144,17 @@ def main():
     print("| what | variant | ms (best of %d) | dot operand types |" % args.repeats)
     print("|---|---|---|---|")
     outs = {}
-    untiled = T._attention_tiles
-    variants = (("autodiff", "autodiff, plain transposes (session 4)"),
-                ("core", "`_attention_core`, untiled (session 5)"),
-                ("batch", "`_attention_core`, tiles of batch rows"),
-                ("causal", "`_attention_core`, batch rows + causal query tiles (current)"))
+    variants = (("autodiff", "autodiff, plain transposes"),
+                ("core", "`attention_core`, untiled"),
+                ("batch", "`attention_core`, tiles of batch rows"),
+                ("causal", "`attention_core`, batch rows + causal query tiles (current)"))
     for variant, name in variants:
-        if variant == "core":
-            T._attention_tiles = lambda b, t, *a: (b, t)
-        fn = attention_fn(variant)
-        outs[variant] = fn(q, k, v, do)
-        ms = 1e3 * best(fn, (q, k, v, do), args.repeats)
-        print(f"| attention fwd+bwd | {name} | {ms:.1f} | {', '.join(dot_types(fn, (q, k, v, do)))} |")
-        T._attention_tiles = untiled
+        # "core": one tile of all B rows and T positions, whatever attention_tiles would pick
+        with use_tuning(attention_tiles=(B, TOK) if variant == "core" else None):
+            fn = attention_fn(variant)
+            outs[variant] = fn(q, k, v, do)
+            ms = 1e3 * best(fn, (q, k, v, do), args.repeats)
+            print(f"| attention fwd+bwd | {name} | {ms:.1f} | {', '.join(dot_types(fn, (q, k, v, do)))} |")
     f32 = jnp.float32
 
     def rel(x, y):
@@ -153,22 +162,21 @@ def main():
                    for a, b in zip(x, y))
 
     pos = jnp.arange(TOK, dtype=jnp.float32)[None, :, None] * jnp.ones((B, 1, 1))
-    freq = pos * T.inv_frequencies(T.ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
-                                                 num_layers=1, num_heads=1, num_kv_heads=1, head_dim=HD))
+    freq = pos * inv_frequencies(ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
+                                             num_layers=1, num_heads=1, num_kv_heads=1, head_dim=HD))
     emb = jnp.concatenate([freq, freq], -1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     ct = jnp.asarray(r.randn(B, TOK, H, HD), bf)
     for rope, name in ((rope_bf16, "bf16, rounded per op (previous)"),
-                       (T.apply_rope, "float32, rounded once (current)")):
+                       (apply_rope, "float32, rounded once (current)")):
         fn = rope_fn(rope)
         print(f"| query RoPE fwd+bwd | {name} | {1e3 * best(fn, (q, cos, sin, ct), args.repeats):.1f} |  |")
-    D = 576
     h = jnp.asarray(r.randn(B, TOK, D), bf)
     ws = [jnp.asarray(r.randn(D, n * HD) / np.sqrt(D), f32) for n in (H, HKV, HKV)]
     blocks = {}
     for backward in (False, True):
-        for variant, name in (("plain", "projections + RoPE + `_attention_core` (session 8)"),
-                              ("block", "`_attention_block` (current)")):
+        for variant, name in (("plain", "projections + RoPE + `attention_core`"),
+                              ("block", "`attention_block` (current)")):
             fn = block_fn(variant, cos, sin, backward)
             args_b = (h, *ws, do)
             blocks[(variant, backward)] = fn(*args_b)
