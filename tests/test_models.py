@@ -435,3 +435,4 @@ def test_attention_option_validated():
                        num_kv_heads=1, head_dim=8, dtype="bfloat16")
     assert jax.default_backend() == "cpu" and T.resolve_attention(base) == "xla"  # auto: cuDNN on NVIDIA GPUs only
     assert T.resolve_attention(base.replace(attention="cudnn")) == "cudnn"
+    assert T.resolve_attention(base.replace(attention="splash")) == "splash"  # auto picks it on TPU only

@@ -511,3 +511,89 @@ def test_tuning_change_after_compile_is_not_ignored():
         tuning().mlp_tile_rows = 8
     with pytest.raises(ValueError, match="mlp_tile_rows"):
         Tuning(mlp_tile_rows=-1)
+
+
+def _masked_attention_np(q, k, v, seg, scale):
+    """Float64 NumPy causal GQA attention within segments: q [B, T, H, hd], k / v [B, T, Hkv, hd], seg [B, T]."""
+    B, T, H, hd = q.shape
+    G = H // k.shape[2]
+    kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    m = (np.arange(T)[:, None] >= np.arange(T)[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
+    s = np.where(m[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, vv)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_splash_attention_against_numpy(dtype, tol):
+    """JAX's splash attention kernel (Pallas interpret mode on CPU) as ops.attention wraps it: GQA, causal within
+    segments, on a left-padded row and a row packing three sequences, T not a multiple of the kernel's block;
+    values against float64 NumPy and gradients against autodiff of that reference."""
+    from softgrpo_jax.ops.attention import attention_splash
+
+    B, T, H, Hkv, hd = 2, 20, 6, 2, 16
+    rng = np.random.RandomState(7)
+    dt = jnp.dtype(dtype)
+    q, c = (jnp.asarray(rng.randn(B, T, H, hd), dt) for _ in range(2))
+    k, v = (jnp.asarray(rng.randn(B, T, Hkv, hd), dt) for _ in range(2))
+    seg = np.ones((B, T), np.int32)
+    seg[0, :4] = 0  # left padding
+    seg[1, 8:15], seg[1, 15:] = 2, 3  # three packed sequences
+    scale = hd ** -0.5
+
+    def ref(q, k, v):  # the same formula in jnp float32 for gradients
+        G = H // Hkv
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, G, 2)) * scale
+        m = (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
+        p = jax.nn.softmax(jnp.where(m[:, None], s, -1e30), -1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, jnp.repeat(v, G, 2))
+
+    f32 = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    o = jax.jit(lambda *a: attention_splash(*a, jnp.asarray(seg), scale))(q, k, v)
+    want = _masked_attention_np(*(np.asarray(a, np.float64) for a in (q, k, v)), seg, scale)
+    assert o.dtype == dt and o.shape == (B, T, H, hd)
+    np.testing.assert_allclose(np.asarray(o, np.float64), want, rtol=0, atol=tol * np.abs(want).max())
+    g = jax.jit(jax.grad(lambda *a: jnp.sum((attention_splash(*a, jnp.asarray(seg), scale) * c)
+                                            .astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+    gr = jax.grad(lambda *a: jnp.sum(ref(*a) * jnp.asarray(c, jnp.float32)), argnums=(0, 1, 2))(*f32)
+    for name, a, b in zip("qkv", g, gr):
+        b = np.asarray(b, np.float64)
+        assert np.abs(b).max() > 0.1, name
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=0, atol=tol * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_splash_model_equals_xla(remat):
+    """A Qwen2-shaped model with attention="splash" (the kernel in interpret mode) gives the XLA path's logits at
+    real positions and its parameter gradients, for left-padded, right-padded and holed rows."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+
+    base = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, remat=remat)
+    ids = jnp.asarray(_ids(64, (3, 19), seed=4))
+    mask = np.ones((3, 19), bool)
+    mask[0, :5] = False
+    mask[1, 13:] = False
+    mask[2, :2] = mask[2, 9] = False
+    mask = jnp.asarray(mask)
+    w = jnp.asarray(np.random.RandomState(2).standard_normal((3, 19, 64)), jnp.float32) * mask[..., None]
+    out = {}
+    for impl in ("xla", "splash"):
+        graphdef, params = nnx.split(Transformer(base.replace(attention=impl), rngs=nnx.Rngs(3)))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+            return jnp.sum(jax.nn.log_softmax(logits, -1) * w), logits
+
+        out[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, lx), gx = out["xla"]
+    (_, ls), gs = out["splash"]
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(ls)[real], np.asarray(lx)[real], rtol=1e-5, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gs), jax.tree.leaves(gx)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(b).max() > 0, path
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()),
+                                   err_msg=jax.tree_util.keystr(path))

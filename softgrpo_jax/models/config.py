@@ -34,7 +34,7 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 # CPU flags (Linux /proc/cpuinfo) of x86 units that compute in bf16: AMX tiles and AVX512-BF16's dot products.
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -101,7 +101,8 @@ class ModelConfig:
     remat: bool = False
     # attention over a whole sequence (training, log-probs; not cached decoding): "xla" (batched GEMMs + softmax,
     # the [B, H, T, S] scores materialised), "cudnn" (cuDNN flash attention through jax.nn.dot_product_attention;
-    # 16-bit compute dtypes on NVIDIA GPUs), "auto" (cudnn where it applies, else xla).
+    # 16-bit compute dtypes on NVIDIA GPUs), "splash" (JAX's splash attention kernel: TPU; interpret mode elsewhere),
+    # "auto" (splash on TPU, cudnn where it applies, else xla).
     attention: str = "auto"
 
     def __post_init__(self):

@@ -279,7 +279,10 @@ def forward(
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
     perm = seqlen = None
-    fused = cache is None and resolve_attention(cfg) == "cudnn"
+    impl = resolve_attention(cfg) if cache is None else "xla"
+    fused = impl == "cudnn"
+    if impl == "splash":  # causal attention within segments: a row's real tokens (1) apart from its padding (0)
+        seqlen = mask.astype(jnp.int32)
     if fused:
         # Fused attention with a causal + padding mask, which needs each row's real tokens first: reorder every row
         # stably (real tokens in order, then the padding), run all layers on that order (everything but attention
@@ -297,8 +300,8 @@ def forward(
     # how the backward pass keeps each layer's residuals (ops.residuals: XLA:CPU-specific policies)
     scanned = cfg.scan_layers and not per_layer
     marks = ckpt.residual_marks(cfg.remat, scanned, cd)
-    body = ckpt.checkpoint_layer(_make_layer_fn(cfg, cos, sin, attn_mask, start, local, fused, seqlen, marks),
-                                      marks, cfg.remat, scanned, cd)
+    body = ckpt.checkpoint_layer(_make_layer_fn(cfg, cos, sin, attn_mask, start, local, impl, seqlen, marks),
+                                 marks, cfg.remat, scanned, cd)
 
     kv_in = None if cache is None else (cache["k"], cache["v"])
     if per_layer:
@@ -395,9 +398,11 @@ def resolve_attention(cfg: ModelConfig) -> str:
     return attention.resolve(cfg.attention, cfg.jnp_dtype, cfg.head_dim)
 
 
-def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, fused: bool = False,
+def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, impl: str = "xla",
                    seqlen=None, residuals: str | None = None):
-    """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``residuals`` marks the values the backward pass saves for
+    """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``impl``: the whole-sequence attention path ("xla",
+    "cudnn" with rows reordered real-tokens-first and ``seqlen`` real tokens, "splash" with ``seqlen`` the segment
+    ids). ``residuals`` marks the values the backward pass saves for
     ``forward``'s checkpoint policies (see ``RESIDUAL``): "input" the layer input, "all" every residual, None none
     (the marks force bf16 rounding where XLA could otherwise keep excess precision, so unmarked passes stay as
     they were)."""
@@ -412,7 +417,7 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         if residuals:
             x = ckpt.saved_residual(x, ckpt.LAYER_INPUT)
         h = keep(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))
-        if kv is None and not fused and attention_block.attention_block_on(h):
+        if kv is None and impl == "xla" and attention_block.attention_block_on(h):
             o = attention_block.attention_block(h, p["wq"], p["wk"], p["wv"], p.get("bq"), p.get("bk"), p.get("bv"), cos, sin,
                                  attn_mask, (H, Hkv, hd, scale, residuals is not None))
             return _mlp_block(cfg, x, o, p, keep, keep_o=residuals is None), kv
@@ -421,8 +426,11 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         v = dense(h, p["wv"], p.get("bv")).reshape(B, T, Hkv, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if fused:  # whole sequences, no cache, rows reordered real-tokens-first (see forward)
+        if impl == "cudnn":  # whole sequences, no cache, rows reordered real-tokens-first (see forward)
             o = attention.attention_dpa(q, k, v, seqlen, scale).reshape(B, T, H * hd)
+            return _mlp_block(cfg, x, o, p, keep), kv
+        if impl == "splash":  # whole sequences, no cache
+            o = attention.attention_splash(q, k, v, seqlen, scale).reshape(B, T, H * hd)
             return _mlp_block(cfg, x, o, p, keep), kv
         kt = attention.heads_major(k)  # [B, Hkv, T, hd]: this call's keys / values
         vt = attention.heads_major(v)

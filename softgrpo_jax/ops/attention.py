@@ -1,6 +1,7 @@
 """Attention over a whole sequence or a KV cache, behind one dispatcher (:func:`resolve`): "cudnn" (flash attention
-through ``jax.nn.dot_product_attention``, for 16-bit compute on NVIDIA GPUs) or "xla" (GQA as batched GEMMs with a
-written-out, flash-style backward; on single-device XLA:CPU tiled over batch rows and causal query tiles).
+through ``jax.nn.dot_product_attention``, for 16-bit compute on NVIDIA GPUs), "splash" (JAX's splash attention
+Pallas kernel, TPU; Pallas interpret mode elsewhere, for tests) or "xla" (GQA as batched GEMMs with a written-out,
+flash-style backward; on single-device XLA:CPU tiled over batch rows and causal query tiles).
 
 Layout: queries grouped as [B, Hkv, G*T, hd] (query head k*G + g of position t at row g*T + t), keys and values
 [B, Hkv, S, hd], so every dot and its gradients is a plain batched GEMM on XLA:CPU and GPU.
@@ -18,16 +19,19 @@ from softgrpo_jax.ops.residuals import named_residual
 from softgrpo_jax.ops.tiling import map_rows
 from softgrpo_jax.ops.tuning import cpu_single_device, tuning
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def resolve(impl: str, dtype, head_dim: int) -> str:
-    """``impl`` ("auto" | "xla" | "cudnn") -> "xla" or "cudnn". auto: cuDNN flash attention for bf16 / f16 compute
-    on an NVIDIA GPU with a head dim cuDNN takes (a multiple of 8, at most 128), else the XLA path."""
+    """``impl`` ("auto" | "xla" | "cudnn" | "splash") -> the path a whole-sequence pass takes. auto: splash
+    attention on TPU; cuDNN flash attention for bf16 / f16 compute on an NVIDIA GPU with a head dim cuDNN takes (a
+    multiple of 8, at most 128); else the XLA path."""
     if impl not in IMPLS:
         raise ValueError(f"attention must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
+    if jax.default_backend() == "tpu":
+        return "splash"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
         return "xla"
     try:
@@ -221,3 +225,49 @@ def _attention_core_bwd(scale, mark, causal, res, do):
 
 
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
+# --------------------------------------------------------------------------------------------- splash attention
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(T: int, G: int, block: int, interpret: bool):
+    """JAX's splash attention for one KV head's G query heads (MQA form) under a causal mask over T positions."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * G)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    with jax.ensure_compile_time_eval():  # the mask tables are constants, built once (cached), not traced
+        return sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def attention_splash(q, k, v, segment_ids, scale):
+    """Causal GQA attention through JAX's splash attention kernel: q [B, T, H, hd], k / v [B, T, Hkv, hd],
+    ``segment_ids`` [B, T] int32 (a position attends to earlier positions of its own segment: 0 for padding, 1 for
+    a row's real tokens, 1, 2, ... for rows packed into one sequence) -> [B, T, H, hd] in q's dtype.
+
+    The kernel runs per batch row and KV head (``vmap``), its G query heads in the kernel's MQA form; T is padded to
+    a multiple of 128 (padding in a segment of its own). On TPU it is the compiled Mosaic kernel; elsewhere Pallas
+    interpret mode (slow: for tests against the XLA path). A query that sees no key of its segment cannot occur
+    (a position always sees itself)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    B, T, H, hd = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    Tp = -(-T // 128) * 128
+    seg = segment_ids.astype(jnp.int32)
+    if Tp != T:
+        pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, Tp - T)), constant_values=-1)
+    block = next(b for b in SPLASH_BLOCKS if Tp % b == 0)
+    kernel = _splash_kernel(Tp, G, block, jax.default_backend() != "tpu")
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, Tp, Hkv, G, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
+    per_head = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s), in_axes=(0, 0, 0, None))
+    o = jax.vmap(per_head)(qh, kh, vh, sk.SegmentIds(q=seg, kv=seg))  # [B, Hkv, G, T, hd]
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, hd)[:, :T].astype(q.dtype)
