@@ -127,9 +127,6 @@ def train_batch(B, L, K, vocab, soft: bool, seed=0, answer=0):
 ANSWER = 32  # discrete response tokens at the end of the "answer" row's sequences
 # glibc malloc keeping freed memory mapped (the "_tuned" rows): no mmap for large blocks, no trimming of the heap
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-# transparent huge pages for what malloc maps (the "_huge" rows): what the `softgrpo` command sets for itself
-# (softgrpo_jax.cli.hugepage_env); this project's rows run with it unless --no-hugepages
-from softgrpo_jax.cli import HUGEPAGE_TUNABLE as HUGE_MALLOC  # noqa: E402
 
 
 def bench_ours_train(model_path, B, L, repeats, soft, compute_dtype="float32", remat=False, answer=0, **kw):
@@ -276,6 +273,10 @@ def main():
     import transformers
 
     from softgrpo_jax import load_pretrained, load_tokenizer, save_pretrained
+    # transparent huge pages for what malloc maps (the "_huge" rows): what the `softgrpo` command sets for itself
+    # (softgrpo_jax.cli.hugepage_env); this project's rows run with it unless --no-hugepages. Imported here, not at
+    # the top: bench_cpu_update_ab.py imports this file under older revisions' packages (--against)
+    from softgrpo_jax.cli import HUGEPAGE_TUNABLE as HUGE_MALLOC
     from softgrpo_jax.data.prompts import build_prompt
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -3,6 +3,7 @@ side in one run, same weights (the embedded GGUF, dequantised), same batch, leng
 
     python benchmarks/bench_cpu_forward.py                      # default shapes 1x128, 4x256
     python benchmarks/bench_cpu_forward.py --shapes 16x256 --repeats 3
+    python benchmarks/bench_cpu_forward.py --small              # 1x16, one repeat, jax-f32-scan and torch-f32
 
 Each variant computes full float32 logits [B, T, V] for the whole batch (what a trainer's log-prob pass needs).
 Timings are the median (and best) of ``--repeats`` calls after one warm-up (compile) call; variants are interleaved
@@ -61,11 +62,19 @@ def torch_forward(tmodel):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="1x128,4x256", help="comma-separated BATCHxLENGTH list")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="jax-f32-scan,jax-f32-unrolled,jax-bf16,torch-f32,torch-bf16",
-                    help="comma-separated subset of: jax-f32-scan, jax-f32-unrolled, jax-bf16, torch-f32, torch-bf16")
+    ap.add_argument("--shapes", default=None, help="comma-separated BATCHxLENGTH list (default 1x128,4x256)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of: jax-f32-scan, jax-f32-unrolled, jax-bf16, torch-f32, torch-bf16 "
+                    "(default: all)")
+    ap.add_argument("--small", action="store_true",
+                    help="a smoke run: shape 1x16, one repeat, variants jax-f32-scan and torch-f32 (each unless given)")
     args = ap.parse_args()
+    small = dict(shapes="1x16", repeats=1, variants="jax-f32-scan,torch-f32")
+    full = dict(shapes="1x128,4x256", repeats=3, variants="jax-f32-scan,jax-f32-unrolled,jax-bf16,torch-f32,torch-bf16")
+    for k, v in (small if args.small else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     import torch
     import transformers
