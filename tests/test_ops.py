@@ -597,3 +597,61 @@ def test_splash_model_equals_xla(remat):
         assert np.abs(b).max() > 0, path
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("S", [64, 96, 256])
+def test_pallas_decode_attention_against_numpy(S):
+    """The Pallas decode-attention kernel (interpret mode) as ops.attention wraps it: per-row valid ranges
+    [start, length) of a left-padded cache, GQA, against float64 NumPy; slots outside a row's range hold garbage
+    (large values) that must not leak in."""
+    from softgrpo_jax.ops.attention import decode_attention_pallas
+
+    B, H, Hkv, hd = 3, 6, 2, 16
+    rng = np.random.RandomState(S)
+    q = rng.randn(B, H, hd).astype(np.float32)
+    kt, vt = (rng.randn(B, Hkv, S, hd).astype(np.float32) for _ in range(2))
+    start = np.array([0, 5, S // 2])
+    length = np.array([S, S - 3, S // 2 + 7])
+    for b in range(B):  # garbage outside the valid range
+        kt[b, :, :start[b]] = vt[b, :, :start[b]] = 1e4
+        kt[b, :, length[b]:] = vt[b, :, length[b]:] = -1e4
+    o = jax.jit(lambda *a: decode_attention_pallas(*a, hd ** -0.5))(q, kt, vt, start, length)
+    G = H // Hkv
+    for b in range(B):
+        k = np.repeat(kt[b, :, start[b]:length[b]], G, axis=0).astype(np.float64)  # [H, n, hd]
+        v = np.repeat(vt[b, :, start[b]:length[b]], G, axis=0).astype(np.float64)
+        s = np.einsum("hd,hnd->hn", q[b], k) * hd ** -0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(o[b]), np.einsum("hn,hnd->hd", p, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_cached_decoding_with_pallas_decode_attention(per_layer):
+    """Decode steps through the Pallas decode-attention kernel (interpret mode) give the XLA path's logits, on
+    left-padded prompts of different lengths, with the stacked (scan) and per-layer cache layouts."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=6, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    params = Transformer(cfg, rngs=nnx.Rngs(5)).param_tree()
+    if per_layer:
+        params = unstack_layers(params)
+    B, P, S = 3, 8, 32
+    ids = jnp.asarray(_ids(64, (B, P), seed=2))
+    mask = jnp.asarray(np.arange(P)[None, :] >= np.array([[0], [3], [6]]))
+    steps = jnp.asarray(_ids(64, (B, 6), seed=3))
+    out = {}
+    for impl in ("xla", "pallas"):
+        cache = init_cache(cfg, B, S, per_layer=per_layer)
+        _, cache = jax.jit(lambda p, c: forward(cfg, p, ids, attention_mask=mask, cache=c, last_only=True,
+                                                fresh_cache=True))(params, cache)
+        step = jax.jit(lambda p, t, c: forward(cfg, p, t[:, None], cache=c, decode_attention=impl))
+        logits = []
+        for j in range(steps.shape[1]):
+            lg, cache = step(params, steps[:, j], cache)
+            logits.append(np.asarray(lg[:, 0]))
+        out[impl] = np.stack(logits, 1)
+    assert np.abs(out["xla"]).max() > 0.1
+    np.testing.assert_allclose(out["pallas"], out["xla"], rtol=1e-4, atol=1e-4)

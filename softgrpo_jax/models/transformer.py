@@ -235,6 +235,7 @@ def forward(
     return_hidden: bool = False,
     last_only: bool = False,
     fresh_cache: bool = False,
+    decode_attention: str = "xla",
 ):
     """Run the decoder on ``params`` (a :meth:`Transformer.param_tree`, or :func:`unstack_layers` of one).
 
@@ -245,6 +246,8 @@ def forward(
     keeps only the last position, [B, V] / [B, D], and skips the LM head elsewhere); with a ``cache``, returns
     ``(out, new_cache)``. ``fresh_cache`` promises the cache is empty (index 0, a prefill): attention then runs over
     the T new tokens only, not over all S slots of the cache (scores [B, H, T, T], not [B, H, T, S]).
+    ``decode_attention`` ("xla" | "pallas"): how a one-token step attends over the cache; "pallas" reads each row's
+    valid slots only (``ops.attention.decode_attention_pallas``; needs a cache length that is a multiple of 16).
     Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of per-layer dicts runs unrolled.
     The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
     """
@@ -276,6 +279,12 @@ def forward(
     # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
     attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
     local = cache is not None and fresh_cache
+    if decode_attention not in ("xla", "pallas"):
+        raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+    ragged = None
+    if cache is not None and not local and T == 1 and decode_attention == "pallas":
+        # a row's valid slots are one run: its left-padded prompt's real tokens, then every step since
+        ragged = (jnp.argmax(key_valid, axis=1).astype(jnp.int32), jnp.broadcast_to(start + T, (B,)))
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
     perm = seqlen = None
@@ -300,8 +309,8 @@ def forward(
     # how the backward pass keeps each layer's residuals (ops.residuals: XLA:CPU-specific policies)
     scanned = cfg.scan_layers and not per_layer
     marks = ckpt.residual_marks(cfg.remat, scanned, cd)
-    body = ckpt.checkpoint_layer(_make_layer_fn(cfg, cos, sin, attn_mask, start, local, impl, seqlen, marks),
-                                 marks, cfg.remat, scanned, cd)
+    body = ckpt.checkpoint_layer(_make_layer_fn(cfg, cos, sin, attn_mask, start, local, impl, seqlen, marks,
+                                                ragged), marks, cfg.remat, scanned, cd)
 
     kv_in = None if cache is None else (cache["k"], cache["v"])
     if per_layer:
@@ -399,7 +408,7 @@ def resolve_attention(cfg: ModelConfig) -> str:
 
 
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, impl: str = "xla",
-                   seqlen=None, residuals: str | None = None):
+                   seqlen=None, residuals: str | None = None, ragged=None):
     """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``impl``: the whole-sequence attention path ("xla",
     "cudnn" with rows reordered real-tokens-first and ``seqlen`` real tokens, "splash" with ``seqlen`` the segment
     ids). ``residuals`` marks the values the backward pass saves for
@@ -449,6 +458,9 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                 else:
                     kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
                     vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
+        if ragged is not None:  # one decode step, each row's valid slots [start, length) only
+            o = attention.decode_attention_pallas(q[:, 0], kt, vt, *ragged, scale).reshape(B, T, H * hd)
+            return _mlp_block(cfg, x, o, p, keep), kv
         # the layout [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU
         qg = attention.group_queries(q, Hkv)
         if kv is None:  # a whole-sequence pass (log-probs, training): the written-out backward

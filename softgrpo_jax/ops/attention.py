@@ -271,3 +271,33 @@ def attention_splash(q, k, v, segment_ids, scale):
     per_head = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s), in_axes=(0, 0, 0, None))
     o = jax.vmap(per_head)(qh, kh, vh, sk.SegmentIds(q=seg, kv=seg))  # [B, Hkv, G, T, hd]
     return o.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, hd)[:, :T].astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------- decode attention
+def _splits(S: int) -> tuple[int, int]:
+    """(k_splits, block_k) for the Pallas decode kernel over S cache slots: as many splits (up to 16) as leave
+    each a multiple of 16 slots, and the largest block (up to 128) dividing a split."""
+    for ks in (16, 8, 4, 2, 1):
+        if S % ks == 0 and (S // ks) % 16 == 0:
+            split = S // ks
+            return ks, next(b for b in (128, 64, 32, 16) if split % b == 0)
+    raise ValueError(f"decode attention needs a cache length that is a multiple of 16, got {S}")
+
+
+def decode_attention_pallas(q, kt, vt, start, length, scale):
+    """One query position per row against a KV cache through JAX's Pallas GPU decode-attention kernel (split-k
+    flash decoding): q [B, H, hd], kt / vt [B, Hkv, S, hd] (the cache's own layout, no copy), a row's valid slots
+    [start, length) ([B] int32 each) -> [B, H, hd] in q's dtype. Only the splits and blocks below ``length`` are
+    read, so a decode step costs each row's own context, not the cache's size. On GPU the compiled Triton kernel;
+    elsewhere Pallas interpret mode (tests)."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+    B, H, hd = q.shape
+    Hkv, S = kt.shape[1], kt.shape[2]
+    ks, bk = _splits(S)
+    inner = functools.partial(da.decode_attn_unbatched, sm_scale=float(scale), block_h=16, block_k=bk, k_splits=ks,
+                              num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu",
+                              debug=False, return_residuals=False, normalize_output=True)
+    per_head = lambda a: jnp.broadcast_to(a.astype(jnp.int32)[:, None], (B, Hkv))  # noqa: E731
+    o = jax.vmap(jax.vmap(inner))(q.reshape(B, Hkv, H // Hkv, hd), kt, vt, per_head(start), per_head(length))
+    return o.reshape(B, H, hd).astype(q.dtype)
