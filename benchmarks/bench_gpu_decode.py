@@ -54,21 +54,21 @@ def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: st
     modes = jnp.full((B,), MODES[mode], jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(B))
 
-    def prefill():
+    def run_prefill():  # (not named prefill: it calls the engine's)
         return C.block(prefill(mcfg, params, toks, mask, cache_len=Pn + steps))
 
-    def decode(logits0, cache):
+    def run_decode(logits0, cache):
         return C.block(decode(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
-                               pad_id=0, steps=steps, embed_impl=embed_impl))
+                              pad_id=0, steps=steps, embed_impl=embed_impl))
 
-    logits0, cache = prefill()  # compile
-    buf, st, _ = decode(logits0, cache)
+    logits0, cache = run_prefill()  # compile
+    buf, st, _ = run_decode(logits0, cache)
     t_pre, t_dec = float("inf"), float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        logits0, cache = prefill()
+        logits0, cache = run_prefill()
         t1 = time.perf_counter()
-        buf, st, _ = decode(logits0, cache)
+        buf, st, _ = run_decode(logits0, cache)
         t2 = time.perf_counter()
         t_pre, t_dec = min(t_pre, t1 - t0), min(t_dec, t2 - t1)
     return t_pre, t_dec, jax.device_get(buf), logits0
@@ -143,7 +143,7 @@ def main():
 
     bw = C.copy_bandwidth((64 if small else 512) << 20)
     ceiling = max(bw.values())
-    print(f"copy bandwidth: " + ", ".join(f"{k} {C.fmt_rate(v, 'B/s')}" for k, v in bw.items()), flush=True)
+    print("copy bandwidth: " + ", ".join(f"{k} {C.fmt_rate(v, 'B/s')}" for k, v in bw.items()), flush=True)
     model = C.make_model(shape, dtype)
     cfg = model.config
     wbytes = C.weight_bytes(model)
