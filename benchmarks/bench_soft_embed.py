@@ -174,7 +174,7 @@ def cfg_str(cfg, kernel, size):
     if isinstance(cfg, pallas_gpu.GpuConfig):
         order = "" if cfg.cols_fastest else " tokens-fastest"
         return f"{prefix}BT={cfg.block_tokens} BD={cfg.block_cols} warps={cfg.num_warps}{order}"
-    bt = pallas_tpu._block_tokens(size.n, size.k, size.d, jnp.dtype(size.dtype).itemsize, cfg)
+    bt = pallas_tpu.block_tokens(size.n, size.k, size.d, jnp.dtype(size.dtype).itemsize, cfg)
     return f"{prefix}BT={bt}"
 
 

@@ -56,6 +56,9 @@ def _block_tokens(n: int, k: int, d: int, itemsize: int, cfg: TpuConfig) -> int:
     return bt
 
 
+block_tokens = _block_tokens  # public: the tokens per grid step a config picks (benchmarks/bench_soft_embed.py)
+
+
 def _kernel(ids_smem, *refs, n: int, v: int, k_slots: int, bt: int, fused: bool, tau_rows: bool, has_disc: bool,
             aliased: bool):
     refs = list(refs)
@@ -214,4 +217,4 @@ def soft_embed_fused(table: jax.Array, ids: jax.Array, ytil: jax.Array, tau: jax
                  config=config, interpret=_interpret_arg(interpret))
 
 
-__all__ = ["TpuConfig", "soft_embed", "soft_embed_fused"]
+__all__ = ["TpuConfig", "block_tokens", "soft_embed", "soft_embed_fused"]
