@@ -2,7 +2,9 @@
 
 Every experiment file in ``configs/`` starts from :func:`base_config` and changes what differs. Overrides
 ``--config.a.b=value`` are type-checked against the existing field; an unknown or mistyped key fails with the valid
-keys listed (and the closest matches).
+keys listed (and the closest matches). :func:`get_config` then checks every setting (:func:`validate_config`), so a
+bad value fails before any model or data is loaded. A bundled config is named by its bare name (``demo_smollm2``);
+anything with a folder in it is a path.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import ConfigDict, FieldReference
 
+from softgrpo_jax.errors import UserError
 
-class ConfigError(ValueError):
-    pass
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or setting that cannot be used; the message names the file or key and what to do."""
 
 
 def base_config() -> ConfigDict:
@@ -135,24 +141,73 @@ def base_config() -> ConfigDict:
 
 
 # ------------------------------------------------------------------------------------------------------- loading
+def bundled_configs() -> list[str]:
+    """Bare names of the configs in the checkout's ``configs/`` folder."""
+    if not os.path.isdir(BUNDLED_DIR):
+        return []
+    return sorted(f[:-3] for f in os.listdir(BUNDLED_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_path(path: str) -> str:
+    """The file a ``--config`` value names: an existing file as given; a bare name (no folder in it, with or without
+    ``.py``) is a bundled config. A path that does not exist is an error, never a bundled config of the same name."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder; give a .py file that defines get_config()")
+    avail = bundled_configs()
+    bare = os.sep not in path and (os.altsep is None or os.altsep not in path)
+    if bare:
+        name = path[:-3] if path.endswith(".py") else path
+        cand = os.path.join(BUNDLED_DIR, name + ".py")
+        if name and os.path.isfile(cand):
+            return cand
+        close = difflib.get_close_matches(name, avail, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"config {path!r} is neither a file nor a bundled config.{hint} Bundled configs (give the "
+                          f"bare name, e.g. --config demo_smollm2): {', '.join(avail)}")
+    raise ConfigError(f"config file {path!r} not found; check the path, or give a bundled config by its bare name "
+                      f"(--config demo_smollm2): {', '.join(avail)}")
+
+
 def load_config_file(path: str) -> ConfigDict:
-    if not os.path.isfile(path):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-        alt = os.path.join(here, os.path.basename(path))
-        if os.path.isfile(alt):
-            path = alt
-        else:
-            avail = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
-            raise ConfigError(f"config file {path!r} not found; available in configs/: {avail}")
+    path = resolve_config_path(path)
     spec = importlib.util.spec_from_file_location("_softgrpo_config_" + os.path.basename(path)[:-3], path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: not a Python config file; give a .py file that defines get_config()")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        where = f"{e.filename or path}, line {e.lineno}" if e.lineno else (e.filename or path)
+        raise ConfigError(f"{where}: syntax error in the config file: {e.msg}; fix the file") from e
+    except (ImportError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: the config file cannot be loaded ({type(e).__name__}: {e}); fix the "
+                          f"file") from e
     if not hasattr(mod, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    cfg = mod.get_config()
+        raise ConfigError(f"{path} defines no get_config(); a config file defines get_config() returning "
+                          f"softgrpo_jax.config.base_config() with its changes")
+    try:
+        cfg = mod.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: name the file and the line
+        raise ConfigError(f"{path}: get_config() failed{_user_frame(e, path)}: {type(e).__name__}: {e}; fix the "
+                          f"config file") from e
     if not isinstance(cfg, ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return cfg
+
+
+def _user_frame(e: BaseException, path: str) -> str:
+    """`` at line N`` of the deepest traceback frame inside ``path`` ("" if none)."""
+    import traceback
+
+    line = None
+    for fr in traceback.extract_tb(e.__traceback__):
+        if os.path.abspath(fr.filename) == os.path.abspath(path):
+            line = fr.lineno
+    return f" at line {line}" if line else ""
 
 
 def all_keys(cfg: ConfigDict, prefix: str = "") -> list[str]:
@@ -214,8 +269,16 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
         key, text = s.split("=", 1)
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}.{hint}\nValid keys:\n  " + "\n  ".join(keys))
+            section = key.split(".")[0] + "."
+            same = [k for k in keys if k.startswith(section)]
+            if close:
+                hint = f" Did you mean {', '.join(close)}?"
+            elif same:
+                hint = f" Keys under {section[:-1]}: {', '.join(same)}."
+            else:
+                hint = f" Sections: {', '.join(sorted({k.split('.')[0] for k in keys}))}."
+            raise ConfigError(f"unknown config key {key!r} in {item!r}.{hint}",
+                              detail="Valid keys:\n  " + "\n  ".join(keys))
         node = cfg
         parts = key.split(".")
         for p in parts[:-1]:
@@ -231,7 +294,167 @@ def get_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
         raise ConfigError(f"{path}: keys not in the base config: {sorted(extra)}")
     cfg = apply_overrides(cfg, overrides)
     cfg.lock()
+    validate_config(cfg)
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def validate_config(cfg: ConfigDict) -> None:
+    """Check every setting that can be checked without devices, model or data; ConfigError naming each bad key
+    (all of them, on one line). Called by :func:`get_config`; the checks that need the device count (micro-batches
+    per device, the mesh) run in ``train.Run`` before anything is loaded."""
+    bad: list[str] = []
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            bad.append(msg)
+
+    def num(key: str):
+        node = cfg
+        for p in key.split("."):
+            node = node[p]
+        return node
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def int_at_least(key, lo):
+        v = num(key)
+        need(is_int(v) and v >= lo, f"{key}={v!r} must be an integer >= {lo}")
+
+    def num_check(key, cond, what):
+        v = num(key)
+        need(is_num(v) and cond(v), f"{key}={v!r} must be {what}")
+
+    def one_of(key, choices):
+        v = num(key)
+        need(v in choices, f"{key}={v!r} must be one of {', '.join(map(str, choices))}")
+
+    # model
+    need(isinstance(cfg.model.path, str) and cfg.model.path.strip() != "", "model.path is empty; give a Hugging "
+         "Face folder, a .gguf file, an orbax checkpoint or 'smollm2'")
+    one_of("model.param_dtype", _FLOAT_DTYPES)
+    one_of("model.compute_dtype", ("auto",) + _FLOAT_DTYPES)
+    from softgrpo_jax.models.config import ATTENTION_IMPLS
+
+    one_of("model.attention", ATTENTION_IMPLS)
+    # data
+    from softgrpo_jax.data import SPLITS
+    from softgrpo_jax.data.prompts import STYLES
+
+    one_of("data.train", tuple(SPLITS))
+    if cfg.data.train in SPLITS:
+        one_of("data.train_split", SPLITS[cfg.data.train])
+    for item in cfg.data.eval:
+        name, _, split = str(item).partition(":")
+        if name not in SPLITS:
+            bad.append(f"data.eval entry {item!r}: unknown data set {name!r}; choose from {', '.join(SPLITS)}")
+        elif (split or "test") not in SPLITS[name]:
+            bad.append(f"data.eval entry {item!r}: {name} has splits {', '.join(SPLITS[name])}")
+    one_of("data.prompt_style", STYLES)
+    int_at_least("data.max_prompt_length", 1)
+    int_at_least("data.eval_limit", 0)
+    int_at_least("data.reasoning_gym.train_size", 1)
+    int_at_least("data.reasoning_gym.test_size", 1)
+    tasks = cfg.data.reasoning_gym.tasks
+    if isinstance(tasks, str) and tasks.strip()[:1] in ("(", "["):
+        try:
+            ast.literal_eval(tasks.strip())
+        except (ValueError, SyntaxError) as e:
+            bad.append(f"data.reasoning_gym.tasks is not a Python literal ({e}); give comma-separated task names "
+                       "or ((name, weight, ((key, value), ...)), ...)")
+    # rollout
+    from softgrpo_jax.sampling.step import MODES as ROLLOUT_MODES
+
+    modes = tuple(ROLLOUT_MODES)
+    one_of("rollout.mode", modes)
+    one_of("eval.mode", modes)
+    for sec in ("rollout", "eval"):
+        int_at_least(f"{sec}.max_topk", 1)
+        int_at_least(f"{sec}.max_new_tokens", 1)
+        num_check(f"{sec}.temperature", lambda v: v > 0, "> 0")
+        num_check(f"{sec}.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        num_check(f"{sec}.tau", lambda v: v > 0, "> 0")
+        num_check(f"{sec}.noise_factor", lambda v: v >= 0, ">= 0")
+        need(is_int(num(f"{sec}.top_k")), f"{sec}.top_k={num(f'{sec}.top_k')!r} must be an integer (<= 0: off)")
+    num_check("rollout.after_thinking_temperature", lambda v: v > 0, "> 0")
+    num_check("rollout.after_thinking_top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    num_check("rollout.min_p", lambda v: 0 <= v < 1, "in [0, 1)")
+    num_check("rollout.after_thinking_min_p", lambda v: 0 <= v < 1, "in [0, 1)")
+    one_of("rollout.noise", ("gumbel", "gaussian", "dirichlet"))
+    one_of("rollout.think_end_match", ("full", "last_subtoken"))
+    one_of("rollout.layout", ("auto", "scan", "per_layer"))
+    one_of("rollout.dtype", ("",) + _FLOAT_DTYPES)
+    need(isinstance(cfg.rollout.think_end, str) and cfg.rollout.think_end != "",
+         "rollout.think_end is empty; give the text that closes the thinking block (e.g. </think>)")
+    # rl
+    one_of("rl.algorithm", ("softgrpo", "grpo"))
+    for k in ("group_size", "train_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
+        int_at_least(f"rl.{k}", 1)
+    rl = cfg.rl
+    if all(is_int(v) and v >= 1 for v in (rl.group_size, rl.train_batch_size, rl.mini_batch_size,
+                                            rl.micro_batch_size)):
+        need(rl.train_batch_size % rl.mini_batch_size == 0,
+             f"rl.train_batch_size={rl.train_batch_size} is not a multiple of rl.mini_batch_size="
+             f"{rl.mini_batch_size}")
+        mini_rows = rl.mini_batch_size * rl.group_size
+        need(mini_rows % rl.micro_batch_size == 0,
+             f"a mini-batch of {mini_rows} sequences (rl.mini_batch_size={rl.mini_batch_size} x rl.group_size="
+             f"{rl.group_size}) does not split into micro-batches of rl.micro_batch_size={rl.micro_batch_size}")
+    one_of("rl.old_logprobs", ("auto", "recompute"))
+    num_check("rl.train_temperature", lambda v: v > 0, "> 0")
+    try:  # the loss's own checks (clip ratios, kl_type, loss_agg_mode)
+        loss_config(cfg.rl, noise=cfg.rollout.noise)
+    except (ValueError, TypeError) as e:
+        bad.append(f"rl settings: {e}")
+    int_at_least("rl.logprob_chunk_size", 0)
+    num_check("rl.kl_coef", lambda v: v >= 0, ">= 0")
+    # optim
+    num_check("optim.lr", lambda v: v >= 0, ">= 0")
+    num_check("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
+    num_check("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)")
+    num_check("optim.eps", lambda v: v > 0, "> 0")
+    num_check("optim.weight_decay", lambda v: v >= 0, ">= 0")
+    num_check("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = no clipping)")
+    one_of("optim.schedule", ("constant", "warmup_cosine", "warmup_constant"))
+    int_at_least("optim.warmup_steps", 0)
+    num_check("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+    # reward / eval scoring
+    try:
+        from softgrpo_jax.rewards import MODES as REWARD_MODES
+    except ImportError:  # pragma: no cover - the scorer then reports an unknown mode itself
+        REWARD_MODES = None
+    if REWARD_MODES:
+        one_of("reward.mode", tuple(REWARD_MODES))
+        one_of("eval.scorer", ("math_verify_eval",) + tuple(REWARD_MODES))
+    num_check("reward.timeout_s", lambda v: v > 0, "> 0 seconds")
+    int_at_least("reward.workers", 0)
+    one_of("reward.on_truncation", ("score", "zero"))
+    # trainer
+    need(isinstance(cfg.trainer.output_dir, str) and cfg.trainer.output_dir.strip() != "",
+         "trainer.output_dir is empty; give the folder the run writes to")
+    for k, lo in (("total_steps", 0), ("save_every", 0), ("keep_checkpoints", 1), ("eval_every", 0),
+                  ("log_every", 1)):
+        int_at_least(f"trainer.{k}", lo)
+    mesh = tuple(cfg.trainer.mesh)
+    if len(mesh) != 3 or not all(is_int(v) for v in mesh):
+        bad.append(f"trainer.mesh={mesh!r} must be three integers (data, fsdp, tensor), e.g. (-1, 1, 1)")
+    elif sum(v == -1 for v in mesh) > 1 or any(v == 0 or v < -1 for v in mesh):
+        bad.append(f"trainer.mesh={mesh!r}: each entry is a device count >= 1, or -1 (the remaining devices) for "
+                   "at most one axis")
+    # eval
+    int_at_least("eval.n_samples", 1)
+    int_at_least("eval.batch_size", 1)
+    ks = tuple(cfg.eval.ks)
+    need(len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks), f"eval.ks={ks!r} must be integers >= 1")
+    if bad:
+        raise ConfigError("; ".join(bad))
 
 
 # ------------------------------------------------------------------------------------------------------- views
@@ -273,5 +496,6 @@ def to_dict(cfg: ConfigDict) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-__all__ = ["base_config", "get_config", "apply_overrides", "load_config_file", "ConfigError", "sampling_config",
+__all__ = ["base_config", "get_config", "apply_overrides", "load_config_file", "ConfigError", "validate_config",
+           "resolve_config_path", "bundled_configs", "sampling_config",
            "eval_sampling_config", "loss_config", "ml_collections"]
