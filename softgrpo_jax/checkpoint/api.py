@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from softgrpo_jax.checkpoint.atomic import check_destination  # noqa: F401 - re-exported
 from softgrpo_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
 from softgrpo_jax.checkpoint.orbax_io import is_orbax_model, load_orbax, save_orbax
 from softgrpo_jax.models.transformer import Transformer
@@ -70,24 +71,40 @@ def load_tokenizer(path: str):
         from softgrpo_jax.checkpoint.gguf import gguf_tokenizer
 
         return gguf_tokenizer(path)
+    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not any(f in found for f in TOKENIZER_VOCAB_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_VOCAB_FILES)}); copy "
+                              f"the tokenizer files of the original model into this folder")
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: no tokenizer files found ({e})") from None
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for broken tokenizer files
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}: the tokenizer files cannot be loaded ({type(e).__name__}: {msg}); copy "
+                              f"the tokenizer files of the original model into this folder") from e
 
 
-def save_pretrained(model: Transformer, path: str, *, tokenizer=None, format: str = "hf", **kw) -> str:
+# files a Hugging Face tokenizer is built from: at least one of the vocabulary files must be there (transformers
+# otherwise builds a tokenizer of nothing but special tokens from tokenizer_config.json, or none at all)
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                         "sentencepiece.bpe.model", "tekken.json")
+TOKENIZER_FILES = TOKENIZER_VOCAB_FILES + ("tokenizer_config.json", "special_tokens_map.json", "merges.txt")
+
+
+def save_pretrained(model: Transformer, path: str, *, tokenizer=None, format: str = "hf", overwrite: bool = False,
+                    **kw) -> str:
     """Write ``model`` as a Hugging Face directory (``format="hf"``) or an orbax checkpoint (``"orbax"``).
 
     Writes go to a temporary directory renamed into place, so a failure never leaves a half-written checkpoint.
+    An existing ``path`` is replaced only when it is an earlier export of this project holding nothing else (its
+    ``softgrpo_export.json`` lists what it wrote) or an empty folder; anything else (a folder with other files, a
+    plain file) is refused with a CheckpointError unless ``overwrite=True``.
     """
     if format == "hf":
-        return save_hf(model, path, tokenizer=tokenizer, **kw)
+        return save_hf(model, path, tokenizer=tokenizer, overwrite=overwrite, **kw)
     if format == "orbax":
-        out = save_orbax(model, path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        return out
-    raise ValueError(f"unknown checkpoint format {format!r}; use 'hf' or 'orbax' (GGUF is import-only)")
+        if kw:
+            raise TypeError(f"save_pretrained(format='orbax') takes no {sorted(kw)}")
+        return save_orbax(model, path, tokenizer=tokenizer, overwrite=overwrite)
+    raise CheckpointError(f"unknown checkpoint format {format!r}; use 'hf' or 'orbax' (GGUF is import-only)")

@@ -69,8 +69,9 @@ def smollm2_tokenizer(*, cache: bool = True):
     """The SmolLM2 tokenizer (ChatML chat template included), built from the GGUF and cached as ``tokenizer.json``."""
     from transformers import AutoTokenizer
 
+    from softgrpo_jax.checkpoint.atomic import atomic_dir
+    from softgrpo_jax.checkpoint.errors import CheckpointError
     from softgrpo_jax.checkpoint.gguf import gguf_tokenizer
-    from softgrpo_jax.checkpoint.hf import atomic_dir
 
     path = smollm2_gguf_path()
     if not cache:
@@ -83,9 +84,9 @@ def smollm2_tokenizer(*, cache: bool = True):
             warnings.warn(f"ignoring unreadable tokenizer cache {cdir} ({e}); rebuilding it from the GGUF")
     tok = gguf_tokenizer(path)
     try:
-        with atomic_dir(cdir) as tmp:
+        with atomic_dir(cdir, overwrite=True) as tmp:  # the cache folder is ours
             tok.save_pretrained(tmp)
-    except OSError as e:
+    except (OSError, CheckpointError) as e:
         warnings.warn(f"could not cache the SmolLM2 tokenizer in {cdir} ({e}); set SOFTGRPO_CACHE to a writable "
                       "directory to make later loads faster")
     return tok

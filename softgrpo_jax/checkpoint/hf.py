@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Iterable, Iterator
 
 import jax
@@ -14,13 +12,11 @@ import numpy as np
 from flax import nnx
 
 from softgrpo_jax.checkpoint import safetensors_io as st
+from softgrpo_jax.checkpoint.atomic import atomic_dir, check_destination  # noqa: F401 - re-exported
+from softgrpo_jax.checkpoint.errors import CheckpointError
 from softgrpo_jax.distributed import fit_spec
-from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
+from softgrpo_jax.models.config import ModelConfig, UnsupportedModelError, resolve_compute_dtype
 from softgrpo_jax.models.transformer import PARAM_SPECS, Transformer, param_shapes
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model (missing, extra or mis-shaped tensors) or cannot be read."""
 
 
 # HF tensor name -> (our leaf name, transpose?). Layer tensors carry the layer index.
@@ -70,19 +66,37 @@ def param_to_hf_name(leaf: str, layer: int | None) -> tuple[str, bool]:
     return f"model.layers.{layer}.{suffix}", tr
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file that must hold an object; CheckpointError naming the file when it does not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text (byte {e.start}); re-download or re-export the "
+                              f"model") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                              f"re-download or re-export the model") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} holds a JSON {type(data).__name__}, expected an object; "
+                              f"re-download or re-export the model")
+    return data
+
+
 def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model directory")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return read_json_object(cfg_path, "config.json")
 
 
 def safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json_object(index, "the safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no weight_map of tensor name -> file; re-download or re-export the "
+                                  f"model")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -186,8 +200,22 @@ def load_hf(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides
         overrides["param_dtype"] = str(np.dtype(dtype))
     overrides.setdefault("dtype", resolve_compute_dtype(compute_dtype) if compute_dtype else overrides.get(
         "param_dtype", "float32"))
-    cfg = ModelConfig.from_hf(hf, **overrides)
+    cfg = config_from_hf(hf, os.path.join(path, "config.json"), **overrides)
     return assemble(cfg, iter_hf_tensors(path), mesh=mesh, source=path)
+
+
+def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
+    """``ModelConfig.from_hf`` with the file named in its errors: UnsupportedModelError for an architecture this
+    port does not implement, CheckpointError for a config.json that lacks a field or holds a wrong value."""
+    try:
+        return ModelConfig.from_hf(hf, **overrides)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{where}: {e}; supported model families: Qwen2 and Llama") from None
+    except KeyError as e:
+        raise CheckpointError(f"{where}: the field {e.args[0]!r} is missing; re-download or re-export the "
+                              f"model") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}; re-download or re-export the model") from None
 
 
 def iter_model_tensors(model: Transformer, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
@@ -208,40 +236,17 @@ def iter_model_tensors(model: Transformer, dtype=None) -> Iterator[tuple[str, np
             yield name, (arr.T if tr else arr)
 
 
-def atomic_dir(dst: str):
-    """Context manager yielding a temp dir next to ``dst``; on success it replaces ``dst`` in one rename."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        parent = os.path.dirname(os.path.abspath(dst)) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = None
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=parent)
-            os.rmdir(old)
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-    return cm()
-
-
 def save_hf(model: Transformer, path: str, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
-            dtype=None) -> str:
-    """Write a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Atomic."""
+            dtype=None, overwrite: bool = False) -> str:
+    """Write a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Atomic; an existing
+    ``path`` that is not an earlier export is refused unless ``overwrite`` (see :mod:`.atomic`)."""
     cfg = model.config
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(cfg.param_dtype)
     hf = cfg.to_hf()
     hf["torch_dtype"] = hf["dtype"] = str(out_dtype) if out_dtype.name != "bfloat16" else "bfloat16"
-    with atomic_dir(path) as tmp:
+    from softgrpo_jax import __version__
+
+    with atomic_dir(path, overwrite=overwrite, manifest={"format": "hf", "version": __version__}) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         for name, arr in iter_model_tensors(model, out_dtype):

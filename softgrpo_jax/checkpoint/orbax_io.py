@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from softgrpo_jax.checkpoint.hf import CheckpointError, atomic_dir
+from softgrpo_jax.checkpoint.atomic import atomic_dir
+from softgrpo_jax.checkpoint.errors import CheckpointError
 from softgrpo_jax.distributed import state_shardings
 from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
 from softgrpo_jax.models.transformer import Transformer
@@ -21,17 +22,23 @@ def is_orbax_model(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def save_orbax(model: Transformer, path: str) -> str:
+def save_orbax(model: Transformer, path: str, *, tokenizer=None, overwrite: bool = False) -> str:
+    """Write ``model`` (and ``tokenizer``'s files) as an orbax checkpoint folder. Atomic; an existing ``path`` that
+    is not an earlier export is refused unless ``overwrite`` (see :mod:`.atomic`)."""
     import orbax.checkpoint as ocp
 
+    from softgrpo_jax import __version__
+
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite, manifest={"format": "orbax", "version": __version__}) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(os.path.abspath(tmp), "params"), state)
             ckptr.wait_until_finished()
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(json.dumps({"format": "softgrpo_jax/orbax-v1",
                                 "config": json.loads(model.config.to_json())}, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 
@@ -57,9 +64,17 @@ def restore_params_into(model: Transformer, params_dir: str, mesh=None) -> Trans
 
 
 def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
-    cfg = ModelConfig.from_json(json.dumps(meta["config"]))
+    from softgrpo_jax.checkpoint.hf import read_json_object
+
+    where = os.path.join(path, MARKER)
+    meta = read_json_object(where, MARKER)
+    try:
+        cfg = ModelConfig.from_json(json.dumps(meta["config"]))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: no usable model config ({type(e).__name__}: {e}); re-export the "
+                              f"checkpoint") from None
+    if not os.path.isdir(os.path.join(path, "params")):
+        raise CheckpointError(f"{path}: the params folder is missing; re-export the checkpoint")
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
     if compute_dtype is not None:

@@ -1,19 +1,25 @@
-"""Minimal safetensors reader/writer on NumPy (bfloat16 through ml_dtypes), so loading never needs torch.
+"""safetensors files through the ``safetensors`` package (its NumPy framework: bfloat16 as ``ml_dtypes.bfloat16``),
+so loading never needs torch.
 
-Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then raw bytes.
-Reading memory-maps the file and yields one tensor at a time.
+Reading opens a file with ``safetensors.safe_open`` and yields one tensor at a time; the package checks the header
+(a JSON object of ``{dtype, shape, data_offsets}``, offsets that match each shape and cover the file exactly), so a
+truncated or malformed file fails before any tensor is used. Its errors become :class:`SafetensorsError`, a
+``CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
+from softgrpo_jax.checkpoint.errors import CheckpointError
+from softgrpo_jax.errors import os_errno_in
+from softgrpo_jax.fs import default_file_mode
+
+# dtypes this project reads and writes (the NumPy framework holds these)
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -26,62 +32,60 @@ _DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_WRITABLE = frozenset(_DTYPES.values())
 
 
-class SafetensorsError(ValueError):
-    pass
+class SafetensorsError(CheckpointError):
+    """A safetensors file that cannot be read (truncated, malformed header, unsupported dtype) or written."""
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SafetensorsError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise SafetensorsError(f"{path}: corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
+def _describe(path: str, e: BaseException) -> str:
+    msg = str(e).strip().rstrip(".")
+    hint = "re-download or re-export it" if os.path.isfile(path) else "check the path"
+    return f"{path}: not a readable safetensors file ({msg}); {hint}"
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) for every tensor of one file; arrays are read-only views of a memory map."""
-    header, base = read_header(path)
-    size = os.path.getsize(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        dt = _DTYPES.get(info["dtype"])
-        if dt is None:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        a, b = info["data_offsets"]
-        if base + b > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        arr = mm[base + a: base + b].view(dt).reshape(info["shape"])
-        yield name, arr
+    """Yield (name, array) for every tensor of one file, one at a time (each array is its own copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, framework="numpy")
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise SafetensorsError(_describe(path, e)) from None
+    with f:
+        for name in f.keys():
+            try:
+                dt = f.get_slice(name).get_dtype()
+            except (SafetensorError, ValueError, TypeError) as e:
+                raise SafetensorsError(_describe(path, e)) from None
+            if dt not in _DTYPES:
+                raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dt}, which this project does not read "
+                                       f"(supported: {', '.join(_DTYPES)}); convert the checkpoint to float32 or "
+                                       f"bfloat16")
+            try:
+                arr = f.get_tensor(name)
+            except (SafetensorError, ValueError, TypeError) as e:
+                raise SafetensorsError(_describe(path, e)) from None
+            yield name, arr
 
 
 def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    items = []
+    """Write ``tensors`` (NumPy arrays, bfloat16 as ``ml_dtypes.bfloat16``) to one safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    out = {}
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
-        dt = _NAMES.get(arr.dtype)
-        if dt is None:
-            raise SafetensorsError(f"cannot write tensor {name!r} of dtype {arr.dtype}")
-        nbytes = arr.nbytes
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        items.append(arr)
-        offset += nbytes
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * ((8 - len(hb) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for arr in items:
-            f.write(arr.tobytes())
+        if arr.dtype not in _WRITABLE:
+            raise SafetensorsError(f"cannot write tensor {name!r} of dtype {arr.dtype} to {path}")
+        out[name] = arr
+    try:
+        save_file(out, path, metadata=dict(metadata or {"format": "pt"}))
+    except SafetensorError as e:
+        code = os_errno_in(e)
+        if code is not None:  # a full disk, no permission: an OSError like any other write
+            raise OSError(code, os.strerror(code), path) from None
+        raise SafetensorsError(f"cannot write {path}: {e}") from None
+    os.chmod(path, default_file_mode())  # the package writes 0600; an export is a plain file
