@@ -28,8 +28,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from softgrpo_jax.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
+
+class MeshError(UserError, ValueError):
+    """A mesh shape that does not fit the devices (``trainer.mesh``, ``--mesh``)."""
 
 
 def make_mesh(shape: Sequence[int] | dict[str, int] | None = None, devices=None) -> Mesh:
@@ -44,18 +50,22 @@ def make_mesh(shape: Sequence[int] | dict[str, int] | None = None, devices=None)
     if isinstance(shape, dict):
         unknown = set(shape) - set(AXES)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes: {AXES}")
+            raise MeshError(f"unknown mesh axes {sorted(unknown)}; valid axes: {AXES}")
         shape = tuple(shape.get(a, 1) for a in AXES)
     shape = list(shape)
     if len(shape) != 3:
-        raise ValueError(f"mesh shape must have 3 entries for axes {AXES}, got {shape}")
+        raise MeshError(f"mesh shape must have 3 entries for axes {AXES}, got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise MeshError(f"mesh shape {tuple(shape)}: at most one mesh axis may be -1")
+    if any(not isinstance(s, (int, np.integer)) or (s < 1 and s != -1) for s in shape):
+        raise MeshError(f"mesh shape {tuple(shape)}: each entry is a device count >= 1, or -1 for the rest")
+    given = tuple(shape)
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         shape[shape.index(-1)] = n // rest
-    if math.prod(shape) != n:
-        raise ValueError(f"mesh shape {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, have {n}")
+    if math.prod(shape) != n or 0 in shape:
+        raise MeshError(f"mesh shape {given} ({dict(zip(AXES, shape))}) needs {math.prod(shape)} devices, have "
+                        f"{n}; choose entries whose product is {n} (or use -1 for one axis)")
     arr = _device_grid(devices, shape)
     auto = (jax.sharding.AxisType.Auto,) * 3
     return Mesh(arr, AXES, axis_types=auto)
@@ -188,8 +198,8 @@ ENV_CPU_COLLECTIVES = "SOFTGRPO_CPU_COLLECTIVES"  # "gloo" for CPU-only multi-pr
 ENV_DISTRIBUTED = "SOFTGRPO_DISTRIBUTED"  # "auto" (default), "off" (never initialise), "on" (always, auto-detect)
 
 
-class DistributedError(RuntimeError):
-    pass
+class DistributedError(UserError, RuntimeError):
+    """A multi-host setting that cannot be used (flags, environment) or a runtime that could not be joined."""
 
 
 def detect_cluster(environ=None) -> str | None:

@@ -36,6 +36,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from softgrpo_jax.fs import default_file_mode
+
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -188,6 +190,7 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a report gets a plain file's mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

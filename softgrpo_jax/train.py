@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -15,11 +19,45 @@ from ml_collections import ConfigDict
 
 from softgrpo_jax import evaluation, rewards
 from softgrpo_jax.config import eval_sampling_config, loss_config, sampling_config
+from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
                                      rollout_to_batch, split_micro)
 from softgrpo_jax.sampling import RolloutEngine
+
+
+@contextlib.contextmanager
+def _quiet_background_tracebacks():
+    """orbax logs the traceback of a failed background write (a full disk) on the ``absl`` logger before raising it
+    in the caller; the caller reports it in one line, so those records are dropped (kept with ``--debug``)."""
+    if debug_enabled():
+        yield
+        return
+
+    def drop(record):
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _drop_closed_loop_reports():
+    """After a failed orbax save, tensorstore completes a write callback on the asyncio loop orbax has already closed;
+    Python reports that ignored ``RuntimeError('Event loop is closed')`` with a traceback. The save's failure is
+    reported in one line: that report is dropped (others still go to the previous hook)."""
+    prev = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        prev(u)
+
+    sys.unraisablehook = hook
 
 
 def log(msg: str):
@@ -102,7 +140,9 @@ def batch_for_step(problems: list[dict], step: int, batch_size: int, seed: int, 
     n = len(problems)
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"training split has {n} problems, fewer than train_batch_size={batch_size}")
+        from softgrpo_jax.config import ConfigError
+
+        raise ConfigError(f"the training split has {n} problems, fewer than rl.train_batch_size={batch_size}")
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(n, seed, epoch, shuffle)
     return [problems[i] for i in order[k * batch_size:(k + 1) * batch_size]]
@@ -113,18 +153,36 @@ class Run:
     """Everything a training run holds; ``Run(cfg).train()``."""
 
     def __init__(self, cfg: ConfigDict, *, reward_fn=None):
-        """``reward_fn(texts, golds) -> float array`` replaces the configured math reward (custom tasks, tests)."""
+        """``reward_fn(texts, golds) -> float array`` replaces the configured math reward (custom tasks, tests).
+
+        Every setting is checked before anything heavy is loaded, and the output folder is made only once the model
+        and the data have loaded: a run that fails at start-up leaves nothing behind."""
         from softgrpo_jax import load_pretrained, load_tokenizer
+        from softgrpo_jax.checkpoint.api import check_destination, detect_format
+        from softgrpo_jax.config import ConfigError, validate_config
 
         self.cfg = cfg
         self.reward_fn = reward_fn
-        enable_compilation_cache(cfg.trainer.compilation_cache)
+        validate_config(cfg)  # (get_config did already; a config built in code has not)
         self.out = os.path.abspath(cfg.trainer.output_dir)
-        os.makedirs(self.out, exist_ok=True)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"trainer.output_dir={cfg.trainer.output_dir!r} is a file, not a folder; choose "
+                              f"another output folder")
         self.mesh = make_mesh(tuple(cfg.trainer.mesh))
-        if cfg.rl.algorithm not in ("softgrpo", "grpo"):
-            raise ValueError(f"rl.algorithm must be 'softgrpo' or 'grpo', got {cfg.rl.algorithm!r}")
+        self._check_settings()
         mc = cfg.model
+        for key, path in (("model.path", mc.path), ("ref_model.path", cfg.ref_model.path)):
+            if path:
+                try:
+                    detect_format(path)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"{key}: {e}") from None
+        if cfg.trainer.export_hf:
+            # (checked now: the export comes at the very end of the run)
+            check_destination(os.path.join(self.out, "hf_export"),
+                              fix="move it away, or set trainer.export_hf=false (the run writes its final model "
+                                  "there)")
+        enable_compilation_cache(cfg.trainer.compilation_cache)
         log(f"loading {mc.path} on mesh {dict(self.mesh.shape)}")
         model = load_pretrained(mc.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype, mesh=self.mesh,
                                 scan_layers=mc.scan_layers, remat=mc.remat, attention=mc.attention)
@@ -133,8 +191,21 @@ class Run:
         if cfg.ref_model.path:
             ref = load_pretrained(cfg.ref_model.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype,
                                   mesh=self.mesh, scan_layers=mc.scan_layers)
+        ctx = model.config.max_position_embeddings
+        if cfg.data.max_prompt_length + cfg.rollout.max_new_tokens > ctx:
+            log(f"note: data.max_prompt_length={cfg.data.max_prompt_length} + rollout.max_new_tokens="
+                f"{cfg.rollout.max_new_tokens} exceeds the model's context of {ctx} tokens; long prompts and "
+                f"responses run past the positions it was trained on")
         self.problems, self.n_filtered = load_problems(cfg, cfg.data.train, cfg.data.train_split, self.tokenizer)
-        self.total_steps = cfg.trainer.total_steps or len(self.problems) // cfg.rl.train_batch_size
+        rl = cfg.rl
+        if len(self.problems) < rl.train_batch_size:
+            why = (f" after {self.n_filtered} prompts longer than data.max_prompt_length="
+                   f"{cfg.data.max_prompt_length} tokens were filtered" if self.n_filtered else "")
+            raise ConfigError(f"data.train={cfg.data.train}:{cfg.data.train_split} has {len(self.problems)} "
+                              f"problems{why}, fewer than rl.train_batch_size={rl.train_batch_size}; "
+                              + ("raise data.max_prompt_length or " if self.n_filtered else "add problems or ")
+                              + "lower rl.train_batch_size")
+        self.total_steps = cfg.trainer.total_steps or len(self.problems) // rl.train_batch_size
         oc = cfg.optim
         tx = make_optimizer(oc.lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
                             grad_clip=oc.grad_clip, schedule=oc.schedule, warmup_steps=oc.warmup_steps,
@@ -153,28 +224,28 @@ class Run:
                                                        self.tokenizer, think_end=cfg.rollout.think_end,
                                                        mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
                                                        dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"trainer.output_dir: {os_error_message(e)}") from None
         self.ckpt = Checkpointer(os.path.join(self.out, "checkpoints"), keep=cfg.trainer.keep_checkpoints)
         self.key = jax.random.key(cfg.trainer.seed)
         self.step = 0
-        self._check_settings()
 
     def _check_settings(self):
+        """The settings that depend on the devices (the mesh); the rest are checked by ``validate_config``."""
+        from softgrpo_jax.config import ConfigError
+
         rl = self.cfg.rl
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if rl.train_batch_size % rl.mini_batch_size:
-            raise ValueError(f"rl.train_batch_size={rl.train_batch_size} is not a multiple of "
-                             f"rl.mini_batch_size={rl.mini_batch_size}")
         mini_rows = rl.mini_batch_size * rl.group_size
         micro_rows = rl.micro_batch_size * n_dp
         if mini_rows % micro_rows:
-            raise ValueError(f"a mini-batch of {mini_rows} sequences (mini_batch_size x group_size) does not split "
-                             f"into micro-batches of {micro_rows} (micro_batch_size={rl.micro_batch_size} per "
-                             f"data-parallel device x {n_dp} devices)")
+            raise ConfigError(f"a mini-batch of {mini_rows} sequences (rl.mini_batch_size x rl.group_size) does "
+                              f"not split into micro-batches of {micro_rows} (rl.micro_batch_size="
+                              f"{rl.micro_batch_size} per data-parallel device x {n_dp} devices of trainer.mesh="
+                              f"{tuple(self.cfg.trainer.mesh)}); choose sizes that divide")
         self.n_micro = mini_rows // micro_rows
-        if self.cfg.reward.on_truncation not in ("score", "zero"):
-            raise ValueError(f"reward.on_truncation must be 'score' or 'zero', got {self.cfg.reward.on_truncation!r}")
-        if rl.old_logprobs not in ("auto", "recompute"):
-            raise ValueError(f"rl.old_logprobs must be 'auto' or 'recompute', got {rl.old_logprobs!r}")
 
     # ---------------------------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict:
@@ -290,13 +361,38 @@ class Run:
     def save(self, step: int):
         meta = {"step": step, "seed": self.cfg.trainer.seed, "data_position": step * self.cfg.rl.train_batch_size,
                 "total_steps": self.total_steps, "config": json.loads(self.cfg.to_json_best_effort())}
-        self.ckpt.save(step, self.policy.params, self.policy.opt_state, meta)
+        try:
+            with _quiet_background_tracebacks():
+                self.ckpt.save(step, self.policy.params, self.policy.opt_state, meta)
+        except (OSError, ValueError) as e:
+            code = os_errno_in(e)
+            if code is None:
+                raise
+            from softgrpo_jax.checkpoint import CheckpointError
+
+            for name in os.listdir(self.ckpt.dir):  # orbax's half-written step (it renames it when complete)
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.ckpt.dir, name), ignore_errors=True)
+            if not debug_enabled():
+                _drop_closed_loop_reports()
+            hint = os_error_message(OSError(code, os.strerror(code)))
+            latest = self.ckpt.latest_step()
+            kept = f"the checkpoint of step {latest} is kept" if latest is not None else "no checkpoint is kept"
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.ckpt.dir}: {hint}; "
+                                  f"{kept}; run the same command again to resume") from e
 
     def maybe_resume(self) -> int:
         latest = self.ckpt.latest_step()
         if latest is None:
             return 0
-        params, opt, meta = self.ckpt.restore(latest, self.policy.params, self.policy.opt_state)
+        try:
+            params, opt, meta = self.ckpt.restore(latest, self.policy.params, self.policy.opt_state)
+        except ValueError as e:
+            from softgrpo_jax.checkpoint import CheckpointError
+
+            msg = " ".join(str(e).split())[:400]
+            raise CheckpointError(f"{msg}; the run in trainer.output_dir={self.cfg.trainer.output_dir!r} was made "
+                                  f"with another model or optimizer: choose a new output folder") from None
         self.policy.params, self.policy.opt_state = params, opt
         log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
         return int(latest)

@@ -97,10 +97,12 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, manual_dir
     """Examples of ``split`` of data set ``name`` as a list of ``{"id", "question", "answer", "source"}`` dicts,
     building the TFDS data set first if needed.  ``kw`` configures ``reasoning_gym_math`` (tasks, train_size,
     test_size, seed).  The result's ``.skipped`` is the number of malformed source rows skipped for this split."""
+    from softgrpo_jax.config import ConfigError
+
     if name not in SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list(SPLITS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPLITS)}")
     if split not in SPLITS[name]:
-        raise ValueError(f"{name} has splits {SPLITS[name]}, not {split!r}")
+        raise ConfigError(f"{name} has splits {', '.join(SPLITS[name])}, not {split!r}")
     builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir, rebuild=rebuild, **kw)
     source = builder.as_data_source(split)
     items = [{k: _decode(v) for k, v in source[i].items()} for i in range(len(source))]

@@ -145,9 +145,13 @@ class _MathFileBuilder(_NoCodePath, tfds.core.GeneratorBasedBuilder, skip_regist
             if res.skipped:
                 log.warning("%s/%s: skipped %d malformed rows of %s (first: %s)", self.name, split, res.skipped,
                             path, res.reasons[:3])
+            if not res.examples and not res.skipped:
+                raise _files.DataFileError(f"{path}: the file holds no rows; put the {split} problems in it (rows "
+                                           f"with problem/question + answer), or remove it")
             if not res.examples:
                 raise _files.DataFileError(f"{path}: no usable rows ({res.skipped} malformed; first reasons: "
-                                           f"{res.reasons[:5]})")
+                                           f"{'; '.join(res.reasons[:3])}); rows need a problem/question and an "
+                                           f"answer")
             meta["source_files"][split] = {"path": os.path.abspath(path), "sha256": _sha256(path)}
             meta["skipped"][split] = res.skipped
             meta["skipped_reasons"][split] = res.reasons
@@ -260,7 +264,9 @@ def get_builder(name: str, *, data_dir: str | None = None, **config_kw) -> tfds.
     """A builder instance (array_record format).  ``config_kw`` (reasoning_gym_math only): tasks, train_size,
     test_size, seed."""
     if name not in _CLASSES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(_CLASSES)}")
+        from softgrpo_jax.config import ConfigError
+
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(_CLASSES))}")
     kw = {"data_dir": data_dir or default_data_dir(), "file_format": "array_record"}
     if name == "reasoning_gym_math":
         kw["config"] = reasoning_gym_config(**config_kw)

@@ -33,7 +33,10 @@ ANSWER_KEYS = ("final_answer", "answer", "Answer", "ground_truth", "expected_ans
 ID_KEYS = ("id", "unique_id", "idx", "problem_id", "ID", "uid", "index")
 
 
-class DataFileError(ValueError):
+from softgrpo_jax.errors import UserError
+
+
+class DataFileError(UserError, ValueError):
     """A user data file that cannot be read at all (not one bad row: those are counted and skipped)."""
 
 
@@ -63,8 +66,14 @@ def _iter_rows(path: str) -> Iterator[tuple[int, object]]:
         for i, row in enumerate(table.to_pylist()):
             yield i, row
         return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataFileError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}); "
+                            f"save the file as UTF-8") from None
     if ext == ".json":
         try:
             data = json.loads(text)
