@@ -1,11 +1,17 @@
 """``softgrpo``: train | eval | sample | convert | demo.
 
-  softgrpo train  --config configs/deepscaler_1p5b.py [--config.rl.group_size=4 ...]
-  softgrpo eval   --config configs/eval_softgrpo_gumbel.py --config.model.path=DIR
-  softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--show-topk] [--compute-dtype auto]
-  softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16]
-  softgrpo demo   [--config configs/demo_smollm2.py] [--config.preset=smoke]
-  softgrpo plan   --config configs/deepscaler_7b.py --mesh 1,8,1 [--device h100 | --device-memory-gb 80]
+  softgrpo train  --config deepscaler_1p5b [--config.rl.group_size=4 ...]
+  softgrpo eval   --config eval_softgrpo_gumbel --config.model.path=DIR
+  softgrpo sample --model smollm2 --mode gumbel --prompt "What is 7 * 8?" [--prompt-file FILE|-] [--show-topk N]
+  softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16] [--overwrite]
+  softgrpo demo   [--config demo_smollm2] [--config.trainer.total_steps=4]
+  softgrpo plan   --config deepscaler_7b --mesh 1,8,1 [--device h100 | --device-memory-gb 80]
+
+``--config`` takes a bundled config by its bare name (``demo_smollm2``: ``configs/demo_smollm2.py`` of the checkout)
+or a path to a config file; a path that does not exist is an error.
+
+Bad input (a setting, a file, a prompt) ends in one line ``softgrpo: error: ...`` and exit code 2; ``--debug`` (or
+``SOFTGRPO_DEBUG=1``) shows the traceback instead.
 
 Multi-host (train, eval): every process runs the same command; add --coordinator HOST:PORT --num-processes N
 --process-id I (or SOFTGRPO_COORDINATOR / SOFTGRPO_NUM_PROCESSES / SOFTGRPO_PROCESS_ID), or nothing on Cloud TPU,
@@ -17,6 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from softgrpo_jax.errors import DEBUG_ENV, UserError, debug_enabled, one_line, printable
+
+EXIT_USER_ERROR = 2
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _split_config_args(argv):
@@ -113,7 +124,64 @@ def cmd_eval(args, overrides):
     return 0
 
 
+def read_prompt(args) -> str:
+    """The prompt text: ``--prompt-file`` (``-``: standard input) or ``--prompt``, as valid, non-empty UTF-8."""
+    if args.prompt_file is not None:
+        where = "standard input" if args.prompt_file == "-" else args.prompt_file
+        if args.prompt_file == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.prompt_file, "rb") as f:
+                raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt in {where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                            f"{e.start}); save it as UTF-8") from None
+    else:
+        where, text = "--prompt", args.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
+            raise UserError(f"the --prompt text is not valid UTF-8 (at character {e.start}); pass UTF-8 text, or "
+                            f"the prompt in a UTF-8 file with --prompt-file") from None
+    if "\x00" in text:
+        raise UserError(f"the prompt in {where} holds a NUL byte (a binary file?); give UTF-8 text")
+    if not text.strip():
+        raise UserError(f"the prompt in {where} is empty; give the question with --prompt TEXT or --prompt-file "
+                        f"FILE (- for standard input)")
+    return text
+
+
+def _check_sample_args(args):
+    checks = [(args.n >= 1, f"--n {args.n}: must be >= 1"), (args.k >= 1, f"--k {args.k}: must be >= 1"),
+              (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+              (args.temperature > 0, f"--temperature {args.temperature}: must be > 0"),
+              (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
+              (args.tau > 0, f"--tau {args.tau}: must be > 0"),
+              (args.show_topk >= 0, f"--show-topk {args.show_topk}: must be >= 0")]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise UserError("; ".join(bad))
+
+
+def check_prompt_fits(n_prompt: int, max_new_tokens: int, context: int, model: str):
+    """A prompt of ``n_prompt`` tokens plus the token budget must fit the model's context (positions it knows;
+    beyond them the memory of the decode cache grows with nothing to show for it)."""
+    if n_prompt + max_new_tokens > context:
+        what = (f"the prompt alone is {n_prompt} tokens" if n_prompt >= context else
+                f"the prompt is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: {n_prompt + max_new_tokens}")
+        fix = ("shorten the prompt" if n_prompt >= context else
+               f"shorten the prompt or lower --max-new-tokens to {context - n_prompt} or less")
+        raise UserError(f"{what}, more than the context of {context} tokens of model {model}; {fix}")
+
+
 def cmd_sample(args, overrides):
+    _check_sample_args(args)
+    text = read_prompt(args)  # before anything is loaded
+    from softgrpo_jax.checkpoint.api import detect_format
+
+    detect_format(args.model)
     import jax
     import numpy as np
 
@@ -122,15 +190,18 @@ def cmd_sample(args, overrides):
     from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
     from softgrpo_jax.train import enable_compilation_cache
 
+    tok = load_tokenizer(args.model)
+    prompt = text if args.raw else build_prompt(tok, text, style=args.style)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError("the prompt gives no tokens; give some text")
     enable_compilation_cache("auto")  # the next sample of the same model and settings skips most compiling
     model = load_pretrained(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype)
-    tok = load_tokenizer(args.model)
+    check_prompt_fits(len(ids), args.max_new_tokens, model.config.max_position_embeddings, args.model)
     cfg = SamplingConfig(mode=args.mode, max_topk=args.k, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, tau=args.tau, max_new_tokens=args.max_new_tokens,
                          after_thinking_top_k=args.top_k, think_end_match=args.think_end_match)
     eng = RolloutEngine.for_tokenizer(model, cfg, tok, think_end=args.think_end)
-    prompt = args.prompt if args.raw else build_prompt(tok, args.prompt, style=args.style)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
     r = eng.generate([ids], jax.random.key(args.seed), n=args.n)
     toks, lens = np.asarray(r.tokens), np.asarray(r.lengths)
     for b in range(args.n):
@@ -141,30 +212,33 @@ def cmd_sample(args, overrides):
             ids_k, w = np.asarray(r.topk_ids[b]), np.asarray(r.weights[b])
             for j in range(min(T, args.show_topk)):
                 cells = " ".join(f"{tok.decode([int(i)])!r}:{x:.2f}" for i, x in zip(ids_k[j], w[j]) if x > 1e-3)
-                print(f"  step {j:4d}  {cells}")
+                print(printable(f"  step {j:4d}  {cells}"))
+        # model text goes to the terminal escaped: no control sequences (colours, cursor moves, title changes)
         print("--- thinking (argmax tokens) ---" if T else "--- completion ---")
-        print(tok.decode(toks[b, :T].tolist(), skip_special_tokens=True) if T else
-              tok.decode(toks[b, :L].tolist(), skip_special_tokens=True))
+        print(printable(tok.decode(toks[b, :T].tolist(), skip_special_tokens=True) if T else
+                        tok.decode(toks[b, :L].tolist(), skip_special_tokens=True)))
         if T:
             print("--- answer ---")
-            print(tok.decode(toks[b, T:L].tolist(), skip_special_tokens=True))
+            print(printable(tok.decode(toks[b, T:L].tolist(), skip_special_tokens=True)))
     return 0
 
 
 def cmd_convert(args, overrides):
     from softgrpo_jax import load_pretrained, save_pretrained
-    from softgrpo_jax.checkpoint.api import detect_format, load_tokenizer
+    from softgrpo_jax.checkpoint import CheckpointError
+    from softgrpo_jax.checkpoint.api import check_destination, detect_format, load_tokenizer
 
     fmt = detect_format(args.src)
     src = args.src
+    check_destination(args.dst, overwrite=args.overwrite)  # before the (slow) load
     model = load_pretrained(src, dtype=args.dtype)
     tok = None
     try:
         tok = load_tokenizer(src)
-    except Exception as e:  # noqa: BLE001 - a checkpoint without tokenizer files still converts
-        print(f"note: no tokenizer copied ({e})", file=sys.stderr)
-    save_pretrained(model, args.dst, tokenizer=tok, format=args.format)
-    print(f"converted {fmt} {src} -> {args.format} {args.dst}")
+    except CheckpointError as e:  # a checkpoint without tokenizer files still converts
+        print(f"softgrpo: note: no tokenizer copied: {one_line(e)}", file=sys.stderr)
+    save_pretrained(model, args.dst, tokenizer=tok, format=args.format, overwrite=args.overwrite)
+    print(printable(f"converted {fmt} {src} -> {args.format} {args.dst}"))
     return 0
 
 
@@ -174,7 +248,11 @@ def cmd_plan(args, overrides):
 
     from softgrpo_jax import plan as plan_lib
 
-    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    try:
+        mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    except ValueError:
+        raise UserError(f"--mesh {args.mesh!r}: give three comma-separated integers data,fsdp,tensor (e.g. "
+                        f"1,8,1; -1 for the remaining devices)") from None
     cfg = _load_cfg(args.config, overrides)
     mesh = mesh or tuple(cfg.trainer.mesh)
     if args.device_memory_gb is not None:
@@ -196,9 +274,9 @@ def cmd_plan(args, overrides):
     res = plan_lib.plan(spec, log=lambda m: print(f"  compiled {m}", file=sys.stderr, flush=True))
     print(plan_lib.format_plan(res))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        from softgrpo_jax.evaluation import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(res, indent=1))
     return 0 if res["fits"] else 1
 
 
@@ -209,20 +287,26 @@ def cmd_demo(args, overrides):
     return run_demo(cfg)
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, overrides = _split_config_args(argv)
-    ap = argparse.ArgumentParser(prog="softgrpo", description="SofT-GRPO in JAX/Flax")
+CONFIG_HELP = ("a bundled config by its bare name (e.g. demo_smollm2, deepscaler_1p5b) or the path of a config "
+               "file; override settings with --config.section.key=value")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error instead of one line (env {DEBUG_ENV}=1)")
+    ap = argparse.ArgumentParser(prog="softgrpo", description="SofT-GRPO in JAX/Flax", parents=[common])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train with SofT-GRPO or GRPO from a config")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("train", parents=[common], help="train with SofT-GRPO or GRPO from a config")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
     _add_distributed_flags(p)
-    p = sub.add_parser("eval", help="pass@k evaluation from a config")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("eval", parents=[common], help="pass@k evaluation from a config")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
     _add_distributed_flags(p)
-    p = sub.add_parser("plan", help="compile a config's rollout and train step on a (simulated) mesh and report "
-                                    "per-device memory (no weights needed)")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("plan", parents=[common],
+                       help="compile a config's rollout and train step on a (simulated) mesh and report per-device "
+                            "memory (no weights needed)")
+    p.add_argument("--config", required=True, help=CONFIG_HELP)
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's trainer.mesh)")
     p.add_argument("--device", default=None, choices=["a100", "a100-40g", "h100", "h200", "v4", "v5e", "v5p", "v6e"],
                    help="device whose memory (GiB per chip) to compare against")
@@ -232,11 +316,16 @@ def main(argv=None):
                    help="compile for this machine's own devices (e.g. a real GPU node) instead of simulating")
     p.add_argument("--phases", default=None, help="comma-separated subset of prefill,decode,logprobs,update")
     p.add_argument("--json", default=None, help="also write the result as JSON")
-    p = sub.add_parser("demo", help="the embedded default end to end (SmolLM2-135M, reasoning-gym, CPU)")
-    p.add_argument("--config", default="configs/demo_smollm2.py")
-    p = sub.add_parser("sample", help="sample from a model in discrete, soft or gumbel mode")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--prompt", default="What is 17 + 25?")
+    p = sub.add_parser("demo", parents=[common],
+                       help="the embedded default end to end (SmolLM2-135M, reasoning-gym, CPU)")
+    p.add_argument("--config", default="demo_smollm2", help=CONFIG_HELP + " (default: demo_smollm2)")
+    p = sub.add_parser("sample", parents=[common], help="sample from a model in discrete, soft or gumbel mode")
+    p.add_argument("--model", default="smollm2",
+                   help="Hugging Face folder, .gguf file, orbax checkpoint or smollm2 (the embedded default)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="What is 17 + 25?", help="the question (default: %(default)r)")
+    src.add_argument("--prompt-file", default=None, metavar="FILE",
+                     help="read the question from a UTF-8 file (- for standard input)")
     p.add_argument("--mode", default="gumbel", choices=["discrete", "soft", "gumbel"])
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--k", type=int, default=5, help="K slots of a soft step")
@@ -244,35 +333,57 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="token budget; with the prompt it must fit the model's context")
     p.add_argument("--think-end", default="</think>")
     p.add_argument("--think-end-match", default="full", choices=["full", "last_subtoken"])
-    p.add_argument("--style", default="auto")
+    p.add_argument("--style", default="auto", choices=["auto", "chat", "think_tags", "raw"])
     p.add_argument("--raw", action="store_true", help="use the prompt text as is (no chat template)")
     p.add_argument("--show-topk", type=int, default=0, metavar="N", help="print the first N soft steps' top-K")
-    p.add_argument("--dtype", default="float32", help="parameter dtype")
-    p.add_argument("--compute-dtype", default="auto",
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype")
+    p.add_argument("--compute-dtype", default="auto", choices=("auto",) + DTYPES,
                    help="decoding dtype (auto: bfloat16 on accelerators and CPUs with bf16 units, else float32)")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("convert", help="convert between HF directories, GGUF (import) and orbax checkpoints")
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert between HF directories, GGUF (import) and orbax checkpoints")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", help="new folder to write (an earlier export of this project is replaced)")
     p.add_argument("--format", default="hf", choices=["hf", "orbax"])
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST even when it is not an earlier export (a folder of other files, a file)")
+    return ap
+
+
+def main(argv=None):
+    """Run one command; bad input ends in one line ``softgrpo: error: ...`` and exit code 2 (``--debug``: the
+    traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = _split_config_args(argv)
+    ap = build_parser()
     args = ap.parse_args(argv)
     if overrides and args.cmd not in ("train", "eval", "demo", "plan"):
         ap.error(f"--config.* overrides only apply to train/eval/demo/plan, got {overrides}")
-    from softgrpo_jax.config import ConfigError
-    from softgrpo_jax.checkpoint import CheckpointError
-    from softgrpo_jax.distributed import DistributedError
+    debug = getattr(args, "debug", False) or debug_enabled()
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # library code that quiets third-party tracebacks reads it
+    from softgrpo_jax.models.config import UnsupportedModelError
     from softgrpo_jax.plan import PlanError
 
+    handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
+               "demo": cmd_demo, "plan": cmd_plan}[args.cmd]
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
-                "demo": cmd_demo, "plan": cmd_plan}[args.cmd](args, overrides)
-    except (ConfigError, CheckpointError, FileNotFoundError, DistributedError, PlanError) as e:
-        print(f"softgrpo: error: {e}", file=sys.stderr)
-        return 2
+        return handler(args, overrides)
+    except (UserError, UnsupportedModelError, PlanError, OSError) as e:
+        if debug:
+            raise
+        print(f"softgrpo: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("softgrpo: interrupted", file=sys.stderr)
+        return 130
 
 
 # glibc's malloc gives every large block its own mmap, and a block asked for on a worker thread gets one however
