@@ -75,15 +75,16 @@ def _add_distributed_flags(p):
 
 
 def cmd_train(args, overrides):
+    cfg = _load_cfg(args.config, overrides)  # a bad setting fails before any process waits for the others
     _init_distributed(args)
     from softgrpo_jax.train import Run
 
-    cfg = _load_cfg(args.config, overrides)
     report = Run(cfg).train()
     return 0 if not report.get("interrupted") else 130
 
 
 def cmd_eval(args, overrides):
+    cfg = _load_cfg(args.config, overrides)
     _init_distributed(args)
     import jax
 
@@ -94,7 +95,6 @@ def cmd_eval(args, overrides):
     from softgrpo_jax.sampling import RolloutEngine
     from softgrpo_jax.train import enable_compilation_cache, load_problems, log
 
-    cfg = _load_cfg(args.config, overrides)
     enable_compilation_cache(cfg.trainer.compilation_cache)
     mesh = make_mesh(tuple(cfg.trainer.mesh))
     model = load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
