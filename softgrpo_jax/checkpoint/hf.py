@@ -210,7 +210,7 @@ def config_from_hf(hf: dict, where: str, **overrides) -> ModelConfig:
     try:
         return ModelConfig.from_hf(hf, **overrides)
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{where}: {e}; supported model families: Qwen2 and Llama") from None
+        raise UnsupportedModelError(f"{where}: {e}; this port implements the Qwen2 and Llama families") from None
     except KeyError as e:
         raise CheckpointError(f"{where}: the field {e.args[0]!r} is missing; re-download or re-export the "
                               f"model") from None
