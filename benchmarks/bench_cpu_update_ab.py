@@ -14,8 +14,8 @@ has: ``load_pretrained``, ``config``, ``rl.trainer``). Variants alternate, each 
     python benchmarks/bench_cpu_update_ab.py --mlp    # the MLP stack alone: plain against token tiles
     python benchmarks/bench_cpu_update_ab.py --optimizer   # clip + AdamW alone: optax's clip against ours
 
-``--small`` shrinks each of these (``--gemm``, ``--mlp``, ``--optimizer`` too) to seconds. The demo's update is
-``--batch 32 --len 192 --micro 2``.
+``--gemm``, ``--mlp`` and ``--optimizer`` combine (one table after another); ``--small`` shrinks each of these runs
+to seconds. The demo's update is ``--batch 32 --len 192 --micro 2``.
 """
 
 from __future__ import annotations
@@ -234,14 +234,15 @@ def main():
                                  args.grpo, args.small)))
         return
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}")
-    if args.gemm:
-        gemm_table(args.small)
-        return
-    if args.mlp:
-        mlp_table(**(dict(n=256, d=64, f=128, layers=2, tiles=(128,), repeats=1) if args.small else {}))
-        return
-    if args.optimizer:
-        optimizer_table(1 if args.small else 7, args.small)
+    if args.gemm or args.mlp or args.optimizer:  # the isolated tables asked for, one after another
+        if args.gemm:
+            gemm_table(args.small)
+            print()
+        if args.mlp:
+            mlp_table(**(dict(n=256, d=64, f=128, layers=2, tiles=(128,), repeats=1) if args.small else {}))
+            print()
+        if args.optimizer:
+            optimizer_table(1 if args.small else 7, args.small)
         return
     env_old, wt = None, None
     if args.against:

@@ -3,9 +3,11 @@ that cannot download anything and lacks the embedded model: the demo's reasoning
 SmolLM2-135M-Instruct's Hugging Face config and tokenizer (no weights: the GPU side initialises them at random).
 
     python benchmarks/gpu_e2e_prep.py [--dest .gpu]       # then carry .gpu (about 4 MB) to the GPU machine
+    python benchmarks/gpu_e2e_prep.py --dest /tmp/prep --config configs/demo_smollm2_smoke.py   # a smoke run
 
-The GPU machine also needs this project's runtime dependencies; ones it lacks can travel as wheels (the device
-tool's README says how; `promise` has no wheel on PyPI: ``pip wheel --no-deps promise==2.3`` builds one).
+The GPU machine also needs this project's runtime dependencies; ones it lacks can travel as wheels (``pip wheel``
+here, ``pip install --no-index`` there; `promise` has no wheel on PyPI: ``pip wheel --no-deps promise==2.3`` builds
+one).
 """
 
 from __future__ import annotations
