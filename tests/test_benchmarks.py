@@ -1,0 +1,171 @@
+"""Every script in benchmarks/ in its smallest setting, so that none can rot: each runs as a subprocess, as a user
+runs it (``python benchmarks/X.py --small ...`` from the repository root), and must exit 0 and print a measured
+row (a number in its table or summary line). The GPU scripts run their CPU smoke modes. The shell scripts are
+checked for syntax and for the files, flags and config keys they name."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+NUM = r"\d[\d,]*\.?\d*"  # a printed measurement: 12, 1,234, 0.5
+
+# name -> (arguments, patterns every one of which the output must match). The arguments are each script's smallest
+# setting; where its --small still runs several independent variants, the cheapest one of each kind.
+CASES = {
+    "bench_cpu_attention": (
+        ["--small"],
+        [rf"\| attention fwd\+bwd \| `attention_core`, batch rows \+ causal query tiles \(current\) \| {NUM} \| bf16",
+         rf"\| attention block fwd\+bwd \| `attention_block` \(current\) \| {NUM} \|",
+         r"max relative difference to the untiled core"]),
+    "bench_cpu_head": (
+        ["--small"],
+        [rf"\| blocks \(Tuning.vocab_block\) \| 1024 x 2048 \| {NUM} \| {NUM} \|",
+         rf"blocks vs one block: forward {NUM}x"]),
+    "bench_cpu_lse": (
+        ["--small"],
+        [rf"\| logsumexp_rows \(GEMV against ones\) \| {NUM} \| {NUM}e-\d+ \|"]),
+    "bench_cpu_weight_grad": (
+        ["--small"],
+        [rf"\| weight grad, tiled transpose \(tn_dot\) \| {NUM} \| {NUM} \|",
+         rf"\| tied LM head grad \[V,D\]: \(h.T @ g\).T \| {NUM} \| {NUM} \|"]),
+    "bench_cpu_update_ab": (
+        ["--small"],
+        [rf"\| 1 \| new \| {NUM} \|", rf"\| 1 \| old \| {NUM} \|", rf"old / new = {NUM}"]),
+    "bench_cpu_update_ab-tables": (  # the isolated tables, all three in one process
+        ["--small", "--gemm", "--mlp", "--optimizer"],
+        [rf"\| \[256, 64\] x \[64, 128\] \| {NUM} GFLOP/s \|", rf"\| tiles of 128 tokens \| {NUM} \|",
+         rf"\| make_optimizer \(clip given the norm\) \+ adamw \| {NUM} \|"]),
+    "bench_cpu_forward": (
+        ["--small"],
+        [r"max \|logits jax-f32 - torch-f32\|", rf"\| 1x16 \| jax-f32-scan \| {NUM} \| {NUM} \| {NUM} \|"]),
+    # --small runs every row (a subprocess each); here the float32 decode rows (transformers' generate too) and one
+    # train row of this project, no transformers train row (plain torch, the slowest row on a busy CPU: ~25 s)
+    "bench_cpu_decode_train": (
+        ["--small", "--decode-dtypes", "float32", "--rows", "soft_bf16_remat", "--torch-rows", ""],
+        [rf"\| decode \| transformers generate \(sampling\), float32 \| {NUM} \|",
+         rf"\| decode \| softgrpo_jax gumbel \(K=5\), float32 \| {NUM} \|",
+         rf"\| train \| softgrpo_jax SofT-GRPO update, bf16 compute \+ remat.* \| {NUM} \|"]),
+    "bench_gpu_decode": (  # one batch size and layout (--small: two of each)
+        ["--small", "--batches", "1", "--layouts", "scan"],
+        [rf"\| 1 \| ours gumbel \(xla embed\) \| {NUM} \| {NUM} \|", r"Checks: all passed"]),
+    "bench_gpu_train": (
+        ["--small", "--skip-no-remat"],
+        [rf"\| ours SofT-GRPO update .* \| {NUM} \| {NUM} \|", r"Checks: all passed"]),
+    "bench_soft_embed": (  # the Pallas GPU kernel in interpret mode; --no-sweep: its default tile only
+        ["--small", "--interpret", "--no-sweep"],
+        [rf"\| training N=200 \| Pallas fused \| {NUM} us per call \|", r"correctness OK"]),
+}
+# Python files in benchmarks/ that are not scripts of their own
+LIBRARIES = {"bench_gpu_common"}
+TIMEOUT_S = 600
+
+
+def bench_env(**extra) -> dict:
+    """The test process's environment for a benchmark: the checkout on PYTHONPATH, JAX on the CPU, and XLA_FLAGS
+    without the 8 simulated devices of tests/conftest.py (the benchmarks measure one device: their CPU-only paths
+    and the GPU scripts' engine assume it)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_script(script: str, args: list[str], **env) -> str:
+    cmd = [sys.executable, str(BENCH / f"{script}.py"), *args]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=bench_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{shlex.join(cmd)} ran past {TIMEOUT_S} s; its output:\n{e.stdout}\n{e.stderr}")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{shlex.join(cmd)} exited {p.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def test_every_script_has_a_case():
+    """A new benchmark script gets its smoke run here (once committed: git's files, where git is at hand)."""
+    try:
+        files = subprocess.run(["git", "ls-files", "benchmarks/*.py"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+    scripts = {Path(f).stem for f in files} or {p.stem for p in BENCH.glob("*.py")}
+    scripts -= LIBRARIES
+    covered = {name.split("-")[0] for name in CASES} | {"gpu_e2e_prep"}
+    assert scripts <= covered, f"benchmarks without a case in tests/test_benchmarks.py: {sorted(scripts - covered)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_benchmark_smallest_setting(name):
+    args, patterns = CASES[name]
+    out = run_script(name.split("-")[0], args)
+    for pattern in patterns:
+        assert re.search(pattern, out), f"{name}: no line matches {pattern!r} in:\n{out[-6000:]}"
+
+
+@pytest.mark.slow
+def test_gpu_e2e_prep(tmp_path):
+    """The files gpu_e2e.sh needs, written to a temporary folder (the demo's smoke config: its smaller data sets)."""
+    dest = tmp_path / "gpu"
+    out = run_script("gpu_e2e_prep", ["--dest", str(dest), "--config", "configs/demo_smollm2_smoke.py"])
+    assert re.search(r"reasoning_gym_math:train: \d+ prompts", out), out[-4000:]
+    model = {p.name for p in (dest / "model").iterdir()}
+    assert {"config.json", "tokenizer.json"} <= model and not any("safetensors" in f for f in model), model
+    assert any((dest / "data").iterdir())
+
+
+def shell_lines(path: Path) -> list[str]:
+    return path.read_text().replace("\\\n", " ").splitlines()
+
+
+@pytest.mark.parametrize("script", ["gpu_e2e.sh", "run_gpu_all.sh"])
+def test_shell_script_syntax(script):
+    p = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_run_gpu_all_names_existing_scripts_and_flags():
+    """Each benchmark run_gpu_all.sh starts exists and takes the flags it passes (and ``--out``, which bench()
+    adds); gpu_e2e.sh exists."""
+    text = (BENCH / "run_gpu_all.sh").read_text()
+    assert (BENCH / "gpu_e2e.sh").is_file() and "benchmarks/gpu_e2e.sh" in text
+    calls = [re.search(r"(benchmarks/\w+\.py)(.*)", line) for line in shell_lines(BENCH / "run_gpu_all.sh")]
+    calls = [m for m in calls if m and not m.group(0).startswith("benchmarks/gpu_e2e")]
+    assert len(calls) >= 4, calls
+    for m in calls:
+        path = ROOT / m.group(1)
+        assert path.is_file(), m.group(1)
+        source = path.read_text()
+        for flag in set(re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2))) | {"--out"}:
+            assert f'"{flag}"' in source, f"run_gpu_all.sh passes {flag} to {m.group(1)}, which has no such flag"
+
+
+def test_gpu_e2e_names_existing_files_and_config_keys():
+    """gpu_e2e.sh's config and its --config.* overrides exist, as does the module it runs."""
+    from softgrpo_jax.config import get_config
+
+    text = " ".join(shell_lines(BENCH / "gpu_e2e.sh"))
+    configs = set(re.findall(r"--config (configs/\w+\.py)", text))
+    assert configs == {"configs/demo_smollm2.py"}, configs
+    cfg = get_config(str(ROOT / "configs/demo_smollm2.py"))
+    keys = set(re.findall(r"--config\.([\w.]+)=", text))
+    assert len(keys) >= 6, keys
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            assert part in node, f"gpu_e2e.sh overrides config.{key}, which configs/demo_smollm2.py lacks"
+            node = node[part]
+    assert "-m softgrpo_jax.cli train" in text and (ROOT / "softgrpo_jax/cli.py").is_file()
+    assert "benchmarks/gpu_e2e_prep.py" in text and (BENCH / "gpu_e2e_prep.py").is_file()
