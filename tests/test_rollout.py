@@ -36,8 +36,9 @@ def np_filter(p_sorted, top_k, top_p):
     return p / p.sum()
 
 
-def np_soft_step(logits, E, cfg: SamplingConfig, noise_exp):
-    """SPEC.md 7, one row: returns ids, ytil, y (sorted), the token and the next embedding."""
+def np_soft_step(logits, E, cfg: SamplingConfig, noise_exp, slots=False):
+    """SPEC.md 7, one row: returns ids, ytil, y (sorted), the token and the next embedding (``slots``: then also the
+    sorted noise g, which slots the filters kept and which slots' noise lies on or beyond the clip)."""
     lt = logits.astype(np.float64) / cfg.temperature
     p = np.exp(lt - lt.max())
     p /= p.sum()
@@ -53,6 +54,9 @@ def np_soft_step(logits, E, cfg: SamplingConfig, noise_exp):
     o = np.argsort(-ytil, kind="stable")  # == order by y, without float32 underflow ties
     ids, ytil, y = ids[o], ytil[o], y[o]
     emb = (y / y.sum()) @ E[ids]
+    if slots:
+        cg = cfg.noise_factor * g[o]
+        return ids, ytil, y, ids[0], emb, g[o], pf[:K][o] > 0, (cg <= -1.5) | (cg >= 3.0)
     return ids, ytil, y, ids[0], emb
 
 
@@ -71,14 +75,43 @@ def test_soft_step_matches_numpy(K, top_k, top_p, tau):
     keys = jax.random.split(jax.random.key(7), B)
     out = step(cfg, jnp.asarray(logits), keys, jnp.full((B,), GUMBEL), jnp.ones((B,), bool))
     emb = np.asarray(soft_embed(jnp.asarray(E), out["ids"], out["weights"]))
+    n_cut = n_clamped = 0
     for b in range(B):
-        ids, ytil, y, tok, e = np_soft_step(logits[b], E, cfg, _noise_for(keys[b], K))
+        ids, ytil, y, tok, e, _, kept, clamped = np_soft_step(logits[b], E, cfg, _noise_for(keys[b], K), slots=True)
         np.testing.assert_array_equal(np.asarray(out["ids"][b]), ids)
         np.testing.assert_allclose(np.asarray(out["ytil"][b]), ytil, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(out["weights"][b]), y, rtol=1e-4, atol=1e-6)
         assert int(out["token"][b]) == tok
         np.testing.assert_allclose(emb[b], e, rtol=1e-4, atol=1e-5)
         assert bool(out["soft"][b])
+        np.testing.assert_array_equal(np.asarray(out["kept"][b]), kept)
+        np.testing.assert_array_equal(np.asarray(out["clamped"][b]), clamped)
+        n_cut += int((~kept).sum())
+        n_clamped += int(clamped.sum())
+    if top_p < 0.9:
+        assert n_cut > 0  # top-p did cut slots here, so the kept record is exercised
+    assert n_clamped > 0 or K * B < 20
+
+
+@pytest.mark.parametrize("noise_factor", [0.5, 2.0])
+def test_clamped_record_follows_noise_factor(noise_factor):
+    """A slot is recorded as clamped when the noise it received, noise_factor * g, lies on or beyond the trainer's
+    clip [-1.5, 3] (with factor 0.5 never; with factor 2 also for unclamped g beyond -0.75 or 1.5)."""
+    B, V, K = 64, 50, 5
+    logits = np.random.RandomState(0).randn(B, V).astype(np.float32)
+    cfg = SamplingConfig(mode="gumbel", max_topk=K, top_k=K, top_p=1.0, noise_factor=noise_factor)
+    keys = jax.random.split(jax.random.key(2), B)
+    out = step(cfg, jnp.asarray(logits), keys, jnp.full((B,), GUMBEL), jnp.ones((B,), bool))
+    E = np.zeros((V, 1), np.float32)
+    want = np.stack([np_soft_step(logits[b], E, cfg, _noise_for(keys[b], K), slots=True)[7] for b in range(B)])
+    np.testing.assert_array_equal(np.asarray(out["clamped"]), want)
+    assert want.any() == (noise_factor > 1)
+    # plain soft rows and discrete rows record nothing clamped; discrete rows keep slot 0 only
+    for mode, thinking in ((1, True), (0, False)):
+        o = step(cfg, jnp.asarray(logits), keys, jnp.full((B,), mode), jnp.full((B,), thinking))
+        assert not np.asarray(o["clamped"]).any()
+        if mode == 0:
+            np.testing.assert_array_equal(np.asarray(o["kept"]), np.eye(K, dtype=bool)[[0] * B])
 
 
 def test_filter_sorted_matches_numpy():
@@ -130,9 +163,12 @@ def test_cached_rollout_equals_full_forward(model):
             x = np.concatenate(embs, 0)[None]
             logits = np.asarray(model(inputs_embeds=jnp.asarray(x)))[0, -1]
             k = jax.random.fold_in(row_keys[b], j)
-            ids, ytil, y, tok, e = np_soft_step(logits, E, SamplingConfig(**cfg), _noise_for(k, 4))
+            ids, ytil, y, tok, e, _, kept, clamped = np_soft_step(logits, E, SamplingConfig(**cfg), _noise_for(k, 4),
+                                                                  slots=True)
             np.testing.assert_array_equal(np.asarray(r.topk_ids[b, j]), ids)
             np.testing.assert_allclose(np.asarray(r.topk_ytil[b, j]), ytil, atol=2e-4)
+            np.testing.assert_array_equal(np.asarray(r.topk_kept[b, j]), kept)
+            np.testing.assert_array_equal(np.asarray(r.topk_clamped[b, j]), clamped)
             assert int(r.tokens[b, j]) == tok
             embs.append(e[None].astype(np.float32))
     assert np.asarray(r.soft_mask).all() and np.asarray(r.response_mask).all()
@@ -242,6 +278,8 @@ def test_think_end_switches_to_discrete(model):
     np.testing.assert_array_equal(np.asarray(r.tokens[0, :j + 1]), toks[:j + 1])
     np.testing.assert_array_equal(np.asarray(r.topk_ids[0, j]), [toks[j]] + [0] * 4)
     np.testing.assert_array_equal(np.asarray(r.weights[0, j]), [1, 0, 0, 0, 0])
+    # the think-end step and the discrete steps after it keep slot 0 only and record no clamped slot
+    assert (np.asarray(r.topk_kept[0, j:]) == [1, 0, 0, 0, 0]).all() and not np.asarray(r.topk_clamped[0, j:]).any()
     assert int(r.think_lengths[0]) == j + 1
     # after thinking, discrete steps store one-hot ids and zero ytil
     assert (np.asarray(r.topk_ids[0, j + 1:, 1:]) == 0).all() and (np.asarray(r.topk_ytil[0, j:]) == 0).all()

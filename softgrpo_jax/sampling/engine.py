@@ -38,7 +38,11 @@ class Rollout:
 
     Response step j of row b: ``tokens[b, j]`` was emitted; ``topk_ids[b, j]`` / ``topk_ytil[b, j]`` are the K ids and
     perturbed log-probs stored for it (SPEC.md 1.2; one-hot ``[tok, 0, ...]`` and ytil 0 for discrete steps);
-    ``weights[b, j]`` the input mixture of the next step; ``soft_mask`` marks soft steps.
+    ``weights[b, j]`` the input mixture of the next step; ``soft_mask`` marks soft steps. ``topk_kept[b, j]`` marks
+    the slots whose token the filters kept (p_hat > 0; the others hold the next-ranked tokens at probability 0) and
+    ``topk_clamped[b, j]`` the slots whose Gumbel noise lies on or beyond the log-density's clip: the trainer
+    renormalises over kept slots only and passes no gradient through clamped ones (docs/algorithm.md, deviations).
+    Both are None in a Rollout built without them (the trainer then uses every slot, and the clip as it falls).
     """
 
     prompt_tokens: jax.Array  # [B, P] int32, left-padded with pad_id
@@ -55,6 +59,8 @@ class Rollout:
     finish_reason: jax.Array  # [B] int32: 0 length, 1 stop token, 2 cold stop abort
     modes: jax.Array  # [B] int32 row modes
     tau: jax.Array  # [B] float32: the tau that rebuilds each row's soft inputs from topk_ytil
+    topk_kept: jax.Array | None = None  # [B, L, K] bool: the filters kept the slot's token (slot 0 at discrete steps)
+    topk_clamped: jax.Array | None = None  # [B, L, K] bool: the slot's noise is on or beyond the clip [-1.5, 3]
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +151,8 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
         ids=jnp.zeros((B, steps, K), jnp.int32),
         ytil=jnp.zeros((B, steps, K), jnp.float32),
         weights=jnp.zeros((B, steps, K), jnp.float32),
+        kept=jnp.zeros((B, steps, K), bool),
+        clamped=jnp.zeros((B, steps, K), bool),
         soft=jnp.zeros((B, steps), bool),
         logprob=jnp.zeros((B, steps), jnp.float32),
     )
@@ -168,6 +176,7 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
         out = step(cfg, logits, keys, modes, st["thinking"])
         token, ids, weights, ytil, soft, logprob = (out[k] for k in ("token", "ids", "weights", "ytil", "soft",
                                                                         "logprob"))
+        kept, clamped = out["kept"], out["clamped"]
         thinking = st["thinking"]
         onehot_w = jnp.broadcast_to((jnp.arange(K) == 0).astype(jnp.float32), weights.shape)
 
@@ -200,6 +209,8 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
         ids = jnp.where(to_onehot[:, None], jnp.zeros_like(ids).at[:, 0].set(token), ids)
         weights = jnp.where(to_onehot[:, None], onehot_w, weights)
         ytil = jnp.where(to_onehot[:, None], 0.0, ytil)
+        kept = jnp.where(to_onehot[:, None], onehot_w > 0, kept)
+        clamped = clamped & ~to_onehot[:, None]
         soft = soft & ~to_onehot
         # log softmax(logits / T)[token] from the step's logsumexp (the step's T: thinking rows are soft rows)
         tok_lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] / out["temperature"] - out["lse"]
@@ -221,6 +232,8 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
             ids=upd(buf["ids"], jnp.where(active[:, None], ids, 0)),
             ytil=upd(buf["ytil"], jnp.where(active[:, None], ytil, 0.0)),
             weights=upd(buf["weights"], jnp.where(active[:, None], weights, 0.0)),
+            kept=upd(buf["kept"], active[:, None] & kept),
+            clamped=upd(buf["clamped"], active[:, None] & clamped),
             soft=upd(buf["soft"], active & soft),
             logprob=upd(buf["logprob"], jnp.where(active, logprob, 0.0)),
         )
@@ -343,4 +356,5 @@ class RolloutEngine:
             prompt_tokens=toks_d, prompt_mask=mask_d, tokens=buf["tokens"], response_mask=buf["mask"],
             topk_ids=buf["ids"], topk_ytil=buf["ytil"], weights=buf["weights"], soft_mask=buf["soft"],
             logprobs=buf["logprob"], lengths=jnp.sum(buf["mask"], axis=1).astype(jnp.int32),
-            think_lengths=st["think_len"], finish_reason=st["finish"], modes=modes_d, tau=jnp.asarray(taus))
+            think_lengths=st["think_len"], finish_reason=st["finish"], modes=modes_d, tau=jnp.asarray(taus),
+            topk_kept=buf["kept"], topk_clamped=buf["clamped"])

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 DISCRETE, SOFT, GUMBEL = 0, 1, 2
 MODES = {"discrete": DISCRETE, "soft": SOFT, "gumbel": GUMBEL}
 LOGP_EPS = 1e-6
+GUMBEL_CLIP = (-1.5, 3.0)  # the clamp of the rollout's noise and of the trainer's implied noise (rl.logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +107,12 @@ def filter_sorted(p: jax.Array, top_k, top_p, min_p) -> jax.Array:
     return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
-def _sort_slots(y, ids, ytil):
+def _sort_slots(ytil, *arrays):
     # y is a monotone function of ytil for every noise, so sorting by ytil gives the original's order by y
     # without the float32 underflow ties of y (slots cut by top-p have y == 0 at tau = 0.1).
     order = jnp.argsort(-ytil, axis=-1, stable=True)
     take = lambda a: jnp.take_along_axis(a, order, axis=-1)  # noqa: E731
-    return take(y), take(ids), take(ytil)
+    return (take(ytil),) + tuple(take(a) for a in arrays)
 
 
 def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Array, thinking: jax.Array):
@@ -119,10 +120,12 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
 
     logits [B, V] float32 raw logits; keys [B] per-row PRNG keys; mode [B] int32; thinking [B] bool.
     Returns a dict of [B, ...] arrays: ``token`` (emitted id), ``ids`` [B, K], ``weights`` [B, K] (the input
-    mixture for the next step; one-hot on slot 0 for discrete steps), ``ytil`` [B, K], ``soft`` [B] (this step was a
-    soft step), ``logprob`` [B] (rollout log-prob: discrete log softmax(l/T)[x] before filtering, or the Gumbel
-    log-density of the noise for Gumbel steps, mean over slots with lp > -3), ``entropy`` [B], and the row's
-    temperature ``temperature`` [B] with ``lse`` [B] = logsumexp(logits / temperature).
+    mixture for the next step; one-hot on slot 0 for discrete steps), ``ytil`` [B, K], ``kept`` [B, K] (the slot's
+    token survived top-k / top-p / min-p, i.e. p_hat > 0; slot 0 only for discrete steps), ``clamped`` [B, K] (the
+    noise the slot received, ``noise_factor * g``, lies on or outside the log-density's clip [-1.5, 3]; Gumbel steps
+    only), ``soft`` [B] (this step was a soft step), ``logprob`` [B] (rollout log-prob: discrete log softmax(l/T)[x]
+    before filtering, or the Gumbel log-density of the noise for Gumbel steps, mean over slots with lp > -3),
+    ``entropy`` [B], and the row's temperature ``temperature`` [B] with ``lse`` [B] = logsumexp(logits / temperature).
     """
     B, V = logits.shape
     K = cfg.max_topk
@@ -154,11 +157,19 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     # ---- soft / gumbel step on the K best slots
     p_hat = pf[:, :K] / jnp.sum(pf[:, :K], axis=-1, keepdims=True)
     ids = top_i[:, :K]
+    # the original leaves the slots the filters removed at probability exactly 0 (torch.topk fills them with
+    # other ids); the trainer needs to know which slots those are to renormalise over the kept ones only
+    kept = pf[:, :K] > 0
     lp = jnp.log(p_hat + LOGP_EPS)
+    clamped = jnp.zeros((B, K), bool)
     if cfg.noise == "gumbel":
         e = jax.vmap(lambda k: jax.random.exponential(k, (K,)))(k_noise)
-        g = jnp.clip(-jnp.log(e), -1.5, 3.0)
-        ytil_n = lp + cfg.noise_factor * g
+        g = jnp.clip(-jnp.log(e), *GUMBEL_CLIP)
+        # at the rollout policy the trainer's implied noise is noise_factor * g; where that sits on (or beyond) the
+        # log-density's clip, float rounding alone would decide its gradient, so record it
+        cg = cfg.noise_factor * g
+        clamped = (cg <= GUMBEL_CLIP[0]) | (cg >= GUMBEL_CLIP[1])
+        ytil_n = lp + cg
         y_n = jax.nn.softmax(ytil_n / cfg.tau, axis=-1)
         noise_lp = jnp.sum(jnp.where(lp > -3, -g - jnp.exp(-g), 0.0), -1) / jnp.maximum(jnp.sum(lp > -3, -1), 1)
     elif cfg.noise == "gaussian":
@@ -174,7 +185,8 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     is_gumbel = (mode == GUMBEL)[:, None]
     y = jnp.where(is_gumbel, y_n, p_hat)
     ytil = jnp.where(is_gumbel, ytil_n, lp)
-    y, ids, ytil = _sort_slots(y, ids, ytil)
+    clamped = clamped & is_gumbel
+    ytil, y, ids, kept, clamped = _sort_slots(ytil, y, ids, kept, clamped)
 
     # ---- discrete step: sample from the filtered distribution
     choice = jax.vmap(jax.random.categorical)(k_disc, jnp.log(pf))
@@ -186,8 +198,10 @@ def step(cfg: SamplingConfig, logits: jax.Array, keys: jax.Array, mode: jax.Arra
     out_ids = jnp.where(soft_row[:, None], ids, jnp.zeros_like(ids).at[:, 0].set(disc_tok))
     weights = jnp.where(soft_row[:, None], y, onehot[None, :])
     out_ytil = jnp.where(soft_row[:, None], ytil, 0.0)
+    out_kept = jnp.where(soft_row[:, None], kept, onehot[None, :] > 0)
+    out_clamped = clamped & soft_row[:, None]
     # logged log-prob: the Gumbel density for Gumbel soft steps, the discrete log-prob otherwise
     soft_tok_lp = jnp.take_along_axis(top_l, jnp.zeros((B, 1), jnp.int32), axis=-1)[:, 0] - lse
     logprob = jnp.where(soft_row & (mode == GUMBEL), noise_lp, jnp.where(soft_row, soft_tok_lp, disc_lp))
-    return dict(token=token, ids=out_ids, weights=weights, ytil=out_ytil, soft=soft_row, logprob=logprob,
-                entropy=entropy, lse=lse, temperature=T)
+    return dict(token=token, ids=out_ids, weights=weights, ytil=out_ytil, kept=out_kept, clamped=out_clamped,
+                soft=soft_row, logprob=logprob, entropy=entropy, lse=lse, temperature=T)
