@@ -26,31 +26,42 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def np_gumbel(logits, ids, ytil):
-    """SPEC 2.2, one position: logits [V], ids [K], ytil [K]."""
+def _np_q(logits, ids, kept=None):
+    """q over the K ids, or over the kept ones only (0 elsewhere), and the slots that count."""
     P = np_softmax(np.asarray(logits, np.float64))
-    pa = P[ids]
-    q = pa / pa.sum()
+    kept = np.ones(len(ids), bool) if kept is None else np.asarray(kept, bool)
+    if not kept.any():
+        kept = np.ones_like(kept)
+    pa = np.where(kept, P[ids], 0.0)
+    return pa / pa.sum(), kept
+
+
+def np_gumbel(logits, ids, ytil, kept=None):
+    """SPEC 2.2, one position: logits [V], ids [K], ytil [K]; ``kept``: renormalise and average over those slots.
+    (A clamped record changes gradients only, never the value.)"""
+    q, kept = _np_q(logits, ids, kept)
     lam = np.log(q + 1e-6)
     z = np.clip(np.asarray(ytil, np.float64) - lam, -1.5, 3.0)
     phi = -z - np.exp(-z)
-    m = lam > -3
+    m = (lam > -3) & kept
     if not m.any():
-        m = np.ones_like(m)
+        m = kept
     return float((phi * m).sum() / m.sum())
 
 
-def np_gumbel_grad(logits, ids, ytil):
-    """Analytic d/dlogits of SPEC 2.2: sum_k (m_k/M) 1[unclamped_k] (1 - e^-z_k) dlam_k/dlogits."""
+def np_gumbel_grad(logits, ids, ytil, kept=None, clamped=None):
+    """Analytic d/dlogits of SPEC 2.2: sum_k (m_k/M) 1[unclamped_k] (1 - e^-z_k) dlam_k/dlogits; a slot recorded
+    as ``clamped`` contributes no gradient, and q runs over the ``kept`` slots."""
     logits = np.asarray(logits, np.float64)
-    P = np_softmax(logits)
-    pa = P[ids]
-    q = pa / pa.sum()
+    q, kept = _np_q(logits, ids, kept)
     lam = np.log(q + 1e-6)
     zr = np.asarray(ytil, np.float64) - lam
     z = np.clip(zr, -1.5, 3.0)
-    m = lam > -3
-    coef = m / m.sum() * ((zr > -1.5) & (zr < 3.0)) * (1 - np.exp(-z))  # dmean/dlam_k
+    m = (lam > -3) & kept
+    free = (zr > -1.5) & (zr < 3.0)
+    if clamped is not None:
+        free &= ~np.asarray(clamped, bool)
+    coef = m / m.sum() * free * (1 - np.exp(-z))  # dmean/dlam_k
     # lam_k = log(q_k + eps); q = softmax(logits[ids]) -> dq_k/dl_{ids_j} = q_k (delta_kj - q_j)
     dq = coef / (q + 1e-6)  # dmean/dq_k
     dla = q * (dq - (dq * q).sum())  # dmean/dlogits[ids_j]
@@ -64,21 +75,19 @@ def np_log_softmax(logits):
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
 
 
-def np_gaussian(logits, ids, s, std=0.05):
-    pa = np_softmax(np.asarray(logits, np.float64))[ids]
-    q = pa / pa.sum()
+def np_gaussian(logits, ids, s, kept=None, std=0.05):
+    q, kept = _np_q(logits, ids, kept)
     x = np.clip(s, q - 0.15, q + 0.15)
     lp = -((x - q) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    m = q > 0.05
+    m = (q > 0.05) & kept
     return float((lp * m).sum() / m.sum())
 
 
-def np_dirichlet(logits, ids, s):
-    pa = np_softmax(np.asarray(logits, np.float64))[ids]
-    q = pa / pa.sum()
-    lp = np.array([(c - 1) * math.log(x) - x - math.lgamma(c) for c, x in zip(q, s)])
+def np_dirichlet(logits, ids, s, kept=None):
+    q, kept = _np_q(logits, ids, kept)
+    m = (q > 0.05) & kept
+    lp = np.array([(c - 1) * math.log(x) - x - math.lgamma(c) if mk else 0.0 for c, x, mk in zip(q, s, m)])
     lp = np.clip(lp, -5, 3)
-    m = q > 0.05
     return float((lp * m).sum() / m.sum())
 
 
@@ -233,6 +242,104 @@ def test_gumbel_logprob_gradient_random_vs_analytic_and_fd():
             fd[v] = (np_gumbel(lp, ids[i], ytil[i]) - np_gumbel(lm, ids[i], ytil[i])) / (2 * eps)
         np.testing.assert_allclose(want[i], fd, atol=1e-6)
     assert np.abs(want).max() > 1e-3
+
+
+def _random_slots(seed, N=48, V=30, K=5):
+    """Random positions with cut slots (never slot 0 of all) and clamped records, ytil spanning both clips."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, (N, V))
+    ids = np.stack([rng.choice(V, K, replace=False) for _ in range(N)])
+    ytil = rng.normal(-1.5, 2.0, (N, K))
+    kept = rng.random((N, K)) < 0.7
+    kept[np.arange(N), rng.integers(0, K, N)] = True
+    clamped = rng.random((N, K)) < 0.3
+    return logits, ids, ytil, kept, clamped
+
+
+def test_gumbel_logprob_kept_and_clamped_random_vs_numpy():
+    """With the rollout's records: q renormalised over the kept slots, only kept slots averaged, clamped slots
+    counted with no gradient; values and gradients against the float64 NumPy transcription."""
+    logits, ids, ytil, kept, clamped = _random_slots(3)
+    N, V = logits.shape
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got = np.asarray(rl.gumbel_logprob(f32(logits), jnp.asarray(ids), f32(ytil), jnp.asarray(kept),
+                                       jnp.asarray(clamped)))
+    want = np.array([np_gumbel(logits[i], ids[i], ytil[i], kept[i]) for i in range(N)])
+    np.testing.assert_allclose(got, want, atol=3e-5)
+    old = np.array([np_gumbel(logits[i], ids[i], ytil[i]) for i in range(N)])
+    assert np.abs(old - want).max() > 0.1  # the cut slots do change the value
+
+    def total(lg):
+        return rl.gumbel_logprob(lg, jnp.asarray(ids), f32(ytil), jnp.asarray(kept), jnp.asarray(clamped)).sum()
+
+    g = np.asarray(jax.grad(total)(f32(logits)))
+    gw = np.stack([np_gumbel_grad(logits[i], ids[i], ytil[i], kept[i], clamped[i]) for i in range(N)])
+    np.testing.assert_allclose(g, gw, atol=2e-5)
+    assert np.abs(gw).max() > 1e-3
+    # no gradient on the logits of cut ids (they hold no probability in the rollout), none from clamped slots
+    cut_ids = np.zeros((N, V), bool)
+    np.put_along_axis(cut_ids, ids, ~kept, axis=1)
+    kept_ids = np.zeros((N, V), bool)
+    np.put_along_axis(kept_ids, ids, kept, axis=1)
+    assert np.all(g[cut_ids & ~kept_ids] == 0)
+    # the other noises renormalise over the kept slots too
+    s = np.abs(ytil) * 0.1 + 0.01
+    for fn, ref in ((rl.gaussian_logprob, np_gaussian), (rl.dirichlet_logprob, np_dirichlet)):
+        got = np.asarray(fn(f32(logits), jnp.asarray(ids), f32(s), jnp.asarray(kept)))
+        want = np.array([ref(logits[i], ids[i], s[i], kept[i]) for i in range(N)])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gumbel_logprob_top_p_kept_one_slot():
+    """A step where top-p kept only slot 0 (the other slots hold the next-ranked tokens, probability 0 in the
+    rollout): at the rollout policy z_0 = g_0 exactly, the value is phi(g_0), and no gradient leaks onto the cut
+    tokens, however likely they are under the current policy; without the record it does."""
+    V, K = 12, 5
+    logits = np.linspace(2.0, -2.0, V)
+    ids = np.arange(K)
+    kept = np.array([True, False, False, False, False])
+    g = np.array([0.4, 1.0, -0.5, 2.0, 0.2])
+    ytil = np.log(kept + 1e-6) + g  # p_hat = [1, 0, ...]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    zr, _ = rl.gumbel_noise(f32(logits[ids]), f32(ytil), jnp.asarray(kept))
+    assert abs(float(zr[0]) - g[0]) <= 1e-5
+    v = float(rl.gumbel_logprob(f32(logits), jnp.asarray(ids), f32(ytil), jnp.asarray(kept)))
+    np.testing.assert_allclose(v, PHI(g[0]), atol=1e-5)
+    grad = np.asarray(jax.grad(lambda lg: rl.gumbel_logprob(lg, jnp.asarray(ids), f32(ytil), jnp.asarray(kept)))(
+        f32(logits)))
+    assert np.all(grad == 0)  # q_0 = 1 whatever the logits
+    leak = np.asarray(jax.grad(lambda lg: rl.gumbel_logprob(lg, jnp.asarray(ids), f32(ytil)))(f32(logits)))
+    assert np.abs(leak[1:K]).max() > 1e-2
+
+
+@pytest.mark.parametrize("side", [-1.5, 3.0])
+def test_clamped_slot_gradient_does_not_depend_on_rounding(side):
+    """A slot whose noise was clamped has z on the clip boundary at the rollout policy; one float32 ulp decides
+    whether the clip passes its gradient. With the clamped record it passes none on either side of the boundary,
+    and the gradient equals the NumPy one with that slot held fixed."""
+    K = 4
+    logits = np.array([1.2, 0.3, -0.4, 0.9, -1.0, 0.1, 0.5, -0.2, 0.0], np.float32)
+    ids = np.array([0, 3, 6, 1])
+    lam = np.asarray(rl.gumbel_noise(jnp.asarray(logits[ids]), jnp.zeros((K,), jnp.float32))[1])
+    assert np.all(lam > -3)
+    base = (lam + np.array([side, 0.3, -0.8, 1.1], np.float32)).astype(np.float32)
+    clamped = np.array([True, False, False, False])
+    grads = {}
+    for name, y0 in (("below", np.nextafter(base[0], np.float32(-np.inf))), ("at", base[0]),
+                     ("above", np.nextafter(base[0], np.float32(np.inf)))):
+        ytil = base.copy()
+        ytil[0] = y0
+        for rec in (True, False):
+            f = lambda lg: rl.gumbel_logprob(lg, jnp.asarray(ids), jnp.asarray(ytil),  # noqa: E731
+                                             clamped=jnp.asarray(clamped) if rec else None)
+            grads[name, rec] = np.asarray(jax.grad(f)(jnp.asarray(logits)))
+    want = np_gumbel_grad(logits, ids, base, clamped=clamped)
+    for name in ("below", "at", "above"):
+        np.testing.assert_array_equal(grads[name, True], grads["at", True])
+        np.testing.assert_allclose(grads[name, True], want, atol=1e-6)
+    # without the record, rounding decides: the three neighbouring values do not all give the same gradient
+    spread = max(np.abs(grads[a, False] - grads[b, False]).max() for a in ("below", "at") for b in ("at", "above"))
+    assert spread > 1e-2
 
 
 def test_discrete_gaussian_dirichlet_vs_numpy():
@@ -521,10 +628,16 @@ def torch_policy_gradient_loss(torch_model, batch, tau):
     lg = torch_model(inputs_embeds=emb, attention_mask=am.long(), position_ids=pos).logits.float()[:, :-1]
     tokens = torch.tensor(np.asarray(batch["tokens"], np.int64))[:, 1:]
     disc_lp = torch.log_softmax(lg, -1).gather(-1, tokens[..., None])[..., 0]
-    lam = torch.log(torch.softmax(lg.gather(-1, ids[:, 1:]), -1) + 1e-6)
+    la = lg.gather(-1, ids[:, 1:])
+    kept = batch.get("topk_kept")
+    kept = torch.ones(la.shape, dtype=torch.bool) if kept is None else torch.tensor(np.asarray(kept, bool))[:, 1:]
+    kept = kept | ~kept.any(-1, keepdim=True)
+    lam = torch.log(torch.softmax(la.masked_fill(~kept, float("-inf")), -1) + 1e-6)
     raw = ytil[:, 1:] - lam
     z = torch.clamp(raw, -1.5, 3.0)
-    keep = (lam > -3).float().detach()
+    if batch.get("topk_clamped") is not None:  # recorded clamped slots: value kept, gradient cut
+        z = torch.where(torch.tensor(np.asarray(batch["topk_clamped"], bool))[:, 1:], z.detach(), z)
+    keep = ((lam > -3) & kept).float().detach()
     soft_lp = ((-z - torch.exp(-z)) * keep).sum(-1) / keep.sum(-1).clamp(min=1)
     lp = torch.where(soft[:, 1:], soft_lp, disc_lp)
     valid = (am[:, 1:] & am[:, :-1] & torch.tensor(np.asarray(batch["loss_mask"], bool))[:, 1:]).float()
@@ -571,6 +684,114 @@ def test_loss_gradient_vs_torch_autograd(tiny):
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel < 1e-3, (name, rel)
     assert compared == set(jg)  # every parameter of ours was compared
+
+
+def _tiny_rollout(model, top_p=0.7, n=2, steps=10, seed=0):
+    """A real Gumbel rollout of the tiny model (K = top_k = 5): top-p 0.7 cuts slots at many steps."""
+    from softgrpo_jax.rl.trainer import rollout_to_batch
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+
+    cfg = SamplingConfig(mode="gumbel", max_topk=5, top_k=5, top_p=top_p, tau=0.1, max_new_tokens=steps)
+    key = jax.random.key(seed)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
+    r = RolloutEngine(model, cfg, pad_id=0).generate(prompts, key, n=n)
+    adv = np.random.default_rng(seed).normal(0, 1, r.batch_size).astype(np.float32)
+    return r, rollout_to_batch(r, adv), key, cfg
+
+
+def _sampled_noise(batch, logits, key, n_prompt, K):
+    """The noise the rollout drew for each stored slot, from its PRNG keys (as the engine folds them) in the order
+    of the rollout's probabilities (float64 logits at the step), then permuted to the stored slot order."""
+    B, T, _ = batch["topk_ids"].shape
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
+    g = np.zeros((B, T, K))
+    for b in range(B):
+        for t in range(n_prompt, T):
+            if not batch["soft_mask"][b, t]:
+                continue
+            k_noise, _ = jax.random.split(jax.random.fold_in(row_keys[b], t - n_prompt))
+            g_ranked = np.clip(-np.log(np.asarray(jax.random.exponential(k_noise, (K,)), np.float64)), -1.5, 3.0)
+            ids = batch["topk_ids"][b, t]
+            rank = np.argsort(np.argsort(-logits[b, t - 1, ids], kind="stable"), kind="stable")
+            g[b, t] = g_ranked[rank]
+    return g
+
+
+def test_implied_noise_of_kept_slots_is_the_sampled_noise(tiny):
+    """At the rollout policy, through rollout_to_batch and the trainer's forward, the noise the loss implies for
+    every kept slot equals the noise the rollout drew (float32, <= 1e-5), on steps where top-p cut slots too, and
+    token_logprobs gives the NumPy Gumbel density of that noise over the kept slots. Without the kept record the
+    cut tokens' probabilities shift the kept slots' noise."""
+    _, model = tiny
+    r, batch, key, cfg = _tiny_rollout(model)
+    K, n_prompt = cfg.max_topk, r.prompt_tokens.shape[1]
+    soft = batch["soft_mask"]
+    kept = batch["topk_kept"]
+    cut_steps = soft & ~kept.all(-1)
+    assert soft.sum() >= 40 and cut_steps.sum() >= 10
+    emb = rl.rebuild_inputs(model.embedding_table(), batch, tau=batch["tau"])
+    logits = np.asarray(model(inputs_embeds=emb, attention_mask=jnp.asarray(batch["attention_mask"])), np.float64)
+    g = _sampled_noise(batch, logits, key, n_prompt, K)
+    la = jnp.asarray(np.take_along_axis(logits[:, :-1], batch["topk_ids"][:, 1:], -1), jnp.float32)
+    zr, lam = (np.asarray(a) for a in rl.gumbel_noise(la, batch["topk_ytil"][:, 1:], kept[:, 1:]))
+    sel = soft[:, 1:, None] & kept[:, 1:]
+    err = np.abs(zr - g[:, 1:])[sel]
+    assert err.max() <= 1e-5, err.max()
+    assert np.abs(zr - g[:, 1:])[sel & cut_steps[:, 1:, None]].max() <= 1e-5
+    zr_all, _ = (np.asarray(a) for a in rl.gumbel_noise(la, batch["topk_ytil"][:, 1:]))
+    assert np.abs(zr_all - g[:, 1:])[sel & cut_steps[:, 1:, None]].max() > 1e-2
+    # the trainer's log-density = the NumPy Gumbel density of the drawn noise over the kept slots with lam > -3
+    lp = np.asarray(rl.token_logprobs(model, batch, tau=batch["tau"]))
+    for b, t in zip(*np.nonzero(soft)):
+        m = kept[b, t] & (lam[b, t - 1] > -3)
+        want = np.mean((-g[b, t] - np.exp(-g[b, t]))[m])
+        np.testing.assert_allclose(lp[b, t], want, atol=1e-4)
+        np.testing.assert_allclose(lp[b, t], np_gumbel(logits[b, t - 1], batch["topk_ids"][b, t],
+                                                       batch["topk_ytil"][b, t], kept[b, t]), atol=1e-4)
+    legacy = dict(batch)
+    del legacy["topk_kept"], legacy["topk_clamped"]
+    assert np.abs(np.asarray(rl.token_logprobs(model, legacy, tau=batch["tau"])) - lp)[soft].max() > 0.05
+
+
+def test_loss_gradient_on_a_rollout_vs_torch_autograd(tiny):
+    """On a real rollout (top-p 0.7: cut slots; clamped noise: slots on the clip boundary) at the rollout policy,
+    the loss gradient with the kept / clamped records equals torch autograd through transformers' model with the
+    same rule written in torch, for every parameter. Without the records the gradient is another one."""
+    from softgrpo_jax.checkpoint.hf import hf_name_to_param
+
+    torch_model, model = tiny
+    r, batch, _, _ = _tiny_rollout(model, seed=1)
+    tau = float(batch["tau"][0])
+    graphdef, params = nnx.split(model)
+
+    def jax_grads(bt):
+        lp = rl.token_logprobs(model, bt, tau=tau)
+        g = jax.grad(lambda p: rl.loss_fn(p, bt, lp, None, LossConfig(), graphdef=graphdef)[0])(params)
+        return {path[-1]: np.asarray(v.get_value(), np.float64) for path, v in nnx.to_flat_state(g)}
+
+    jg = jax_grads(batch)
+    legacy = dict(batch)
+    del legacy["topk_kept"], legacy["topk_clamped"]
+    jg_legacy = jax_grads(legacy)
+
+    torch_model.zero_grad()
+    loss, z, scored = torch_policy_gradient_loss(torch_model, batch, tau)
+    loss.backward()
+    on_clip = scored & batch["topk_clamped"][:, 1:]
+    assert on_clip.sum() >= 5 and np.abs(np.abs(z[on_clip] - 0.75) - 2.25).max() < 1e-4  # z = -1.5 or 3
+    assert (batch["soft_mask"][:, :, None] & ~batch["topk_kept"]).sum() >= 10
+    worst_legacy = 0.0
+    for name, prm in torch_model.named_parameters():
+        leaf, layer, tr = hf_name_to_param(name)
+        got, old = (x[leaf] if layer is None else x[leaf][layer] for x in (jg, jg_legacy))
+        got, old = (x.T if tr else x for x in (got, old))
+        if prm.grad is None:
+            continue
+        want = prm.grad.double().numpy()
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-3, (name, rel)
+        worst_legacy = max(worst_legacy, np.linalg.norm(old - want) / np.linalg.norm(want))
+    assert worst_legacy > 1e-2
 
 
 def test_token_logprobs_discrete_from_ids(tiny):

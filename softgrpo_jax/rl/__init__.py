@@ -7,6 +7,7 @@ from softgrpo_jax.rl.logprobs import (
     discrete_positions,
     gaussian_logprob,
     gumbel_logprob,
+    gumbel_noise,
     rebuild_inputs,
     token_logprobs,
 )
@@ -25,6 +26,6 @@ from softgrpo_jax.rl.objective import (
 
 __all__ = [
     "LossConfig", "accumulate_terms", "aggregation_weights", "combine_loss", "dirichlet_logprob", "discrete_logprob",
-    "discrete_positions", "finalize_metrics", "gaussian_logprob", "group_advantages", "gumbel_logprob", "kl_penalty",
-    "loss_denominator", "loss_fn", "ppo_loss_terms", "rebuild_inputs", "token_logprobs",
+    "discrete_positions", "finalize_metrics", "gaussian_logprob", "group_advantages", "gumbel_logprob", "gumbel_noise",
+    "kl_penalty", "loss_denominator", "loss_fn", "ppo_loss_terms", "rebuild_inputs", "token_logprobs",
 ]

@@ -4,7 +4,9 @@ Shapes: B batch, T sequence (prompt + response), K top-K slots, V vocab, D width
 
 A soft step stores K token ids and the perturbed log-probs ``ytil`` of the rollout (``log(p_hat + 1e-6) + g``).
 Its "log-prob" under the current policy is the Gumbel(0, 1) log-density of the noise it implies,
-``z = ytil - log(q + 1e-6)`` with q the policy's probabilities renormalised over the K ids (``gumbel_logprob``).
+``z = ytil - log(q + 1e-6)`` with q the policy's probabilities renormalised over the K ids (``gumbel_logprob``;
+over the slots top-p kept, and with no gradient through slots whose noise was clamped, where the rollout recorded
+them: ``Rollout.topk_kept`` / ``topk_clamped``).
 A discrete step (prompt, answer, ``</think>``) uses the ordinary ``log_softmax`` (``discrete_logprob``).
 ``token_logprobs`` rebuilds the rollout's soft inputs, runs the model and evaluates both at every position.
 
@@ -29,94 +31,140 @@ Q_EPS = 1e-6
 
 NOISES = ("gumbel", "gaussian", "dirichlet")
 BATCH_KEYS = ("tokens", "attention_mask", "topk_ids", "topk_ytil")
+SLOT_KEYS = ("topk_kept", "topk_clamped")  # optional [B, T, K] bool (Rollout.topk_kept / topk_clamped)
 
 
 def _gather(logits: jax.Array, topk_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits.astype(jnp.float32), topk_ids.astype(jnp.int32), axis=-1)
 
 
-def _log_q(topk_logits: jax.Array) -> jax.Array:
+def _kept_slots(kept: jax.Array | None) -> jax.Array | None:
+    """The slots that count, [..., K] bool: ``kept``, or every slot at a position with none kept (padding, prompt
+    rows built without it), so that no position divides by zero."""
+    if kept is None:
+        return None
+    kept = jnp.asarray(kept, bool)
+    return kept | ~jnp.any(kept, axis=-1, keepdims=True)
+
+
+def _log_q(topk_logits: jax.Array, kept: jax.Array | None = None) -> jax.Array:
     """log q_k: the policy renormalised over the K stored ids, [..., K] float32, from the K ids' logits.
 
     ``P[a_k] / sum_j P[a_j]`` with ``P = softmax(logits)`` equals ``softmax(logits[a])`` over the K gathered logits
     (the full-vocabulary normaliser cancels), which is how it is computed: no V-wide softmax (``token_logprobs``
     never forms the other V - K logits of a soft step), and no 0/0 when every ``P[a_k]`` underflows. Duplicate ids
-    count once per slot, as in the original.
+    count once per slot, as in the original. With ``kept`` (from ``_kept_slots``) the sum runs over the kept slots
+    only and the others get ``log q = -inf`` (q = 0): the rollout gave them probability 0.
     """
-    return jax.nn.log_softmax(topk_logits.astype(jnp.float32), axis=-1)
+    la = topk_logits.astype(jnp.float32)
+    if kept is not None:
+        la = jnp.where(kept, la, -jnp.inf)
+    return jax.nn.log_softmax(la, axis=-1)
 
 
-def _masked_slot_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of ``values`` over slots where ``mask``; a row with no valid slot falls back to the mean over all slots."""
+def _masked_slot_mean(values: jax.Array, mask: jax.Array, universe: jax.Array | None = None) -> jax.Array:
+    """Mean of ``values`` over slots where ``mask``; a row with no valid slot falls back to the mean over the
+    ``universe`` slots (default: all)."""
     any_valid = jnp.any(mask, axis=-1, keepdims=True)
-    m = jnp.where(any_valid, mask, True)
+    m = jnp.where(any_valid, mask, True if universe is None else universe)
     safe = jnp.where(m, values, 0.0)  # where, not multiply: a NaN/inf in an excluded slot must not leak
     return safe.sum(-1) / m.sum(-1).astype(jnp.float32)
 
 
-def gumbel_logprob(logits: jax.Array, topk_ids: jax.Array, topk_ytil: jax.Array) -> jax.Array:
+def gumbel_logprob(logits: jax.Array, topk_ids: jax.Array, topk_ytil: jax.Array, kept: jax.Array | None = None,
+                   clamped: jax.Array | None = None) -> jax.Array:
     """Gumbel-reparameterised log-probability of a soft step (SPEC.md 2.2).
 
     Args:
       logits: [..., V] the policy's (temperature-scaled) logits at the step.
       topk_ids: [..., K] int the K token ids stored by the rollout.
       topk_ytil: [..., K] the stored perturbed log-probs ``ytil = log(p_hat + 1e-6) + g``.
+      kept: optional [..., K] bool, the slots whose token the rollout's filters kept (``Rollout.topk_kept``). The
+        others (top-p / top-k cut them; the rollout gave them probability 0) take no part: q is renormalised over
+        the kept slots and only kept slots are averaged, as in the original, whose cut slots hold near-zero
+        probability ids. None: every slot is kept.
+      clamped: optional [..., K] bool, the slots whose rollout noise lies on or beyond the clip
+        (``Rollout.topk_clamped``). Their ``phi(z)`` counts as usual but passes no gradient, whatever the
+        rounding of ``z`` at the clip boundary. None: the clip's own gradient decides.
     Returns:
-      [...] float32: ``mean_{k: lam_k > -3} phi(z_k)`` with ``q = renormalised P over the K ids``,
+      [...] float32: ``mean_{k: kept_k, lam_k > -3} phi(z_k)`` with ``q = renormalised P over the kept ids``,
       ``lam = log(q + 1e-6)``, ``z = clip(ytil - lam, -1.5, 3)``, ``phi(z) = -z - exp(-z)`` (standard Gumbel
       log-pdf). The slot mask comes from the current policy's ``lam`` (no gradient through it); the clip zeroes the
-      gradient of clamped slots; ``d phi / d lam = 1 - exp(-z)`` elsewhere. If no slot has ``lam > -3`` (only
-      possible with K > 20) the mean runs over all K slots instead of dividing by zero.
+      gradient of clamped slots; ``d phi / d lam = 1 - exp(-z)`` elsewhere. If no kept slot has ``lam > -3`` (only
+      possible with K > 20) the mean runs over the kept slots instead of dividing by zero.
     """
-    return _gumbel_from_topk(_gather(logits, topk_ids), topk_ytil)
+    return _gumbel_from_topk(_gather(logits, topk_ids), topk_ytil, kept=kept, clamped=clamped)
 
 
-def _gumbel_from_topk(topk_logits, topk_ytil):
-    q = jnp.exp(_log_q(topk_logits))
-    lam = jnp.log(q + Q_EPS)
-    z = jnp.clip(topk_ytil.astype(jnp.float32) - lam, GUMBEL_Z_MIN, GUMBEL_Z_MAX)
+def gumbel_noise(topk_logits: jax.Array, topk_ytil: jax.Array, kept: jax.Array | None = None) -> tuple[
+        jax.Array, jax.Array]:
+    """The noise a soft step implies under a policy, before the clip: ``(ytil - lam, lam)``, each [..., K] float32,
+    with ``lam = log(q + 1e-6)`` and q the policy over the (kept) slots, from the K ids' logits [..., K]. At the
+    rollout policy ``ytil - lam`` is the noise the rollout drew, ``noise_factor * g``, for every kept slot."""
+    kept = _kept_slots(kept)
+    lam = jnp.log(jnp.exp(_log_q(topk_logits, kept)) + Q_EPS)
+    return topk_ytil.astype(jnp.float32) - lam, lam
+
+
+def _gumbel_from_topk(topk_logits, topk_ytil, kept=None, clamped=None):
+    kept = _kept_slots(kept)
+    zr, lam = gumbel_noise(topk_logits, topk_ytil, kept)
+    z = jnp.clip(zr, GUMBEL_Z_MIN, GUMBEL_Z_MAX)
+    if clamped is not None:
+        # z of a clamped slot sits on the clip boundary at the rollout policy, where rounding would pick its
+        # gradient (0 outside, 1 - e^-z inside): fix it at 0, as when rounding lands outside
+        z = jnp.where(jnp.asarray(clamped, bool), jax.lax.stop_gradient(z), z)
     phi = -z - jnp.exp(-z)
-    return _masked_slot_mean(phi, lam > GUMBEL_LAMBDA_MIN)
+    valid = lam > GUMBEL_LAMBDA_MIN
+    if kept is not None:
+        valid = valid & kept
+    return _masked_slot_mean(phi, valid, kept)
 
 
-def gaussian_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, *, std: float = 0.05,
-                     clamp: float = 0.15, threshold: float = 0.05) -> jax.Array:
+def gaussian_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, kept: jax.Array | None = None, *,
+                     std: float = 0.05, clamp: float = 0.15, threshold: float = 0.05) -> jax.Array:
     """Gaussian-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} log N(clip(s_k, q_k - 0.15, q_k + 0.15); q_k, 0.05)``.
 
-    ``topk_s`` [..., K] holds the rollout's noisy probabilities ``s ~ N(p_hat, std^2)``; q as in ``gumbel_logprob``
-    (without the 1e-6). Returns [...] float32.
+    ``topk_s`` [..., K] holds the rollout's noisy probabilities ``s ~ N(p_hat, std^2)``; q and ``kept`` as in
+    ``gumbel_logprob`` (without the 1e-6). Returns [...] float32.
     """
-    return _gaussian_from_topk(_gather(logits, topk_ids), topk_s, std=std, clamp=clamp, threshold=threshold)
+    return _gaussian_from_topk(_gather(logits, topk_ids), topk_s, kept=kept, std=std, clamp=clamp,
+                               threshold=threshold)
 
 
-def _gaussian_from_topk(topk_logits, topk_s, *, std=0.05, clamp=0.15, threshold=0.05):
-    q = jnp.exp(_log_q(topk_logits))
+def _gaussian_from_topk(topk_logits, topk_s, kept=None, *, std=0.05, clamp=0.15, threshold=0.05):
+    kept = _kept_slots(kept)
+    q = jnp.exp(_log_q(topk_logits, kept))
     x = jnp.clip(topk_s.astype(jnp.float32), q - clamp, q + clamp)
     logpdf = -0.5 * jnp.square((x - q) / std) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return _masked_slot_mean(logpdf, q > threshold)
+    valid = q > threshold
+    return _masked_slot_mean(logpdf, valid if kept is None else valid & kept, kept)
 
 
-def dirichlet_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, *, alpha: float = 1.0,
-                      threshold: float = 0.05, clamp: tuple[float, float] = (-5.0, 3.0)) -> jax.Array:
+def dirichlet_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, kept: jax.Array | None = None, *,
+                      alpha: float = 1.0, threshold: float = 0.05,
+                      clamp: tuple[float, float] = (-5.0, 3.0)) -> jax.Array:
     """Dirichlet-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} clip(log Gamma(s_k; alpha q_k, rate 1), -5, 3)``.
 
-    ``topk_s`` [..., K] holds the rollout's Gamma draws. ``log Gamma(s; c, 1) = (c - 1) log s - s - lgamma(c)``.
-    Slots outside the mask are evaluated at safe values (q = 1, s = 1) so that q = 0 or s <= 0 there cannot
-    produce a NaN value or gradient. Returns [...] float32.
+    ``topk_s`` [..., K] holds the rollout's Gamma draws; q and ``kept`` as in ``gumbel_logprob``.
+    ``log Gamma(s; c, 1) = (c - 1) log s - s - lgamma(c)``. Slots outside the mask are evaluated at safe values
+    (q = 1, s = 1) so that q = 0 or s <= 0 there cannot produce a NaN value or gradient. Returns [...] float32.
     """
-    return _dirichlet_from_topk(_gather(logits, topk_ids), topk_s, alpha=alpha, threshold=threshold, clamp=clamp)
+    return _dirichlet_from_topk(_gather(logits, topk_ids), topk_s, kept=kept, alpha=alpha, threshold=threshold,
+                                clamp=clamp)
 
 
-def _dirichlet_from_topk(topk_logits, topk_s, *, alpha=1.0, threshold=0.05, clamp=(-5.0, 3.0)):
-    q = jnp.exp(_log_q(topk_logits))
-    valid = q > threshold
+def _dirichlet_from_topk(topk_logits, topk_s, kept=None, *, alpha=1.0, threshold=0.05, clamp=(-5.0, 3.0)):
+    kept = _kept_slots(kept)
+    q = jnp.exp(_log_q(topk_logits, kept))
+    valid = q > threshold if kept is None else (q > threshold) & kept
     s = topk_s.astype(jnp.float32)
     ok = valid & (s > 0)
     c = alpha * jnp.where(ok, q, 1.0)
     s_safe = jnp.where(ok, s, 1.0)
     logpdf = (c - 1.0) * jnp.log(s_safe) - s_safe - jax.scipy.special.gammaln(c)
     logpdf = jnp.where(valid & ~ok, -jnp.inf, logpdf)  # a valid slot with s <= 0 has density 0
-    return _masked_slot_mean(jnp.clip(logpdf, clamp[0], clamp[1]), valid)
+    return _masked_slot_mean(jnp.clip(logpdf, clamp[0], clamp[1]), valid, kept)
 
 
 def discrete_logprob(logits: jax.Array, ids: jax.Array) -> jax.Array:
@@ -153,7 +201,8 @@ def _check_batch(batch: Mapping[str, Any], noise: str):
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
     B, T = batch["tokens"].shape
     K = batch["topk_ids"].shape[-1]
-    for k, shape in (("attention_mask", (B, T)), ("topk_ids", (B, T, K)), ("topk_ytil", (B, T, K))):
+    for k, shape in (("attention_mask", (B, T)), ("topk_ids", (B, T, K)), ("topk_ytil", (B, T, K)),
+                     *((k, (B, T, K)) for k in SLOT_KEYS if batch.get(k) is not None)):
         if tuple(batch[k].shape) != shape:
             raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {shape} "
                              f"(tokens is {(B, T)}, K = {K})")
@@ -193,12 +242,15 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
         return_hidden=True)``, ``logits_at_ids`` and ``vocab_logprobs``).
       batch: ``tokens`` [B, T] int32, ``attention_mask`` [B, T] bool, ``topk_ids`` [B, T, K] int32,
         ``topk_ytil`` [B, T, K] float32, ``soft_mask`` [B, T] bool (not needed with ``discrete_from_ids``).
-        Prompts left-padded, responses right-padded (real tokens contiguous).
+        Prompts left-padded, responses right-padded (real tokens contiguous). Optional ``topk_kept`` and
+        ``topk_clamped`` [B, T, K] bool (``gumbel_logprob``'s ``kept`` / ``clamped``; clamped is Gumbel-only):
+        the slots top-p kept, and the slots whose noise was clamped; absent, every slot counts and the clip's own
+        gradient decides.
       tau: Gumbel-softmax temperature used to rebuild the inputs: scalar or [B].
       temperature: logits are divided by it before any log-prob (``T_train``).
       noise: "gumbel" (SofT-GRPO), "gaussian" or "dirichlet" (ablations) for soft targets.
       chunk_size: rows (positions of the whole batch) per chunk of vocabulary-wide logits: only [chunk_size, V]
-        float32 logits are live at once. None: ~128 MB of them (``models.transformer.vocab_chunk_rows``; on
+        float32 logits are live at once. None: ~128 MB of them (``ops.vocab_logprobs.vocab_chunk_rows``; on
         single-device XLA:CPU 1024 rows whose logits are formed in blocks of vocabulary columns, ``VOCAB_BLOCK``).
       discrete_from_ids: use the original's ``all(ids[1:] == 0)`` discrete test instead of ``soft_mask``.
       score_mask: [B, T] bool, the positions the caller will use (the loss mask); the others return 0 and cost
@@ -233,7 +285,12 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
     tgt_disc = disc[:, 1:]
     temp = jnp.asarray(temperature, jnp.float32)
     la = model.logits_at_ids(h, batch["topk_ids"][:, 1:]) / temp  # [B, T-1, K]
-    soft = _SOFT_FNS[noise](la, batch["topk_ytil"][:, 1:])
+    slots = {}
+    if batch.get("topk_kept") is not None:
+        slots["kept"] = jnp.asarray(batch["topk_kept"], bool)[:, 1:]
+    if noise == "gumbel" and batch.get("topk_clamped") is not None:
+        slots["clamped"] = jnp.asarray(batch["topk_clamped"], bool)[:, 1:]
+    soft = _SOFT_FNS[noise](la, batch["topk_ytil"][:, 1:], **slots)
     full = model.vocab_logprobs(h, tokens[:, 1:], valid & tgt_disc, temperature=temperature, chunk_size=chunk_size)
     lp = jnp.where(valid, jnp.where(tgt_disc, full, soft), 0.0)
     return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp.astype(jnp.float32)], axis=1)

@@ -39,13 +39,15 @@ from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_me
 from softgrpo_jax.sampling import Rollout, RolloutEngine, bucket_length
 from softgrpo_jax.xla_options import compiler_options, mesh_backend
 
-BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask", "loss_mask", "advantages", "tau")
+BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask", "loss_mask", "advantages", "tau",
+                "topk_kept", "topk_clamped")
 
 
 # ------------------------------------------------------------------------------------------------------ batches
 def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16) -> dict[str, np.ndarray]:
     """Concatenate prompt and response into the trainer's [B, T] layout (SPEC.md 1.5, 7), trimming the response
-    to a length bucket that holds every row."""
+    to a length bucket that holds every row. ``topk_kept`` / ``topk_clamped`` come along where the rollout has them
+    (prompt positions: slot 0 kept, nothing clamped)."""
     g = to_host  # the global rollout on every process (a collective gather when it spans several processes)
     pt, pm = np.asarray(g(r.prompt_tokens)), np.asarray(g(r.prompt_mask))
     lens = np.asarray(g(r.lengths))
@@ -54,6 +56,14 @@ def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16
     K = r.topk_ids.shape[-1]
     prompt_ids = np.zeros((B, Pn, K), np.int32)
     prompt_ids[..., 0] = pt
+    slots = {}
+    if r.topk_kept is not None:
+        prompt_kept = np.zeros((B, Pn, K), bool)
+        prompt_kept[..., 0] = True
+        slots["topk_kept"] = np.concatenate([prompt_kept, np.asarray(g(r.topk_kept))[:, :L]], 1).astype(bool)
+    if r.topk_clamped is not None:
+        slots["topk_clamped"] = np.concatenate([np.zeros((B, Pn, K), bool), np.asarray(g(r.topk_clamped))[:, :L]],
+                                               1).astype(bool)
     return dict(
         tokens=np.concatenate([pt, np.asarray(g(r.tokens))[:, :L]], 1).astype(np.int32),
         attention_mask=np.concatenate([pm, np.asarray(g(r.response_mask))[:, :L]], 1),
@@ -63,6 +73,7 @@ def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16
         loss_mask=np.concatenate([np.zeros((B, Pn), bool), np.asarray(g(r.response_mask))[:, :L]], 1),
         advantages=np.asarray(advantages, np.float32),
         tau=np.asarray(g(r.tau), np.float32),
+        **slots,
     )
 
 
