@@ -268,6 +268,15 @@ def test_gumbel_logprob_kept_and_clamped_random_vs_numpy():
     np.testing.assert_allclose(got, want, atol=3e-5)
     old = np.array([np_gumbel(logits[i], ids[i], ytil[i]) for i in range(N)])
     assert np.abs(old - want).max() > 0.1  # the cut slots do change the value
+    # records that keep every slot and clamp none are no records (values and gradients)
+    ones, zeros = jnp.ones(kept.shape, bool), jnp.zeros(kept.shape, bool)
+
+    def plain(lg, *records):
+        return rl.gumbel_logprob(lg, jnp.asarray(ids), f32(ytil), *records).sum()
+
+    np.testing.assert_array_equal(np.asarray(plain(f32(logits), ones, zeros)), np.asarray(plain(f32(logits))))
+    np.testing.assert_array_equal(np.asarray(jax.grad(plain)(f32(logits), ones, zeros)),
+                                  np.asarray(jax.grad(plain)(f32(logits))))
 
     def total(lg):
         return rl.gumbel_logprob(lg, jnp.asarray(ids), f32(ytil), jnp.asarray(kept), jnp.asarray(clamped)).sum()
