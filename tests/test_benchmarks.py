@@ -60,6 +60,11 @@ CASES = {
     "bench_gpu_train": (
         ["--small", "--skip-no-remat"],
         [rf"\| ours SofT-GRPO update .* \| {NUM} \| {NUM} \|", r"Checks: all passed"]),
+    "check_isa_gradients": (  # the tiny model's rollout; the gradient under each CPU code path, a process each
+        ["--small"],
+        [r"\| avx2 \| with slot records \(trainer\) \| ",
+         rf"PASS: with the slot records the median per-layer difference is at most ({NUM}(e-\d+)?%|0 \(bit-identical\)) "
+         r"on every path"]),
     "bench_soft_embed": (  # the Pallas GPU kernel in interpret mode; --no-sweep: its default tile only
         ["--small", "--interpret", "--no-sweep"],
         [rf"\| training N=200 \| Pallas fused \| {NUM} us per call \|", r"correctness OK"]),
