@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, make_mesh,
                                      state_shardings, to_host, with_activation_sharding)
+from softgrpo_jax.rl.batching import gather_micro_batches, plan_micro_batches, row_lengths
 from softgrpo_jax.rl.logprobs import token_logprobs
 from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
                                        loss_denominator, loss_fn)
@@ -88,6 +89,15 @@ def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndar
     return out
 
 
+def token_budget_groups(batch: dict[str, np.ndarray], max_tokens: int, n_devices: int = 1, *, granule: int = 64
+                        ) -> list[dict[str, np.ndarray]]:
+    """A mini-batch (rows of a ``rollout_to_batch`` batch) as token-budget micro-batches (``rl.batching``): one
+    dict per micro-batch shape, arrays ``[n_micro, R, T, ...]``, R divisible by ``n_devices``, T a multiple of
+    ``granule``."""
+    plans = plan_micro_batches(row_lengths(batch), max_tokens, n_devices, granule=granule)
+    return [gather_micro_batches(batch, p) for p in plans]
+
+
 # ------------------------------------------------------------------------------------------------------ optimizer
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """Global-norm gradient clipping as ``torch.nn.utils.clip_grad_norm_`` does it (the seed's, through verl): every
@@ -134,10 +144,18 @@ class UpdateSettings:
     n_micro: int
 
 
-def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_lp, ref_lp):
-    """One optimiser update over a mini-batch given as micro-batches [n_micro, mb, ...] (scanned)."""
-    cfg = settings.loss
-    normalizer = loss_denominator(mb["loss_mask"].reshape((-1,) + mb["loss_mask"].shape[2:]), cfg)
+def _zero_terms(graphdef, cfg: LossConfig, params, mb, old_lp, ref_lp, normalizer):
+    """Zeros in the structure of ``loss_fn``'s terms (scalars, whatever the batch shape)."""
+    first = jax.tree.map(lambda a: a[0], (mb, old_lp, ref_lp))
+    t0 = jax.eval_shape(lambda: loss_fn(params, first[0], first[1], first[2], cfg, normalizer=normalizer,
+                                        graphdef=graphdef)[1])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t0)
+
+
+def _accumulate(graphdef, cfg: LossConfig, params, mb, old_lp, ref_lp, normalizer, carry=None):
+    """(gradient sum, term sums) over micro-batches [n_micro, mb, ...] of one shape (scanned), added to ``carry``
+    (None: from zeros). ``normalizer``: the whole mini-batch's loss denominator, so that sums over any split of it
+    into micro-batches are exact."""
 
     def micro(carry, xs):
         gacc, tacc = carry
@@ -151,12 +169,15 @@ def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_l
         tacc = accumulate_terms(tacc, terms)
         return (gacc, tacc), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    first = jax.tree.map(lambda a: a[0], (mb, old_lp, ref_lp))
-    t0 = jax.eval_shape(lambda: loss_fn(params, first[0], first[1], first[2], cfg, normalizer=normalizer,
-                                        graphdef=graphdef)[1])
-    t0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t0)
-    (grads, terms), _ = jax.lax.scan(micro, (zeros, t0), (mb, old_lp, ref_lp))
+    if carry is None:
+        carry = (jax.tree.map(jnp.zeros_like, params), _zero_terms(graphdef, cfg, params, mb, old_lp, ref_lp,
+                                                                   normalizer))
+    (grads, terms), _ = jax.lax.scan(micro, carry, (mb, old_lp, ref_lp))
+    return grads, terms
+
+
+def _apply(tx, cfg: LossConfig, params, opt_state, grads, terms):
+    """The optimiser step from accumulated gradients (skipped, and counted, when their norm is not finite)."""
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(gnorm)
 
@@ -171,6 +192,14 @@ def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_l
     metrics["grad_norm"] = gnorm
     metrics["skipped"] = (~finite).astype(jnp.int32)
     return new_params, new_opt, metrics
+
+
+def _update(graphdef, tx, settings: UpdateSettings, params, opt_state, mb, old_lp, ref_lp):
+    """One optimiser update over a mini-batch given as micro-batches [n_micro, mb, ...] (scanned)."""
+    cfg = settings.loss
+    normalizer = loss_denominator(mb["loss_mask"].reshape((-1,) + mb["loss_mask"].shape[2:]), cfg)
+    grads, terms = _accumulate(graphdef, cfg, params, mb, old_lp, ref_lp, normalizer)
+    return _apply(tx, cfg, params, opt_state, grads, terms)
 
 
 def _logprobs(graphdef, loss_cfg: LossConfig, params, mb):
@@ -194,6 +223,20 @@ def make_update_fn(graphdef, tx, settings: UpdateSettings, mesh=None):
                    donate_argnums=(0, 1), compiler_options=compiler_options(mesh_backend(mesh)) or None)
 
 
+def make_accumulate_fn(graphdef, loss_cfg: LossConfig, mesh=None):
+    """The jitted ``_accumulate`` for token-budget micro-batches (one call per micro-batch shape, the running sums
+    donated)."""
+    return jax.jit(with_activation_sharding(mesh, functools.partial(_accumulate, graphdef, loss_cfg)),
+                   donate_argnames=("carry",), compiler_options=compiler_options(mesh_backend(mesh)) or None)
+
+
+def make_apply_fn(tx, loss_cfg: LossConfig, mesh=None):
+    """The jitted ``_apply`` (params and optimizer state donated)."""
+    tx = optax.with_extra_args_support(tx)
+    return jax.jit(functools.partial(_apply, tx, loss_cfg), donate_argnums=(0, 1),
+                   compiler_options=compiler_options(mesh_backend(mesh)) or None)
+
+
 def make_logprob_fn(graphdef, loss_cfg: LossConfig, mesh=None):
     return jax.jit(with_activation_sharding(mesh, functools.partial(_logprobs, graphdef, loss_cfg)),
                    compiler_options=compiler_options(mesh_backend(mesh)) or None)
@@ -215,6 +258,7 @@ class PolicyState:
             self.ref_params = jax.tree.map(jnp.copy, self.params)
         self.opt_state = self._place_opt_state(tx.init(self.params))
         self._update_cache: dict[int, Callable] = {}
+        self._accumulate_fn = self._apply_fn = None
         self._lp = make_logprob_fn(self.graphdef, loss_cfg, mesh)
 
     def _place_opt_state(self, opt_state):
@@ -257,6 +301,26 @@ class PolicyState:
             fn = make_update_fn(self.graphdef, self.tx, UpdateSettings(self.loss_cfg, n_micro), self.mesh)
             self._update_cache[n_micro] = fn
         self.params, self.opt_state, metrics = fn(self.params, self.opt_state, mb, old_lp, ref_lp)
+        return metrics
+
+    def update_groups(self, groups, normalizer) -> dict:
+        """One optimiser update over a mini-batch given as groups of micro-batches, each group one shape
+        ``(mb [n, R, T, ...], old_lp, ref_lp)`` (token-budget micro-batches, ``token_budget_groups``);
+        ``normalizer`` is the whole mini-batch's ``loss_denominator``. Gradients and terms are summed over the
+        groups exactly as over one scan."""
+        if not groups:
+            raise ValueError("update_groups needs at least one group of micro-batches")
+        if self._accumulate_fn is None:
+            self._accumulate_fn = make_accumulate_fn(self.graphdef, self.loss_cfg, self.mesh)
+            self._apply_fn = make_apply_fn(self.tx, self.loss_cfg, self.mesh)
+        normalizer = jnp.asarray(normalizer, jnp.float32)
+        carry = None
+        for mb, old_lp, ref_lp in groups:
+            if carry is None:  # zeros with the parameters' shardings; the terms' structure from the first group
+                carry = (jax.tree.map(jnp.zeros_like, self.params),
+                         _zero_terms(self.graphdef, self.loss_cfg, self.params, mb, old_lp, ref_lp, normalizer))
+            carry = self._accumulate_fn(self.params, mb, old_lp, ref_lp, normalizer, carry=carry)
+        self.params, self.opt_state, metrics = self._apply_fn(self.params, self.opt_state, *carry)
         return metrics
 
 
