@@ -83,6 +83,9 @@ def base_config() -> ConfigDict:
         train_batch_size=64,  # prompts per step
         mini_batch_size=32,  # prompts per optimiser update
         micro_batch_size=2,  # sequences per forward/backward (gradient accumulation inside one jitted update)
+        max_tokens_per_micro_batch=0,  # > 0: token-budget micro-batches instead (rows grouped by length, at most
+        #   this many padded tokens per device each, padded to their own length bucket: rl/batching.py); 0 = fixed
+        #   rows (micro_batch_size), every row padded to the longest
         ppo_epochs=1,
         old_logprobs="auto",  # auto | recompute: the rollout policy's log-probs (PPO ratio denominator). auto: when
         #   a step makes a single update (one mini-batch, one epoch) they equal the current policy's, taken under
@@ -414,6 +417,7 @@ def validate_config(cfg: ConfigDict) -> None:
     except (ValueError, TypeError) as e:
         bad.append(f"rl settings: {e}")
     int_at_least("rl.logprob_chunk_size", 0)
+    int_at_least("rl.max_tokens_per_micro_batch", 0)
     num_check("rl.kl_coef", lambda v: v >= 0, ">= 0")
     # optim
     num_check("optim.lr", lambda v: v >= 0, ">= 0")

@@ -21,9 +21,9 @@ from softgrpo_jax import evaluation, rewards
 from softgrpo_jax.config import eval_sampling_config, loss_config, sampling_config
 from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
-from softgrpo_jax.rl.objective import group_advantages
+from softgrpo_jax.rl.objective import group_advantages, loss_denominator
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
-                                     rollout_to_batch, split_micro)
+                                     rollout_to_batch, split_micro, token_budget_groups)
 from softgrpo_jax.sampling import RolloutEngine
 
 
@@ -286,18 +286,24 @@ class Run:
         mini_rows = rl.mini_batch_size * rl.group_size
         # old (unless on-policy: see rl.old_logprobs) and reference log-probs over the whole batch, micro-batch by
         # micro-batch, before any update
-        all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
         on_policy = rl.old_logprobs == "auto" and n_mini == 1 and rl.ppo_epochs == 1
-        old_lp = None if on_policy else self.policy.logprobs(self.policy.params, all_mb)
-        ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp
-        jax.block_until_ready((old_lp, ref_lp))
-        t3 = time.time()
-        upd = []
-        for _ in range(rl.ppo_epochs):
-            for m in range(n_mini):
-                sl = slice(m * self.n_micro, (m + 1) * self.n_micro)
-                mb = jax.tree.map(lambda a: a[sl], all_mb)
-                upd.append(self.policy.update(mb, *(None if a is None else a[sl] for a in (old_lp, ref_lp))))
+        if rl.max_tokens_per_micro_batch > 0:
+            minis, processed = self._token_budget_minis(batch, n_mini, mini_rows, on_policy)
+            t3 = time.time()
+            upd = [self.policy.update_groups(groups, den) for _ in range(rl.ppo_epochs) for groups, den in minis]
+        else:
+            all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
+            processed = batch["attention_mask"].size
+            old_lp = None if on_policy else self.policy.logprobs(self.policy.params, all_mb)
+            ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp
+            jax.block_until_ready((old_lp, ref_lp))
+            t3 = time.time()
+            upd = []
+            for _ in range(rl.ppo_epochs):
+                for m in range(n_mini):
+                    sl = slice(m * self.n_micro, (m + 1) * self.n_micro)
+                    mb = jax.tree.map(lambda a: a[sl], all_mb)
+                    upd.append(self.policy.update(mb, *(None if a is None else a[sl] for a in (old_lp, ref_lp))))
         upd = jax.device_get(upd)
         t4 = time.time()
         resp_tokens = int(lens.sum())
@@ -324,8 +330,31 @@ class Run:
             "time_update_s": t4 - t3, "step_time_s": t4 - t0,
             "rollout_tokens_per_s": resp_tokens / max(t1 - t0, 1e-9),
             "train_tokens_per_s": float(batch["attention_mask"].sum()) * rl.ppo_epochs / max(t4 - t3, 1e-9),
+            # the share of the update's token slots that hold no real token
+            "train_padding_fraction": 1.0 - float(batch["attention_mask"].sum()) / max(processed, 1),
         })
         return metrics
+
+    def _token_budget_minis(self, batch, n_mini: int, mini_rows: int, on_policy: bool):
+        """Each mini-batch as token-budget micro-batches (``rl.max_tokens_per_micro_batch`` per device), with their
+        old and reference log-probs (all before any update) and the mini-batch's loss denominator; and the token
+        slots they process."""
+        rl = self.cfg.rl
+        n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        minis, processed, pending = [], 0, []
+        for m in range(n_mini):
+            rows = {k: v[m * mini_rows:(m + 1) * mini_rows] for k, v in batch.items()}
+            groups = []
+            for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp):
+                processed += g["attention_mask"].size
+                mb = self.policy.put(g)
+                old = None if on_policy else self.policy.logprobs(self.policy.params, mb)
+                ref = self.policy.logprobs(self.policy.ref_params, mb) if rl.use_kl_loss else old
+                groups.append((mb, old, ref))
+                pending.append((old, ref))
+            minis.append((groups, loss_denominator(jax.numpy.asarray(rows["loss_mask"]), self.policy.loss_cfg)))
+        jax.block_until_ready(pending)
+        return minis, processed
 
     # ---------------------------------------------------------------------------------------------- eval
     def eval_benchmarks(self) -> dict[str, list[dict]]:
