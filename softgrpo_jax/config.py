@@ -76,6 +76,8 @@ def base_config() -> ConfigDict:
         dtype="",  # weights + activations while decoding; "" = model.compute_dtype ("bfloat16": bf16 rollouts and
         #            evals of a float32 policy, as the original's sglang rollouts; 1.8x faster decoding on this CPU)
         layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU)
+        attention="auto",  # auto | xla | pallas: decode attention over the KV cache (pallas: each row's own context
+        #   only, JAX's Pallas GPU decode kernel; auto: pallas on GPU, xla elsewhere)
     ))
     c.rl = ConfigDict(dict(
         algorithm="softgrpo",  # softgrpo | grpo (the baseline: discrete rollouts, same trainer)
@@ -393,6 +395,7 @@ def validate_config(cfg: ConfigDict) -> None:
     one_of("rollout.noise", ("gumbel", "gaussian", "dirichlet"))
     one_of("rollout.think_end_match", ("full", "last_subtoken"))
     one_of("rollout.layout", ("auto", "scan", "per_layer"))
+    one_of("rollout.attention", ("auto", "xla", "pallas"))
     one_of("rollout.dtype", ("",) + _FLOAT_DTYPES)
     need(isinstance(cfg.rollout.think_end, str) and cfg.rollout.think_end != "",
          "rollout.think_end is empty; give the text that closes the thinking block (e.g. </think>)")

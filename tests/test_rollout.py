@@ -336,3 +336,62 @@ def test_same_seed_same_rollout(model):
     # group rows get independent noise
     assert not np.array_equal(np.asarray(a.topk_ytil[0]), np.asarray(a.topk_ytil[1]))
     np.testing.assert_array_equal(np.asarray(a.prompt_tokens[0]), np.asarray(a.prompt_tokens[1]))
+
+
+def test_per_row_budgets_and_work_counters(tmp_path):
+    """generate(max_new_tokens=[...]): each row stops at its own budget (finish reason "length") with the tokens it
+    has with the full budget (noise keyed by row and step); Rollout.stats counts the decode's work as a NumPy
+    recount of the rows' lengths and prompts says."""
+    from helpers import make_hf_model
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+
+    make_hf_model(str(tmp_path), "qwen2", seed=3, vocab_size=64)
+    model = load_pretrained(str(tmp_path))
+    eng = RolloutEngine(model, SamplingConfig(mode="gumbel", max_new_tokens=10, top_k=5, top_p=0.9), pad_id=0)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    full = eng.generate(prompts, jax.random.key(7), n=2, modes=["gumbel", "discrete"] * 3)
+    budgets = [10, 3, 7, 1, 10, 5]
+    cut = eng.generate(prompts, jax.random.key(7), n=2, modes=["gumbel", "discrete"] * 3, max_new_tokens=budgets)
+    ft, ct = np.asarray(full.tokens), np.asarray(cut.tokens)
+    fl, cl = np.asarray(full.lengths), np.asarray(cut.lengths)
+    for b, n in enumerate(budgets):
+        assert cl[b] == min(n, fl[b])
+        np.testing.assert_array_equal(ct[b, :cl[b]], ft[b, :cl[b]])
+        np.testing.assert_array_equal(np.asarray(cut.topk_ytil)[b, :cl[b]], np.asarray(full.topk_ytil)[b, :cl[b]])
+        if fl[b] > n:
+            assert int(np.asarray(cut.finish_reason)[b]) == 0
+    for r in (full, cut):
+        s = r.stats
+        lens = np.asarray(r.lengths).astype(np.int64)
+        plen = np.asarray(r.prompt_mask).sum(1).astype(np.int64)
+        assert s.row_steps_useful == lens.sum() and s.row_steps_computed == s.steps * len(lens)
+        assert s.steps == lens.max()
+        assert s.kv_slots_valid == sum(sum(p + j + 1 for j in range(n)) for p, n in zip(plen, lens))
+        assert s.kv_slots_read == s.steps * len(lens) * (r.prompt_tokens.shape[1] + int(max(budgets if r is cut
+                                                                                              else [10])))
+    with pytest.raises(ValueError, match="one per row"):
+        eng.generate(prompts, jax.random.key(7), n=2, max_new_tokens=[3, 4])
+
+
+def test_pallas_decode_attention_engine_equals_xla(tmp_path):
+    """RolloutEngine(attention="pallas") (the kernel in interpret mode) samples the XLA engine's tokens and
+    stored quantities, and reads only each row's own context (its work counter)."""
+    from helpers import make_hf_model
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+
+    make_hf_model(str(tmp_path), "llama", seed=4, vocab_size=64)
+    model = load_pretrained(str(tmp_path))
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=8, top_k=5, top_p=0.9)
+    out = {}
+    for impl in ("xla", "pallas"):
+        eng = RolloutEngine(model, cfg, pad_id=0, attention=impl)
+        out[impl] = eng.generate([[1, 2, 3, 4, 5, 6], [7, 8]], jax.random.key(2), n=2)
+    x, p = out["xla"], out["pallas"]
+    np.testing.assert_array_equal(np.asarray(p.tokens), np.asarray(x.tokens))
+    np.testing.assert_allclose(np.asarray(p.topk_ytil), np.asarray(x.topk_ytil), rtol=1e-4, atol=1e-4)
+    assert p.stats.kv_slots_read < x.stats.kv_slots_read
+    assert p.stats.kv_slots_read >= p.stats.kv_slots_valid == x.stats.kv_slots_valid
+    with pytest.raises(ValueError, match="rollout attention"):
+        RolloutEngine(model, cfg, attention="flash")

@@ -11,6 +11,7 @@ rollouts whatever the device count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global
+from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global, to_host
 from softgrpo_jax.models.config import ModelConfig
 from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
 from softgrpo_jax.ops import soft_embed
@@ -61,10 +62,27 @@ class Rollout:
     tau: jax.Array  # [B] float32: the tau that rebuilds each row's soft inputs from topk_ytil
     topk_kept: jax.Array | None = None  # [B, L, K] bool: the filters kept the slot's token (slot 0 at discrete steps)
     topk_clamped: jax.Array | None = None  # [B, L, K] bool: the slot's noise is on or beyond the clip [-1.5, 3]
+    stats: "RolloutStats | None" = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutStats:
+    """Work counters of one ``generate`` call, summed over its decode steps: row-steps computed (every row of the
+    batch, each step the loop ran) against useful (the rows' response tokens), and KV-cache slots read by decode
+    attention against the slots that held the row's own context."""
+
+    steps: int
+    row_steps_computed: int
+    row_steps_useful: int
+    kv_slots_read: int
+    kv_slots_valid: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def bucket_length(n: int, minimum: int = 16, fine: bool = True) -> int:
@@ -132,11 +150,14 @@ def prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
     return logits, _constrain_cache(cache, mesh)
 
 
-@xla_jit(static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps", "embed_impl", "mesh"),
-         donate_argnames=("cache",))
-def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: SamplingConfig, end_ids: tuple,
-           stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None):
-    """The decode loop: ``steps`` soft / discrete steps from the prefill's last logits and cache (donated)."""
+@xla_jit(static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps", "embed_impl", "mesh",
+                          "attention"), donate_argnames=("cache",))
+def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=None, *, cfg: SamplingConfig,
+           end_ids: tuple, stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None,
+           attention: str = "xla"):
+    """The decode loop: up to ``steps`` soft / discrete steps from the prefill's last logits and cache (donated);
+    ``budgets`` [B] int32 caps each row's steps (None: ``steps`` for every row); ``attention`` is the decode
+    attention ("xla" | "pallas", see ``models.transformer.forward``). Returns (buffers, state, cache, steps run)."""
     table = params["embed"]
     B = logits0.shape[0]
     K = cfg.max_topk
@@ -218,7 +239,8 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
 
         active = ~st["done"]
         stop = jnp.any(token[:, None] == stop_arr[None, :], axis=1)
-        done = st["done"] | (active & (stop | cold_abort))
+        out_of_budget = (i + 1 >= budgets) if budgets is not None else jnp.zeros((B,), bool)
+        done = st["done"] | (active & (stop | cold_abort | out_of_budget))
         finish = jnp.where(active & stop, 1, jnp.where(active & cold_abort, 2, st["finish"]))
         think_len = jnp.where(active & thinking, i + 1, st["think_len"])
         new_st = dict(thinking=thinking & ~ends, done=done, finish=finish, think_len=think_len, hist=hist,
@@ -239,12 +261,12 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, *, cfg: S
         )
         emb = soft_embed(table, ids, weights, impl=embed_impl).astype(mcfg.jnp_dtype)
         next_logits, cache = forward(mcfg, params, inputs_embeds=emb[:, None, :],
-                                     attention_mask=(active & ~done)[:, None], cache=cache)
+                                     attention_mask=(active & ~done)[:, None], cache=cache, decode_attention=attention)
         return i + 1, next_logits[:, 0], cache, new_st, buf
 
     with activation_sharding(mesh):
         i, _, cache, st, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), logits0, cache, st, buf))
-    return buf, st, cache  # returning the cache lets XLA alias it to the donated input (decode in place)
+    return buf, st, cache, i  # returning the cache lets XLA alias it to the donated input (decode in place)
 
 
 class RolloutEngine:
@@ -252,10 +274,13 @@ class RolloutEngine:
 
     def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
-                 embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto"):
+                 embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto", attention: str = "auto"):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
-        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere)."""
+        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
+        ``attention``: how a decode step attends over the KV cache: "xla" (every slot of the cache), "pallas"
+        (each row's own context only: JAX's Pallas GPU decode-attention kernel; interpret mode off GPU, for tests)
+        or "auto" (pallas on GPU, xla elsewhere)."""
         self.model = model
         try:
             ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
@@ -266,6 +291,9 @@ class RolloutEngine:
         self.dtype = dtype
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self.per_layer = resolve_layout(layout, platform)
+        if attention not in ("auto", "xla", "pallas"):
+            raise ValueError(f"rollout attention must be auto, xla or pallas, got {attention!r}")
+        self.attention = ("pallas" if platform == "gpu" else "xla") if attention == "auto" else attention
         self._prepared = None
         self.cfg = cfg
         self.think_end_ids = tuple(int(t) for t in think_end_ids)
@@ -319,19 +347,29 @@ class RolloutEngine:
         return toks, mask
 
     def generate(self, prompts: Sequence[Sequence[int]], key: jax.Array, *, n: int = 1, modes=None,
-                 max_new_tokens: int | None = None, model: nnx.Module | None = None,
+                 max_new_tokens: int | Sequence[int] | None = None, model: nnx.Module | None = None,
                  row_offset: int = 0) -> Rollout:
         """Sample ``n`` completions per prompt (rows ``[p0]*n + [p1]*n + ...``).
 
-        ``modes``: None (the config's mode), a mode name, or one name / int per row. ``row_offset`` shifts the global
-        row index that keys the noise (for a process holding a shard of a larger batch).
+        ``modes``: None (the config's mode), a mode name, or one name / int per row. ``max_new_tokens``: None (the
+        config's), one budget for every row, or one per row (a row stops at its own budget, finish reason
+        "length"). ``row_offset`` shifts the global row index that keys the noise (for a process holding a shard
+        of a larger batch). The returned Rollout's ``stats`` count the decode's work (:class:`RolloutStats`).
         """
         model = model or self.model
         mcfg, params = self.decode_params(model)
         cfg = self.cfg
-        steps = int(max_new_tokens or cfg.max_new_tokens)
         toks, mask = self.prepare_prompts(prompts, n)
         B = toks.shape[0]
+        budgets = np.asarray(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int64)
+        if budgets.ndim == 0:
+            budgets = np.full(B, budgets)
+        if budgets.shape != (B,) or (budgets < 1).any():
+            raise ValueError(f"max_new_tokens: one budget >= 1, or one per row ({B} rows), got {max_new_tokens!r}")
+        steps = int(budgets.max())
+        cache_len = toks.shape[1] + steps
+        if self.attention == "pallas":  # the kernel splits the cache into 16 parts of whole blocks
+            cache_len = -(-cache_len // 256) * 256
         if modes is None:
             modes = [MODES[cfg.mode]] * B
         elif isinstance(modes, str):
@@ -340,21 +378,40 @@ class RolloutEngine:
         if modes_np.shape != (B,):
             raise ValueError(f"need one mode per row ({B} rows), got {modes_np.shape}")
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B) + row_offset)
-        args = [toks, mask, modes_np, row_keys]
+        ragged = bool((budgets != steps).any())
+        args = [toks, mask, modes_np, row_keys] + ([budgets.astype(np.int32)] if ragged else [])
         if self.mesh is not None:
             # host_to_global: with several processes, each transfers only the rows its devices hold
             kd = np.asarray(jax.random.key_data(row_keys))
-            args = [host_to_global(a, _batch_spec(self.mesh, a.shape)) for a in (toks, mask, modes_np, kd)]
+            args[3] = kd
+            args = [host_to_global(a, _batch_spec(self.mesh, a.shape)) for a in args]
             args[3] = jax.random.wrap_key_data(args[3], impl=jax.random.key_impl(row_keys))
-        toks_d, mask_d, modes_d, keys_d = args
-        logits0, cache = prefill(mcfg, params, toks_d, mask_d, cache_len=toks.shape[1] + steps, mesh=self.mesh)
-        buf, st, _ = decode(mcfg, params, logits0, cache, modes_d, keys_d, cfg=cfg,
-                          end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id, steps=steps,
-                          embed_impl=self.embed_impl, mesh=self.mesh)
+        toks_d, mask_d, modes_d, keys_d = args[:4]
+        budgets_d = args[4] if ragged else None
+        logits0, cache = prefill(mcfg, params, toks_d, mask_d, cache_len=cache_len, mesh=self.mesh)
+        buf, st, _, ran = decode(mcfg, params, logits0, cache, modes_d, keys_d, budgets_d, cfg=cfg,
+                                 end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                 steps=steps, embed_impl=self.embed_impl, mesh=self.mesh, attention=self.attention)
         taus = np.where(modes_np == GUMBEL, cfg.tau, 1.0).astype(np.float32)
+        lengths = jnp.sum(buf["mask"], axis=1).astype(jnp.int32)
         return Rollout(
             prompt_tokens=toks_d, prompt_mask=mask_d, tokens=buf["tokens"], response_mask=buf["mask"],
             topk_ids=buf["ids"], topk_ytil=buf["ytil"], weights=buf["weights"], soft_mask=buf["soft"],
-            logprobs=buf["logprob"], lengths=jnp.sum(buf["mask"], axis=1).astype(jnp.int32),
+            logprobs=buf["logprob"], lengths=lengths,
             think_lengths=st["think_len"], finish_reason=st["finish"], modes=modes_d, tau=jnp.asarray(taus),
-            topk_kept=buf["kept"], topk_clamped=buf["clamped"])
+            topk_kept=buf["kept"], topk_clamped=buf["clamped"],
+            stats=self._stats(int(ran), mask.sum(1), np.asarray(to_host(lengths)), cache_len))
+
+    def _stats(self, ran: int, plen: np.ndarray, lengths: np.ndarray, cache_len: int) -> RolloutStats:
+        """The decode's work: every row computed at each of the ``ran`` steps; a step of row b attends over its
+        prompt's ``plen[b]`` tokens and the steps so far (its valid slots) and reads every cache slot ("xla") or
+        the run from its first prompt token to the newest slot ("pallas", for every row the loop computes)."""
+        plen, lengths = plen.astype(np.int64), lengths.astype(np.int64)
+        B = len(plen)
+        valid = int((lengths * plen + lengths * (lengths + 1) // 2).sum())
+        if self.attention == "pallas":
+            read = int(ran * plen.sum() + B * ran * (ran + 1) // 2)
+        else:
+            read = int(ran * B * cache_len)
+        return RolloutStats(steps=ran, row_steps_computed=ran * B, row_steps_useful=int(lengths.sum()),
+                            kv_slots_read=read, kv_slots_valid=valid)
