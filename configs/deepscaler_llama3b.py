@@ -1,7 +1,7 @@
 """SofT-GRPO on Llama-3.2-3B-Instruct (SofT-GRPO-deepscaler-8k-llama3.sh): save_freq 80, test_freq 20.
 
 Llama-3.2 has no </think> token. The seed ends thinking at the first emission of the last sub-token of "</think>"
-(SPEC.md 1.4); ``rollout.think_end_match="last_subtoken"`` reproduces that. Our default ("full") waits for the whole
+(docs/algorithm.md, "Quirks of the original"); ``rollout.think_end_match="last_subtoken"`` reproduces that. Our default ("full") waits for the whole
 string; set it here to be faithful.
 """
 

@@ -3,15 +3,14 @@ arithmetic, on a CPU: 13 minutes on 2 cores of a Xeon with AMX. Deviations from 
 laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step), lr 2e-5, a lenient reward (the
 last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
-not move: 0.250 -> 0.266; with this one, 0.250 -> 0.521 in session 4, 0.271 -> 0.359 after session 5's,
-0.271 -> 0.344 after session 6's and 0.302 -> 0.422 after session 7's rounding-level model changes: see README),
-and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward; rematerialised
-layers), which the AMX units of recent x86 CPUs run faster than float32. On a CPU without bf16 units (AVX2 only)
-bf16 is converted op by op and the update runs ~1.9x slower than in float32 (benchmarks/RESULTS.md, session 12);
+not move: 0.250 -> 0.266; with this one, held-out pass@1 rose in every run on the Xeon, e.g. 0.250 -> 0.521 and
+0.302 -> 0.422), and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward;
+rematerialised layers), which the AMX units of recent x86 CPUs run faster than float32. On a CPU without bf16 units
+(AVX2 only) bf16 is converted op by op and the update runs ~1.9x slower than in float32 (benchmarks/RESULTS.md);
 `--config.model.compute_dtype=auto --config.model.remat=false` picks float32 there, but its one demo run (2-core
-AMD EPYC, 24 steps) did not learn: training rewards fell from 0.25 to 0-0.06 and responses grew (see README), so
-the validated bf16 setting stays the default. On that EPYC the bf16 default did not learn either (session 13,
-55 minutes: pass@1 0.266 -> 0.250, responses 51.5 -> 68.4 tokens); every run on the Xeon did (seven runs)."""
+AMD EPYC, 24 steps) did not learn: training rewards fell from 0.25 to 0-0.06 and responses grew, so the validated
+bf16 setting stays the default. On that EPYC the bf16 default did not learn either (55 minutes: pass@1 0.266 ->
+0.250, responses 51.5 -> 68.4 tokens); every run on the Xeon did (seven runs)."""
 
 from softgrpo_jax.config import base_config
 

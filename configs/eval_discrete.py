@@ -1,5 +1,5 @@
 """run_sample_discrete-token_grpo.sh / _raw.sh: discrete chain of thought (soft thinking off; T 0.6, top_p 0.95,
-top_k 30), 32 samples (SPEC.md 5)."""
+top_k 30), 32 samples (docs/algorithm.md, "Evaluation")."""
 
 import os
 import sys

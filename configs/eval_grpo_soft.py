@@ -1,5 +1,5 @@
 """run_sample_gumbel_grpo.sh / _raw.sh: a GRPO or base model with soft thinking (T 0.6, top_p 0.95, top_k = K = 30,
-tau 0.5, noise 1), 32 samples (SPEC.md 5)."""
+tau 0.5, noise 1), 32 samples (docs/algorithm.md, "Evaluation")."""
 
 import os
 import sys

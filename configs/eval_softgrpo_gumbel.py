@@ -1,5 +1,5 @@
 """run_sample_gumbel.sh: a SofT-GRPO model, soft thinking with Gumbel noise (T 1.0, top_p 0.95, top_k = K = 5,
-tau 0.1, noise 1), 32 samples per problem, 32768 new tokens, seed 0 (SPEC.md 5)."""
+tau 0.1, noise 1), 32 samples per problem, 32768 new tokens, seed 0 (docs/algorithm.md, "Evaluation")."""
 
 from softgrpo_jax.config import base_config
 

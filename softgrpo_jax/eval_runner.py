@@ -1,4 +1,4 @@
-"""Generate n samples per problem with the rollout engine and score them (SPEC.md 5).
+"""Generate n samples per problem with the rollout engine and score them (docs/algorithm.md, "Evaluation").
 
 Used by ``softgrpo eval`` and by the trainer's before/after evaluations. Rows are generated in fixed-size chunks
 (the last one padded) so every chunk reuses one compiled program.

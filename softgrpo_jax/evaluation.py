@@ -8,7 +8,7 @@ Per-benchmark results are a list of per-problem records (JSON-friendly):
 ``answers`` (canonical answers from :func:`softgrpo_jax.rewards.eval_score_batch`, used for maj@k) and the length
 lists are optional.  ``n`` (samples per problem; the seed uses 32) may differ between problems.
 
-Metrics (SPEC.md section 5):
+Metrics (docs/algorithm.md, "Evaluation"):
 
 * ``pass@1``: mean correctness over samples, averaged over problems.
 * ``pass@k`` (as the seed's ``matheval.py``): ``max(correct[:k])`` over the *first k* samples, averaged over problems;

@@ -1,4 +1,4 @@
-"""softgrpo_jax.rl objective: Gumbel / discrete log-probs, advantages, verl's PPO loss (SPEC.md 2, 3, 7).
+"""softgrpo_jax.rl objective: Gumbel / discrete log-probs, advantages, verl's PPO loss (docs/algorithm.md).
 
 Every reference here is an independent NumPy (float64) transcription of the SPEC formulas, or hand values.
 """
@@ -623,7 +623,7 @@ def test_token_logprobs_vs_independent_recomputation(tiny):
 def torch_policy_gradient_loss(torch_model, batch, tau):
     """Independent torch path of the policy-gradient surrogate at ratio 1: soft inputs (softmax(ytil / tau) of the K
     ids' embeddings, one-hot slot 0 at discrete steps, no gradient), the transformers model, the Gumbel density of
-    SPEC.md 2.2 at soft targets and log_softmax at discrete ones, -sum(adv * lp) / (scored tokens)."""
+    the log-density of docs/algorithm.md at soft targets and log_softmax at discrete ones, -sum(adv * lp) / (scored tokens)."""
     import torch
 
     ids = torch.tensor(np.asarray(batch["topk_ids"], np.int64))

@@ -1,4 +1,4 @@
-"""Rollout engine: one soft step against NumPy (SPEC.md 7), cached decoding vs full forward, padding, sharding,
+"""Rollout engine: one soft step against NumPy (docs/algorithm.md, "Rollout step"), cached decoding vs full forward, padding, sharding,
 think-end switching, cold stop, EOS and max-length endings."""
 
 import jax
@@ -37,7 +37,7 @@ def np_filter(p_sorted, top_k, top_p):
 
 
 def np_soft_step(logits, E, cfg: SamplingConfig, noise_exp, slots=False):
-    """SPEC.md 7, one row: returns ids, ytil, y (sorted), the token and the next embedding (``slots``: then also the
+    """docs/algorithm.md "Rollout step", one row: returns ids, ytil, y (sorted), the token and the next embedding (``slots``: then also the
     sorted noise g, which slots the filters kept and which slots' noise lies on or beyond the clip)."""
     lt = logits.astype(np.float64) / cfg.temperature
     p = np.exp(lt - lt.max())

@@ -266,7 +266,7 @@ def test_config_overrides_and_errors():
 def test_presets_load(name):
     cfg = get_config(f"configs/{name}.py")
     if name.startswith("deepscaler") or name.startswith("grpo"):
-        # SPEC.md 4, setting by setting
+        # docs/algorithm.md, "Settings of the original runs", setting by setting
         assert (cfg.rl.group_size, cfg.rl.train_batch_size, cfg.rl.mini_batch_size) == (8, 64, 32)
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-6, 0.01, 1.0)
         assert (cfg.rl.kl_coef, cfg.rl.kl_type, cfg.rl.clip_ratio_c) == (0.001, "low_var_kl", 3.0)

@@ -2,7 +2,7 @@
 
 Styles (``build_prompt(..., style=...)``):
 
-* ``"chat"``: exactly the seed (SPEC.md section 5): one user turn ``"{question} Let's think step by step and output
+* ``"chat"``: exactly the seed (docs/algorithm.md, "Evaluation"): one user turn ``"{question} Let's think step by step and output
   the final answer within \\boxed{}."`` rendered with ``apply_chat_template(add_generation_prompt=True)``.  For
   DeepSeek-R1-Distill the template's generation prompt already ends with ``<think>\\n``, so the response starts
   inside the thinking block, as in the original.

@@ -58,7 +58,7 @@ def resolve_compute_dtype(name, *, backend: str | None = None, flags: frozenset[
 
     XLA:CPU without bf16 units converts every bf16 operand to float32 and rounds after each op: on a 2-core AMD EPYC
     (AVX2) the SmolLM2 SofT-GRPO update ran 1.6x slower in bf16 (with remat) than in float32 and Gumbel decoding
-    1.1x slower (benchmarks/RESULTS.md, session 12), where on a Xeon with AMX bf16 is the faster one."""
+    1.1x slower (benchmarks/RESULTS.md), where on a Xeon with AMX bf16 is the faster one."""
     if str(name) != "auto":
         return str(np.dtype(jnp.dtype(name)))
     if backend is None:

@@ -11,7 +11,7 @@ Why the Triton lowering and not Mosaic GPU (JAX 0.11 deprecates Pallas Triton, w
   coalesced 16-byte sectors per row, with all K loads of a tile in flight at once. Hopper's TMA has no gather mode
   (tile gather arrives with Blackwell), so a Mosaic GPU kernel would issue one TMA copy per 1-7 KiB row through shared
   memory plus barriers, or fall back to per-thread loads that Mosaic GPU's warpgroup model does not make simpler.
-- DESIGN.md records a first Triton kernel of this shape at 80-95% of an H200's copy bandwidth on the project's GPU
+- A first Triton kernel of this shape at 80-95% of an H200's copy bandwidth on the project's GPU
   machines (jax 0.11.2): the lowering is known to run there. Its one failure (``Unimplemented primitive ...
   slice``) came from slicing a loaded vector; this kernel never slices values, it loads each slot's ids from the ref.
   Measured since on an H200 with jax 0.11.2 (benchmarks/RESULTS.md): 1.15x XLA at the training size (118% of the

@@ -1,5 +1,5 @@
 """RL objective for SofT-GRPO / GRPO: per-position log-probs (discrete and Gumbel-reparameterised), group
-advantages and verl's clipped PPO loss with a k3 KL to the reference (SPEC.md 2 and 3)."""
+advantages and verl's clipped PPO loss with a k3 KL to the reference (docs/algorithm.md, "Log-density of a soft step" and "Objective")."""
 
 from softgrpo_jax.rl.logprobs import (
     dirichlet_logprob,

@@ -1,4 +1,4 @@
-"""Per-position log-probabilities for SofT-GRPO training (SPEC.md 2 and 7).
+"""Per-position log-probabilities for SofT-GRPO training (docs/algorithm.md, "Training inputs" and "Log-density of a soft step").
 
 Shapes: B batch, T sequence (prompt + response), K top-K slots, V vocab, D width.
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from softgrpo_jax.ops.soft_embed import soft_embed_fused
 
-# SPEC.md 2.2 constants of the original code (VERL/utils/torch_functional.py).
+# constants of the original code (docs/algorithm.md, "Log-density of a soft step") (VERL/utils/torch_functional.py).
 GUMBEL_Z_MIN = -1.5
 GUMBEL_Z_MAX = 3.0
 GUMBEL_LAMBDA_MIN = -3.0
@@ -73,7 +73,7 @@ def _masked_slot_mean(values: jax.Array, mask: jax.Array, universe: jax.Array | 
 
 def gumbel_logprob(logits: jax.Array, topk_ids: jax.Array, topk_ytil: jax.Array, kept: jax.Array | None = None,
                    clamped: jax.Array | None = None) -> jax.Array:
-    """Gumbel-reparameterised log-probability of a soft step (SPEC.md 2.2).
+    """Gumbel-reparameterised log-probability of a soft step (docs/algorithm.md, "Log-density of a soft step").
 
     Args:
       logits: [..., V] the policy's (temperature-scaled) logits at the step.
@@ -123,7 +123,7 @@ def _gumbel_from_topk(topk_logits, topk_ytil, kept=None, clamped=None):
 
 def gaussian_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, kept: jax.Array | None = None, *,
                      std: float = 0.05, clamp: float = 0.15, threshold: float = 0.05) -> jax.Array:
-    """Gaussian-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} log N(clip(s_k, q_k - 0.15, q_k + 0.15); q_k, 0.05)``.
+    """Gaussian-noise ablation (docs/algorithm.md, "Log-density of a soft step"): ``mean_{q_k > 0.05} log N(clip(s_k, q_k - 0.15, q_k + 0.15); q_k, 0.05)``.
 
     ``topk_s`` [..., K] holds the rollout's noisy probabilities ``s ~ N(p_hat, std^2)``; q and ``kept`` as in
     ``gumbel_logprob`` (without the 1e-6). Returns [...] float32.
@@ -144,7 +144,7 @@ def _gaussian_from_topk(topk_logits, topk_s, kept=None, *, std=0.05, clamp=0.15,
 def dirichlet_logprob(logits: jax.Array, topk_ids: jax.Array, topk_s: jax.Array, kept: jax.Array | None = None, *,
                       alpha: float = 1.0, threshold: float = 0.05,
                       clamp: tuple[float, float] = (-5.0, 3.0)) -> jax.Array:
-    """Dirichlet-noise ablation (SPEC.md 2.3): ``mean_{q_k > 0.05} clip(log Gamma(s_k; alpha q_k, rate 1), -5, 3)``.
+    """Dirichlet-noise ablation (docs/algorithm.md, "Log-density of a soft step"): ``mean_{q_k > 0.05} clip(log Gamma(s_k; alpha q_k, rate 1), -5, 3)``.
 
     ``topk_s`` [..., K] holds the rollout's Gamma draws; q and ``kept`` as in ``gumbel_logprob``.
     ``log Gamma(s; c, 1) = (c - 1) log s - s - lgamma(c)``. Slots outside the mask are evaluated at safe values
@@ -219,7 +219,7 @@ def _tau_for(tau, B: int):
 
 
 def rebuild_inputs(table: jax.Array, batch: Mapping[str, Any], *, tau, discrete_from_ids: bool = False) -> jax.Array:
-    """The rollout's input embeddings [B, T, D] from stored ids and ytil (SPEC.md 2.1), under stop_gradient.
+    """The rollout's input embeddings [B, T, D] from stored ids and ytil (docs/algorithm.md, "Training inputs"), under stop_gradient.
 
     ``w = softmax(ytil / tau)`` with slots 1..K-1 masked at discrete positions (one-hot on slot 0),
     ``e = sum w E[ids]``.
@@ -235,7 +235,7 @@ def rebuild_inputs(table: jax.Array, batch: Mapping[str, Any], *, tau, discrete_
 def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float = 1.0, noise: str = "gumbel",
                    chunk_size: int | None = None, discrete_from_ids: bool = False,
                    score_mask: jax.Array | None = None) -> jax.Array:
-    """Per-position log-probs of the stored targets under ``model`` (SPEC.md 2.1, 2.2, 7).
+    """Per-position log-probs of the stored targets under ``model`` (docs/algorithm.md, "Training inputs", "Log-density of a soft step").
 
     Args:
       model: a ``Transformer`` (anything with ``embedding_table()``, ``__call__(inputs_embeds=..., attention_mask=...,

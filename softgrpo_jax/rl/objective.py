@@ -1,4 +1,4 @@
-"""The GRPO / SofT-GRPO objective: group advantages and verl's clipped PPO loss with a k3 KL (SPEC.md 3).
+"""The GRPO / SofT-GRPO objective: group advantages and verl's clipped PPO loss with a k3 KL (docs/algorithm.md, "Objective").
 
 Soft and discrete positions share one formula; only the per-position log-probs differ (``rl.logprobs``).
 
@@ -28,7 +28,7 @@ KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Settings of the policy loss (defaults: the SofT-GRPO scripts, SPEC.md 3 and 4). Frozen, so hashable/static.
+    """Settings of the policy loss (defaults: the SofT-GRPO scripts, docs/algorithm.md, "Objective" and "Settings of the original runs"). Frozen, so hashable/static.
 
     clip_ratio_low / clip_ratio_high: PPO clip range ``[1 - low, 1 + high]``.
     clip_ratio_c: dual-clip bound for negative advantages (must be > 1); None disables dual clip.
@@ -147,7 +147,7 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kl_type: str = "low
 
 def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
                    advantages: jax.Array, loss_mask: jax.Array, cfg: LossConfig) -> dict[str, jax.Array]:
-    """verl's clipped policy loss + KL loss as additive sums (SPEC.md 3). All inputs [B, T] (advantages [B] or [B, T]).
+    """verl's clipped policy loss + KL loss as additive sums (docs/algorithm.md, "Objective"). All inputs [B, T] (advantages [B] or [B, T]).
 
     ``old_logprobs`` None means on-policy (``stop_gradient(logprobs)``: ratio 1); ``ref_logprobs`` None or
     ``cfg.use_kl_loss=False`` drops the KL. Old and reference log-probs never receive gradient.

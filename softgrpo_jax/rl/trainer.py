@@ -1,6 +1,6 @@
 """The SofT-GRPO / GRPO trainer: rollouts -> rewards -> advantages -> old/ref log-probs -> jitted, donated updates.
 
-One step (SPEC.md 3, 4):
+One step (docs/algorithm.md, "Objective", "Settings of the original runs"):
   1. ``train_batch_size`` prompts, each ``group_size`` times, through the rollout engine (Gumbel soft thinking for
      SofT-GRPO, discrete sampling for the GRPO baseline);
   2. math rewards on the decoded responses; group advantages ``(r - mean) / (std + 1e-6)``;
@@ -46,7 +46,7 @@ BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask"
 
 # ------------------------------------------------------------------------------------------------------ batches
 def rollout_to_batch(r: Rollout, advantages: np.ndarray, *, min_bucket: int = 16) -> dict[str, np.ndarray]:
-    """Concatenate prompt and response into the trainer's [B, T] layout (SPEC.md 1.5, 7), trimming the response
+    """Concatenate prompt and response into the trainer's [B, T] layout (docs/algorithm.md, "Stored quantities"), trimming the response
     to a length bucket that holds every row. ``topk_kept`` / ``topk_clamped`` come along where the rollout has them
     (prompt positions: slot 0 kept, nothing clamped)."""
     g = to_host  # the global rollout on every process (a collective gather when it spans several processes)

@@ -38,7 +38,7 @@ class Rollout:
     """What one generation call produced (B rows, P prompt slots, L = max_new_tokens, K slots).
 
     Response step j of row b: ``tokens[b, j]`` was emitted; ``topk_ids[b, j]`` / ``topk_ytil[b, j]`` are the K ids and
-    perturbed log-probs stored for it (SPEC.md 1.2; one-hot ``[tok, 0, ...]`` and ytil 0 for discrete steps);
+    perturbed log-probs stored for it (docs/algorithm.md, "Stored quantities"; one-hot ``[tok, 0, ...]`` and ytil 0 for discrete steps);
     ``weights[b, j]`` the input mixture of the next step; ``soft_mask`` marks soft steps. ``topk_kept[b, j]`` marks
     the slots whose token the filters kept (p_hat > 0; the others hold the next-ranked tokens at probability 0) and
     ``topk_clamped[b, j]`` the slots whose Gumbel noise lies on or beyond the log-density's clip: the trainer

@@ -1,4 +1,4 @@
-"""One decoding step for a batch of rows in mixed modes (SPEC.md 1.1-1.3), as pure array code.
+"""One decoding step for a batch of rows in mixed modes (docs/algorithm.md, "Rollout step", "Discrete steps and the end of thinking"), as pure array code.
 
 Modes per row (int32): ``DISCRETE`` (ordinary sampling), ``SOFT`` (Soft-Thinking: the next input is the top-K
 renormalised probabilities times their embeddings, no noise) and ``GUMBEL`` (SofT-GRPO: clamped Gumbel noise on
@@ -24,7 +24,7 @@ GUMBEL_CLIP = (-1.5, 3.0)  # the clamp of the rollout's noise and of the trainer
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings (static). Defaults are the SofT-GRPO training rollout (SPEC.md 4)."""
+    """Sampling settings (static). Defaults are the SofT-GRPO training rollout (docs/algorithm.md, "Settings of the original runs")."""
 
     mode: str = "gumbel"  # default mode of every row: discrete | soft | gumbel
     max_topk: int = 5  # K: slots of a soft step
