@@ -158,11 +158,11 @@ def test_update_and_logprobs_follow_ynn_setting(model_dir):
         with use_tuning(ynn_dots=mode):
             pol = PolicyState(load_pretrained(model_dir), optax.sgd(1.0), loss_config(base_config().rl), None)
             mb = pol.put(split_micro(batch, 2))
-            assert ("ynn_fusion" in pol._lp.lower(pol.params, mb).compile().as_text()) == expect_ynn(mode)
+            assert ("ynn_fusion" in pol.logprob_fn.lower(pol.params, mb).compile().as_text()) == expect_ynn(mode)
             old = pol.logprobs(pol.params, mb)
             before = jax.tree.map(np.asarray, pol.params)
             pol.update(mb, old, old)
-            (fn,) = pol._update_cache.values()
+            fn = pol.update_fn(int(mb["tokens"].shape[0]))
             text = fn.lower(pol.params, pol.opt_state, mb, old, old).compile().as_text()
             assert ("ynn_fusion" in text) == expect_ynn(mode)
             out[mode] = np.asarray(old), [np.asarray(b) - a for a, b in zip(jax.tree.leaves(before),

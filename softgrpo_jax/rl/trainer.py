@@ -294,12 +294,21 @@ class PolicyState:
     def logprobs(self, params, mb) -> jax.Array:
         return self._lp(params, mb)
 
-    def update(self, mb, old_lp, ref_lp) -> dict:
-        n_micro = int(mb["tokens"].shape[0])
+    @property
+    def logprob_fn(self) -> Callable:
+        """The jitted log-prob pass ``(params, micro-batches) -> [n_micro, mb, T]`` (``.lower`` to inspect it)."""
+        return self._lp
+
+    def update_fn(self, n_micro: int) -> Callable:
+        """The jitted update over ``n_micro`` micro-batches (compiled once per count and kept)."""
         fn = self._update_cache.get(n_micro)
         if fn is None:
             fn = make_update_fn(self.graphdef, self.tx, UpdateSettings(self.loss_cfg, n_micro), self.mesh)
             self._update_cache[n_micro] = fn
+        return fn
+
+    def update(self, mb, old_lp, ref_lp) -> dict:
+        fn = self.update_fn(int(mb["tokens"].shape[0]))
         self.params, self.opt_state, metrics = fn(self.params, self.opt_state, mb, old_lp, ref_lp)
         return metrics
 
