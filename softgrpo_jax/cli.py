@@ -1,4 +1,4 @@
-"""``softgrpo``: train | eval | sample | convert | demo.
+"""``softgrpo``: train | eval | sample | convert | demo | plan | compare.
 
   softgrpo train  --config deepscaler_1p5b [--config.rl.group_size=4 ...]
   softgrpo eval   --config eval_softgrpo_gumbel --config.model.path=DIR
@@ -6,6 +6,7 @@
   softgrpo convert SRC DST [--format hf|orbax] [--dtype bfloat16] [--overwrite]
   softgrpo demo   [--config demo_smollm2] [--config.trainer.total_steps=4]
   softgrpo plan   --config deepscaler_7b --mesh 1,8,1 [--device h100 | --device-memory-gb 80]
+  softgrpo compare --config compare_smollm2 [--config.compare.seeds=(0,1)]
 
 ``--config`` takes a bundled config by its bare name (``demo_smollm2``: ``configs/demo_smollm2.py`` of the checkout)
 or a path to a config file; a path that does not exist is an error.
@@ -287,6 +288,13 @@ def cmd_demo(args, overrides):
     return run_demo(cfg)
 
 
+def cmd_compare(args, overrides):
+    from softgrpo_jax.compare import run_compare
+
+    cfg = _load_cfg(args.config, overrides)
+    return run_compare(cfg)
+
+
 CONFIG_HELP = ("a bundled config by its bare name (e.g. demo_smollm2, deepscaler_1p5b) or the path of a config "
                "file; override settings with --config.section.key=value")
 
@@ -319,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common],
                        help="the embedded default end to end (SmolLM2-135M, reasoning-gym, CPU)")
     p.add_argument("--config", default="demo_smollm2", help=CONFIG_HELP + " (default: demo_smollm2)")
+    p = sub.add_parser("compare", parents=[common],
+                       help="train discrete GRPO and SofT-GRPO over several seeds, evaluate every policy and the "
+                            "untrained model in discrete and soft-thinking decoding, report (docs/compare.md)")
+    p.add_argument("--config", required=True, help=CONFIG_HELP + " (e.g. compare_smollm2)")
     p = sub.add_parser("sample", parents=[common], help="sample from a model in discrete, soft or gumbel mode")
     p.add_argument("--model", default="smollm2",
                    help="Hugging Face folder, .gguf file, orbax checkpoint or smollm2 (the embedded default)")
@@ -362,8 +374,8 @@ def main(argv=None):
     argv, overrides = _split_config_args(argv)
     ap = build_parser()
     args = ap.parse_args(argv)
-    if overrides and args.cmd not in ("train", "eval", "demo", "plan"):
-        ap.error(f"--config.* overrides only apply to train/eval/demo/plan, got {overrides}")
+    if overrides and args.cmd not in ("train", "eval", "demo", "plan", "compare"):
+        ap.error(f"--config.* overrides only apply to train/eval/demo/plan/compare, got {overrides}")
     debug = getattr(args, "debug", False) or debug_enabled()
     if debug:
         os.environ[DEBUG_ENV] = "1"  # library code that quiets third-party tracebacks reads it
@@ -371,7 +383,7 @@ def main(argv=None):
     from softgrpo_jax.plan import PlanError
 
     handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
-               "demo": cmd_demo, "plan": cmd_plan}[args.cmd]
+               "demo": cmd_demo, "plan": cmd_plan, "compare": cmd_compare}[args.cmd]
     try:
         return handler(args, overrides)
     except (UserError, UnsupportedModelError, PlanError, OSError) as e:

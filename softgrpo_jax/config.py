@@ -142,6 +142,12 @@ def base_config() -> ConfigDict:
         temperature=1.0, top_k=5, top_p=0.95, max_topk=5, tau=0.1, noise_factor=1.0,
         seed=0,
     ))
+    c.compare = ConfigDict(dict(  # `softgrpo compare` only (softgrpo_jax/compare.py, docs/compare.md)
+        arms=("grpo", "softgrpo"),  # grpo: discrete rollouts; softgrpo: rollout.mode (gumbel); () = untrained only
+        seeds=(0, 1, 2),  # trainer.seed of each arm's runs (the same seeds for every arm)
+        decodings=("discrete", "soft"),  # evaluation decodings, each applied to every policy (compare.DECODINGS)
+        keep_checkpoints=False,  # keep each finished run's checkpoints (the trained policy); default: removed
+    ))
     return c
 
 
@@ -460,6 +466,16 @@ def validate_config(cfg: ConfigDict) -> None:
     int_at_least("eval.batch_size", 1)
     ks = tuple(cfg.eval.ks)
     need(len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks), f"eval.ks={ks!r} must be integers >= 1")
+    # compare
+    from softgrpo_jax.compare import ARMS, DECODINGS
+
+    arms, seeds, decs = tuple(cfg.compare.arms), tuple(cfg.compare.seeds), tuple(cfg.compare.decodings)
+    need(all(a in ARMS for a in arms) and len(set(arms)) == len(arms),
+         f"compare.arms={arms!r} must be distinct names among {', '.join(ARMS)} (() = the untrained model only)")
+    need(len(seeds) > 0 and all(is_int(s) and s >= 0 for s in seeds) and len(set(seeds)) == len(seeds),
+         f"compare.seeds={seeds!r} must be distinct integers >= 0")
+    need(len(decs) > 0 and all(d in DECODINGS for d in decs) and len(set(decs)) == len(decs),
+         f"compare.decodings={decs!r} must be distinct names among {', '.join(DECODINGS)}")
     if bad:
         raise ConfigError("; ".join(bad))
 

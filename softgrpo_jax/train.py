@@ -426,7 +426,9 @@ class Run:
         log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
         return int(latest)
 
-    def train(self) -> dict:
+    def train(self, *, evaluate_after: bool = True) -> dict:
+        """Train (resuming from the latest checkpoint), then evaluate with ``cfg.eval`` unless ``evaluate_after`` is
+        false (``softgrpo compare`` evaluates the policy itself) and export; the report holds the per-step metrics."""
         cfg = self.cfg
         start = self.maybe_resume()
         mlog = MetricsLog(self.out, tensorboard=cfg.trainer.tensorboard, resume_step=start)
@@ -466,7 +468,8 @@ class Run:
         report["steps"] = self.step
         if interrupted:
             return report
-        if self.total_steps > start or not os.path.exists(os.path.join(self.out, "eval", "after", "summary.json")):
+        if evaluate_after and (self.total_steps > start or
+                               not os.path.exists(os.path.join(self.out, "eval", "after", "summary.json"))):
             report["after"] = self.evaluate("after")
         if cfg.trainer.export_hf:
             from flax import nnx
