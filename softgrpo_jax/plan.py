@@ -291,7 +291,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     roll = dict(tokens=_batch((B, L), i32, mesh), mask=_batch((B, L), bool, mesh),
                 ids=_batch((B, L, K), i32, mesh), ytil=_batch((B, L, K), f32, mesh),
                 weights=_batch((B, L, K), f32, mesh), soft=_batch((B, L), bool, mesh),
-                logprob=_batch((B, L), f32, mesh), prompt=_batch((B, Pn), i32, mesh))
+                logprob=_batch((B, L), f32, mesh), prompt=_batch((B, Pn), i32, mesh),
+                kept=_batch((B, L, K), bool, mesh), clamped=_batch((B, L, K), bool, mesh))
     b_roll = per_device_bytes(roll)
 
     def batch_abs(n):
@@ -299,7 +300,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         return dict(tokens=_batch(shp(T), i32, mesh, 1), attention_mask=_batch(shp(T), bool, mesh, 1),
                     topk_ids=_batch(shp(T, K), i32, mesh, 1), topk_ytil=_batch(shp(T, K), f32, mesh, 1),
                     soft_mask=_batch(shp(T), bool, mesh, 1), loss_mask=_batch(shp(T), bool, mesh, 1),
-                    advantages=_batch(shp(), f32, mesh, 1), tau=_batch(shp(), f32, mesh, 1))
+                    advantages=_batch(shp(), f32, mesh, 1), tau=_batch(shp(), f32, mesh, 1),
+                    topk_kept=_batch(shp(T, K), bool, mesh, 1), topk_clamped=_batch(shp(T, K), bool, mesh, 1))
 
     all_mb = batch_abs(n_all)
     all_lp = _batch((n_all, mb, T), f32, mesh, 1)
