@@ -50,6 +50,19 @@ DECODINGS: dict[str, dict] = {
 }
 
 RESULT_FILE = "compare_result.json"
+# two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1)
+T_CRIT_5 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+            15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_critical(dof: int) -> float:
+    """The two-sided 5% critical value of Student's t with ``dof`` degrees of freedom (the next tabulated lower dof
+    above 10, so never too small; 1.96 beyond 30)."""
+    if dof < 1:
+        return float("inf")
+    if dof > 30:
+        return 1.96
+    return T_CRIT_5[max(d for d in T_CRIT_5 if d <= dof)]
 # settings that do not change what a run computes (or are the comparison's own), left out of the resume check
 _IGNORED = ("name", "trainer.output_dir", "trainer.progress", "trainer.tensorboard", "trainer.compilation_cache",
             "trainer.keep_checkpoints", "trainer.save_every", "trainer.export_hf", "trainer.log_every",
@@ -104,7 +117,8 @@ def aggregate(summaries: Sequence[Mapping]) -> dict:
 
 def paired_differences(a: Mapping[int, Mapping], b: Mapping[int, Mapping]) -> dict:
     """``a - b`` per metric over the seeds both hold (paired by seed): :func:`mean_std` of the differences plus
-    ``se`` (std / sqrt(n)) and ``t`` (mean / se; None when the differences do not vary or fewer than two)."""
+    ``se`` (std / sqrt(n)), ``t`` (mean / se; None when the differences do not vary or fewer than two) and
+    ``beyond_seed_noise`` (|t| above the two-sided 5% critical value, :func:`t_critical`)."""
     seeds = [s for s in a if s in b]
     out = {}
     for k in _metric_keys([a[s] for s in seeds]):
@@ -112,6 +126,7 @@ def paired_differences(a: Mapping[int, Mapping], b: Mapping[int, Mapping]) -> di
         m = mean_std(d)
         m["se"] = m["std"] / math.sqrt(m["n"]) if m["std"] is not None else None
         m["t"] = m["mean"] / m["se"] if m["se"] else None
+        m["beyond_seed_noise"] = abs(m["t"]) > t_critical(m["n"] - 1) if m["t"] is not None else None
         m["seeds"] = seeds
         out[k] = m
     return out
@@ -536,8 +551,10 @@ def markdown(rep: dict) -> str:
                                                                                  and ks[-1] > 1 else "")
                                                     for k in dk]
         lines += ["## SofT-GRPO minus GRPO, paired by seed (points)", "",
-                  "Mean ± std of the per-seed differences; t = mean / (std / sqrt(seeds)) (with 3 seeds, |t| > 4.3 "
-                  "is a difference beyond seed noise at the 5% level, two-sided).", "",
+                  "Mean ± std of the per-seed differences of pass@1, unbiased pass@k and (last column) first-k "
+                  "pass@n; t = mean / (std / sqrt(seeds)); `*`: |t| above the two-sided 5% critical value of "
+                  "Student's t with seeds - 1 degrees of freedom (4.30 for 3 seeds), i.e. a difference beyond seed "
+                  "noise. The evaluation's own sampling noise is part of each seed's value.", "",
                   "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for diff in rep["differences"]:
             m = diff["metrics"]
@@ -547,7 +564,8 @@ def markdown(rep: dict) -> str:
                 x = m.get(k)
                 cell = _fmt_pct(x, signed=True)
                 if x and x.get("t") is not None:
-                    cell += f" (t {x['t']:.1f})"
+                    star = "*" if abs(x["t"]) > t_critical(x["n"] - 1) else ""
+                    cell += f" (t {x['t']:.1f}){star}"
                 cells.append(cell)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -578,6 +596,7 @@ def plot(path: str, rep: dict) -> str:
     """compare.png: training reward and response length per step (mean, +-1 std band over seeds), pass@k against k
     (unbiased and first-k; error bars: std over seeds; the untrained model dashed)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from softgrpo_jax.evaluation import atomic_write_bytes
 
@@ -600,10 +619,13 @@ def plot(path: str, rep: dict) -> str:
                 ax.fill_between(steps, mean - sd, mean + sd, color=colors.get(a), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
     styles = {d: s for d, s in zip(rep["decodings"], ("-", "--", ":", "-."))}
+    names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    lines_key = ", ".join(f"{names[st]}: {d}" for d, st in styles.items())
     for ax, fmt, title in ((axes[2], "unbiased_pass@{}", "pass@k, unbiased"),
                            (axes[3], "pass@{}", "pass@k, first k samples (the original's)")):
         for d in rep["decodings"]:
@@ -625,7 +647,7 @@ def plot(path: str, rep: dict) -> str:
         ax.set_ylim(0, 100)
         ax.set_xlabel("k (samples)")
         ax.set_ylabel("%")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"{title} ({lines_key})", fontsize=10)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7, loc="lower right")
