@@ -26,10 +26,11 @@ the band in both decodings.
 Time. Measured on the same 2-core EPYC while other jobs held the load average at 3.5-6 (the process got about one
 core): a training step of 2 prompts x 8 rollouts took 34-36 s (the first 51 s), for either arm (4 x 8: 66-72 s);
 a run's start-up (model, data, compiling) about 30 s; evaluation about 0.43 s per sample (16 problems x 16 samples
-in 104-114 s per decoding, compiling included). That allows, within 60 minutes on 2 cores: 8 steps of 2 prompts x
-8 rollouts per run (128 rollouts, 8 optimiser updates), 3 seeds x 2 arms, and 12 held-out problems x 16 samples x 2
-decodings for 7 policies. Estimate: 6 runs x (30 s + 51 s + 7 x 35 s + 2 x 192 x 0.43 s = 490 s) + the untrained
-model's 165 s = about 52 minutes (less on an idle machine). So small a setting cannot separate the arms (8 updates;
+in 104-114 s per decoding for the chosen problems, 70-139 s over all probes, compiling included). That allows,
+within 60 minutes on 2 cores: 8 steps of 2 prompts x 8 rollouts per run (128 rollouts, 8 optimiser updates), 3 seeds
+x 2 arms, and 12 held-out problems x 16 samples x 2 decodings for 7 policies. Estimate: 6 runs x (30 s + 51 s +
+7 x 35 s + 2 x 192 x 0.43 s = 490 s) + the untrained model's 165 s = about 52 minutes (57 at the slowest sample time
+seen; less on an idle machine). Not run in full yet. So small a setting cannot separate the arms (8 updates;
 12 problems give pass@1 a standard error of several points): it shows the pipeline and the seed noise. The GPU
 setting (configs/compare_gpu.py) is the one sized to separate them.
 """

@@ -1,4 +1,7 @@
-"""The smoke setting of `softgrpo compare` (what CI runs): the whole pipeline at the smallest sizes."""
+"""The smoke setting of `softgrpo compare`: the whole pipeline (both arms, two seeds, one training step each, both
+decodings, the untrained model, the report) at the smallest sizes. With the embedded SmolLM2-135M it took 2.3 minutes
+on 2 cores (mostly compiling); tests/test_compare.py runs it on a tiny random model with SmolLM2's tokenizer
+(`--config.model.path=...`) in about a minute."""
 
 import os
 import sys

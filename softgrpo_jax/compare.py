@@ -389,7 +389,7 @@ def run_arm(cfg, arm: str, seed: int) -> dict | None:
                             tag=f"{arm} seed {seed}")
     prev = res or {}
     res = {"fingerprint": fp, "arm": arm, "seed": int(seed), "rl.algorithm": rc.rl.algorithm,
-           "rollout.mode": rc.rollout.mode, "steps": report.get("steps"),
+           "rollout.mode": rc.rollout.mode, "steps": len(_train_metrics(run_dir)),
            "decodings": {**prev.get("decodings", {}), **evals},
            "train_s": prev.get("train_s", t_train), "eval_s": time.time() - t0 - t_train + prev.get("eval_s", 0.0)}
     evaluation.write_json(path, res)

@@ -254,8 +254,11 @@ def _parse_value(text: str, current: Any, key: str):
     if isinstance(current, (tuple, list)):
         try:
             v = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            v = tuple(s.strip() for s in text.split(",") if s.strip())
+        except (ValueError, SyntaxError):  # bare words: a,b or (a,b)
+            inner = text.strip()
+            if inner[:1] + inner[-1:] in ("()", "[]"):
+                inner = inner[1:-1]
+            v = tuple(s.strip() for s in inner.split(",") if s.strip())
         if not isinstance(v, (tuple, list)):
             v = (v,)
         return tuple(v)

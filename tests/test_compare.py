@@ -188,6 +188,11 @@ def test_mean_std_and_ks():
     m = compare.mean_std([0.1, 0.3, 0.8])
     assert m["mean"] == pytest.approx(0.4) and m["std"] == pytest.approx(np.std([0.1, 0.3, 0.8], ddof=1))
     assert compare.ks_for(16) == [1, 2, 4, 8, 16] and compare.ks_for(12) == [1, 2, 4, 8, 12]
+    # tuples of names on the command line, bare or quoted
+    for text in ("(discrete,soft,soft_grpo)", "discrete,soft,soft_grpo", "('discrete','soft','soft_grpo')"):
+        cfg = get_config("compare_smollm2", [f"--config.compare.decodings={text}"])
+        assert cfg.compare.decodings == ("discrete", "soft", "soft_grpo")
+    assert get_config("compare_smollm2", ["--config.compare.arms=()"]).compare.arms == ()
 
 
 @pytest.mark.parametrize("name", ["compare_smollm2", "compare_smollm2_smoke", "compare_gpu"])
