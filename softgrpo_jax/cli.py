@@ -90,7 +90,7 @@ def cmd_eval(args, overrides):
     import jax
 
     from softgrpo_jax import evaluation, load_pretrained, load_tokenizer
-    from softgrpo_jax.config import eval_sampling_config
+    from softgrpo_jax.config import engine_options, eval_sampling_config
     from softgrpo_jax.distributed import make_mesh
     from softgrpo_jax.eval_runner import evaluate
     from softgrpo_jax.sampling import RolloutEngine
@@ -101,9 +101,8 @@ def cmd_eval(args, overrides):
     model = load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
                             mesh=mesh, scan_layers=cfg.model.scan_layers)
     tok = load_tokenizer(cfg.model.path)
-    eng = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout), tok,
-                                      think_end=cfg.rollout.think_end, mesh=mesh, embed_impl=cfg.rollout.embed_impl,
-                                      dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
+    eng = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout), tok, mesh=mesh,
+                                      **engine_options(cfg.rollout))
     bench = {}
     for item in cfg.data.eval:
         name, _, split = item.partition(":")
@@ -403,7 +402,7 @@ def main(argv=None):
 # (7.4 GB for the float32 SmolLM2 update at 16 x 256 tokens) is mapped afresh and faulted in 4 KiB page by page
 # every step (1.8 M faults, 6-13 s of system time per update on a 2-core AMD EPYC VM). With the tunable below glibc
 # asks for transparent huge pages on what it maps (madvise; the kernel's default THP mode): 3.7 K faults, the
-# update 1.14-1.2x faster there (benchmarks/RESULTS.md, session 12). A tunable is read when a process starts, so
+# update 1.14-1.2x faster there (benchmarks/RESULTS.md). A tunable is read when a process starts, so
 # the command re-executes itself once with it; SOFTGRPO_HUGEPAGES=0 leaves the process as it is.
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 

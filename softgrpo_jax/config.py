@@ -137,7 +137,7 @@ def base_config() -> ConfigDict:
         ks=(1, 2, 4, 8, 16, 32),
         batch_size=64,  # rows per generate call
         max_new_tokens=32768,
-        scorer="math_verify_eval",  # the evaluation scorer of SPEC.md 5
+        scorer="math_verify_eval",  # the evaluation scorer of the original (docs/algorithm.md, "Evaluation")
         mode="gumbel",
         temperature=1.0, top_k=5, top_p=0.95, max_topk=5, tau=0.1, noise_factor=1.0,
         seed=0,
@@ -505,6 +505,12 @@ def eval_sampling_config(e: ConfigDict, r: ConfigDict):
         after_thinking_temperature=e.temperature, after_thinking_top_k=e.top_k, after_thinking_top_p=e.top_p,
         tau=e.tau, noise=r.noise, noise_factor=e.noise_factor, think_end_match=r.think_end_match,
         max_new_tokens=e.max_new_tokens)
+
+
+def engine_options(r: ConfigDict) -> dict:
+    """The ``RolloutEngine.for_tokenizer`` keywords that a config's ``rollout`` section sets (besides sampling)."""
+    return dict(think_end=r.think_end, embed_impl=r.embed_impl, dtype=r.dtype or None, layout=r.layout,
+                attention=r.attention)
 
 
 def loss_config(rl: ConfigDict, noise: str = "gumbel"):

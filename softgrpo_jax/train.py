@@ -18,7 +18,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from softgrpo_jax import evaluation, rewards
-from softgrpo_jax.config import eval_sampling_config, loss_config, sampling_config
+from softgrpo_jax.config import engine_options, eval_sampling_config, loss_config, sampling_config
 from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
@@ -216,14 +216,11 @@ class Run:
         self.rollout_mode = mode
         samp = dataclasses.replace(sampling_config(cfg.rollout), mode=mode)
         # prompts are left-padded to length buckets of at least 128 tokens: few compiled shapes
-        self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, think_end=cfg.rollout.think_end,
-                                                  mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
+        self.engine = RolloutEngine.for_tokenizer(model, samp, self.tokenizer, mesh=self.mesh,
                                                   min_bucket=min(128, cfg.data.max_prompt_length),
-                                                  dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
+                                                  **engine_options(cfg.rollout))
         self.eval_engine = RolloutEngine.for_tokenizer(model, eval_sampling_config(cfg.eval, cfg.rollout),
-                                                       self.tokenizer, think_end=cfg.rollout.think_end,
-                                                       mesh=self.mesh, embed_impl=cfg.rollout.embed_impl,
-                                                       dtype=cfg.rollout.dtype or None, layout=cfg.rollout.layout)
+                                                       self.tokenizer, mesh=self.mesh, **engine_options(cfg.rollout))
         try:
             os.makedirs(self.out, exist_ok=True)
         except OSError as e:
