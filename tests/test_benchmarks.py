@@ -65,6 +65,10 @@ CASES = {
         [r"\| avx2 \| with slot records \(trainer\) \| ",
          rf"PASS: with the slot records the median per-layer difference is at most ({NUM}(e-\d+)?%|0 \(bit-identical\)) "
          r"on every path"]),
+    "bench_train_scale": (
+        ["--small", "--repeats", "1"],
+        [rf"\| fixed rows \| {NUM} \| {NUM} \| {NUM}% \| 1 \|", rf"\| token budget \| {NUM} \| {NUM} \| {NUM}% \|",
+         r"the same gradient norm after the same updates .*: ok"]),
     "bench_soft_embed": (  # the Pallas GPU kernel in interpret mode; --no-sweep: its default tile only
         ["--small", "--interpret", "--no-sweep"],
         [rf"\| training N=200 \| Pallas fused \| {NUM} us per call \|", r"correctness OK"]),
