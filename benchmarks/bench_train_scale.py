@@ -157,6 +157,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=None, help="token budget per token-budget micro-batch")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     args = ap.parse_args()
     if args.small:
         shape, dtype, d = C.TINY, "float32", dict(rows=8, prompt=32, budget=96, micro_rows=4, max_tokens=256)
@@ -187,22 +188,24 @@ def main():
         res[name] = r
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None) if args.gpu else None
-    print("\n| variant | update s | real tokens/s | padding | shapes | compile s | peak memory | MFU | grad norm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [f"{C.machine_line()}", "", "| variant | update s | real tokens/s | padding | shapes | compile s | "
+             "peak memory | MFU | grad norm |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         mem = r["peak"] if r["peak"] is not None else r["temp"]
         mem_s = f"{mem / 2**30:.2f} GiB" + ("" if r["peak"] is not None else " (temp)")
         mfu = f"{model_flops(model.config, lens) / r['time_s'] / peak:.0%}" if peak else "-"
-        print(f"| {name} | {r['time_s']:.3f} | {r['real_tokens'] / r['time_s']:,.0f} | {r['padding']:.1%} | "
-              f"{r['shapes']} | {r['compile_s']:.1f} | {mem_s} | {mfu} | {r['grad_norm']:.4g} |")
+        lines.append(f"| {name} | {r['time_s']:.3f} | {r['real_tokens'] / r['time_s']:,.0f} | {r['padding']:.1%} | "
+                     f"{r['shapes']} | {r['compile_s']:.1f} | {mem_s} | {mfu} | {r['grad_norm']:.4g} |")
     a, b = res["fixed rows"], res["token budget"]
     ratio = (b["real_tokens"] / b["time_s"]) / (a["real_tokens"] / a["time_s"])
-    print(f"\ntoken budget / fixed rows, real tokens per second: {ratio:.2f}x; padding {a['padding']:.1%} -> "
-          f"{b['padding']:.1%}")
+    lines += ["", f"token budget / fixed rows, real tokens per second: {ratio:.2f}x; padding {a['padding']:.1%} -> "
+              f"{b['padding']:.1%}"]
     same = abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * abs(a["grad_norm"]) + 1e-6
-    print(f"check: both finite {a['finite'] and b['finite']}; the same gradient norm after the same updates "
-          f"({a['grad_norm']:.6g} vs {b['grad_norm']:.6g}): {'ok' if same else 'DIFFERENT'}")
+    ok = same and a["finite"] and b["finite"]
+    lines.append(f"check: both finite {a['finite'] and b['finite']}; the same gradient norm after the same updates "
+                 f"({a['grad_norm']:.6g} vs {b['grad_norm']:.6g}): {'ok' if same else 'DIFFERENT'}")
+    return C.emit_report("\n".join(lines), args.out, ok)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
