@@ -43,8 +43,10 @@ from softgrpo_jax.sampling.engine import decode, prefill  # noqa: E402
 from softgrpo_jax.sampling.step import MODES  # noqa: E402
 
 
-def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int, layout: str = "auto"):
-    """(prefill s, decode s, buffers, state) of the engine's two jitted programs, best of ``reps`` timed runs."""
+def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int, layout: str = "auto",
+               attention: str = "xla"):
+    """(prefill s, decode s, buffers, state) of the engine's two jitted programs, best of ``reps`` timed runs;
+    ``attention``: the decode attention ("pallas": each row's own context, the cache rounded up to 256 slots)."""
     B, Pn = prompts.shape
     cfg = SamplingConfig(mode=mode, max_topk=5, temperature=1.0, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=steps)
     # the weights as RolloutEngine.generate decodes them (model dtype; layer scan on GPU, per-layer on CPU)
@@ -54,21 +56,23 @@ def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: st
     modes = jnp.full((B,), MODES[mode], jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(B))
 
+    cache_len = Pn + steps if attention == "xla" else -(-(Pn + steps) // 256) * 256
+
     def run_prefill():  # (not named prefill: it calls the engine's)
-        return C.block(prefill(mcfg, params, toks, mask, cache_len=Pn + steps))
+        return C.block(prefill(mcfg, params, toks, mask, cache_len=cache_len))
 
     def run_decode(logits0, cache):
         return C.block(decode(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(),
-                              pad_id=0, steps=steps, embed_impl=embed_impl))
+                              pad_id=0, steps=steps, embed_impl=embed_impl, attention=attention))
 
     logits0, cache = run_prefill()  # compile
-    buf, st, _ = run_decode(logits0, cache)
+    buf, st, _, _ = run_decode(logits0, cache)
     t_pre, t_dec = float("inf"), float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         logits0, cache = run_prefill()
         t1 = time.perf_counter()
-        buf, st, _ = run_decode(logits0, cache)
+        buf, st, _, _ = run_decode(logits0, cache)
         t2 = time.perf_counter()
         t_pre, t_dec = min(t_pre, t1 - t0), min(t_dec, t2 - t1)
     return t_pre, t_dec, jax.device_get(buf), logits0
@@ -126,6 +130,9 @@ def main():
     ap.add_argument("--layouts", default="scan,per_layer",
                     help="engine weight layouts to time: scan (layer stack under lax.scan), per_layer (unrolled)")
     ap.add_argument("--modes", default="discrete,gumbel", help="sampling modes to time")
+    ap.add_argument("--attentions", default=None,
+                    help="decode attentions for the discrete rows: xla (every cache slot), pallas (each row's own "
+                         "context; interpret mode off GPU). Default: xla,pallas on a GPU, xla elsewhere")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     a = ap.parse_args()
     small = a.small
@@ -179,17 +186,19 @@ def main():
         kv = kv_per_tok * B * (Pn + (steps + 1) / 2)  # valid cache read per step, averaged over the steps
         layouts = a.layouts.split(",")
         modes = a.modes.split(",")
+        attentions = (a.attentions or ("xla,pallas" if on_gpu else "xla")).split(",")
         variants = []
         for li, layout in enumerate(layouts):
             if "discrete" in modes:
-                variants.append(("discrete", "xla", layout))
+                variants += [("discrete", "xla", layout, att) for att in attentions]
             if "gumbel" in modes:  # every embedding path under the first layout, the backend's default under others
-                variants += [("gumbel", i, layout) for i in (impls if li == 0 else impls[-1:])]
-        for mode, impl, layout in variants:
+                variants += [("gumbel", i, layout, attentions[0]) for i in (impls if li == 0 else impls[-1:])]
+        for mode, impl, layout, att in variants:
             label = mode + (f" ({impl} embed)" if mode == "gumbel" else "") + (f", {layout}" if len(layouts) > 1
                                                                                else "")
+            label += ", pallas attention" if att == "pallas" else ""
             try:
-                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps, layout)
+                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps, layout, att)
                 check_rollout(buf, mode, steps)
             except Exception as e:  # noqa: BLE001 - report the variant as failed, go on
                 print(f"# {label} B={B} failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
