@@ -31,15 +31,22 @@ def last_boxed_only_string(string: str) -> str | None:
         idx = string.rfind("\\fbox")
         if idx < 0:
             return None
+    end = _closing_brace(string, idx)
+    return None if end is None else string[idx:end + 1]
+
+
+def _closing_brace(s: str, start: int) -> int | None:
+    """The index of the ``}`` at which the brace depth, counted from ``start``, first returns to 0 after a ``}``;
+    None if it never does."""
     depth = 0
-    for i in range(idx, len(string)):
-        c = string[i]
+    for i in range(start, len(s)):
+        c = s[i]
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return string[idx:i + 1]
+                return i
     return None
 
 
@@ -196,16 +203,8 @@ def extract_boxed_answer(text: str) -> str | None:
         return rest[:end].strip() or None
     if j >= len(text) or text[j] != "{":
         return None
-    depth = 0
-    for k in range(j, len(text)):
-        c = text[k]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[j + 1:k]
-    return None
+    end = _closing_brace(text, j)
+    return None if end is None else text[j + 1:end]
 
 
 def brace_depth(s: str) -> int:
