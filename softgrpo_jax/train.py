@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -27,37 +28,59 @@ from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog
 from softgrpo_jax.sampling import RolloutEngine
 
 
-@contextlib.contextmanager
-def _quiet_background_tracebacks():
-    """orbax logs the traceback of a failed background write (a full disk) on the ``absl`` logger before raising it
-    in the caller; the caller reports it in one line, so those records are dropped (kept with ``--debug``)."""
-    if debug_enabled():
-        yield
-        return
-
-    def drop(record):
-        return not (record.levelno >= logging.ERROR and record.exc_info)
-
-    logger = logging.getLogger("absl")
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+def _is_closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
 def _drop_closed_loop_reports():
-    """After a failed orbax save, tensorstore completes a write callback on the asyncio loop orbax has already closed;
-    Python reports that ignored ``RuntimeError('Event loop is closed')`` with a traceback. The save's failure is
-    reported in one line: that report is dropped (others still go to the previous hook)."""
-    prev = sys.unraisablehook
+    """After a failed orbax save, tensorstore completes write callbacks on the asyncio loop orbax has already closed.
+    Python reports each ``RuntimeError('Event loop is closed')`` with a traceback, by whichever path the callback ran
+    on (``sys.excepthook`` from native code, ``sys.unraisablehook``, ``threading.excepthook``), at any time until the
+    process exits. The save's failure is reported in one line, so exactly those reports are dropped; any other goes
+    to the previous hook. Installed once per process; kept with ``--debug``."""
+    if debug_enabled() or getattr(sys, "_softgrpo_closed_loop_hooks", False):
+        return
+    prev_exc, prev_unraisable, prev_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
 
-    def hook(u):
-        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
-            return
-        prev(u)
+    def excepthook(tp, value, tb):
+        if not _is_closed_loop(value):
+            prev_exc(tp, value, tb)
 
-    sys.unraisablehook = hook
+    def unraisablehook(u):
+        if not _is_closed_loop(u.exc_value):
+            prev_unraisable(u)
+
+    def thread_hook(a):
+        if not _is_closed_loop(a.exc_value):
+            prev_thread(a)
+
+    sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, thread_hook
+    sys._softgrpo_closed_loop_hooks = True
+
+
+@contextlib.contextmanager
+def _quiet_background_tracebacks():
+    """orbax logs the traceback of a failed background write (a full disk) on the ``absl`` logger before raising it
+    in the caller; the caller reports it in one line, so those records are dropped (kept with ``--debug``). The
+    closed-loop reports that follow such a failure can come while the save still runs, so their filter is in place
+    before it starts."""
+    if debug_enabled():
+        yield
+        return
+    _drop_closed_loop_reports()
+
+    def drop(record):
+        return not (record.levelno >= logging.ERROR and (record.exc_info or "Event loop is closed" in
+                                                         record.getMessage()))
+
+    loggers = [logging.getLogger(n) for n in ("absl", "concurrent.futures", "asyncio")]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def log(msg: str):
@@ -399,8 +422,6 @@ class Run:
             for name in os.listdir(self.ckpt.dir):  # orbax's half-written step (it renames it when complete)
                 if name.startswith(f"{step}.orbax-checkpoint-tmp"):
                     shutil.rmtree(os.path.join(self.ckpt.dir, name), ignore_errors=True)
-            if not debug_enabled():
-                _drop_closed_loop_reports()
             hint = os_error_message(OSError(code, os.strerror(code)))
             latest = self.ckpt.latest_step()
             kept = f"the checkpoint of step {latest} is kept" if latest is not None else "no checkpoint is kept"

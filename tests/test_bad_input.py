@@ -573,3 +573,32 @@ if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"
     remote = [ln.split("--command=", 1)[1] for ln in calls.read_text().splitlines() if "--command=" in ln]
     remote += [w.split(":", 1)[1] for ln in calls.read_text().splitlines() for w in ln.split() if w.startswith("pod:")]
     assert len(remote) == 4 and not [r for r in remote if "/tmp" in r], remote  # nothing in a worker's shared /tmp
+
+
+def test_closed_loop_reports_dropped_on_every_path():
+    """The reports a failed orbax save leaves behind (``RuntimeError('Event loop is closed')`` from write callbacks)
+    are dropped whichever hook Python reports them by; any other error on those paths is still printed."""
+    code = r'''
+import sys, threading
+from softgrpo_jax.train import _quiet_background_tracebacks
+with _quiet_background_tracebacks():
+    pass
+closed, other = RuntimeError("Event loop is closed"), ValueError("something else")
+for e in (closed, other):
+    try:
+        raise e
+    except Exception as x:
+        sys.excepthook(type(x), x, x.__traceback__)
+    def boom(e=e):
+        raise e
+    t = threading.Thread(target=boom); t.start(); t.join()
+    class D:
+        def __del__(self, e=e):
+            raise e
+    D()
+'''
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Event loop is closed" not in err, err
+    assert err.count("ValueError: something else") == 3, err
