@@ -78,6 +78,10 @@ def base_config() -> ConfigDict:
         layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU)
         attention="auto",  # auto | xla | pallas: decode attention over the KV cache (pallas: each row's own context
         #   only, JAX's Pallas GPU decode kernel; auto: pallas on GPU, xla elsewhere)
+        schedule="chunked",  # chunked | static: chunked decodes chunk_steps steps at a time over a cache just long
+        #   enough, finished rows leave the batch between chunks, one prefill per prompt; static: one loop over the
+        #   whole budget for every row (the reference; the same rollouts)
+        chunk_steps=128,
     ))
     c.rl = ConfigDict(dict(
         algorithm="softgrpo",  # softgrpo | grpo (the baseline: discrete rollouts, same trainer)
@@ -405,6 +409,8 @@ def validate_config(cfg: ConfigDict) -> None:
     one_of("rollout.think_end_match", ("full", "last_subtoken"))
     one_of("rollout.layout", ("auto", "scan", "per_layer"))
     one_of("rollout.attention", ("auto", "xla", "pallas"))
+    one_of("rollout.schedule", ("chunked", "static"))
+    num_check("rollout.chunk_steps", lambda v: isinstance(v, int) and v >= 1, ">= 1 (an integer)")
     one_of("rollout.dtype", ("",) + _FLOAT_DTYPES)
     need(isinstance(cfg.rollout.think_end, str) and cfg.rollout.think_end != "",
          "rollout.think_end is empty; give the text that closes the thinking block (e.g. </think>)")
@@ -510,7 +516,7 @@ def eval_sampling_config(e: ConfigDict, r: ConfigDict):
 def engine_options(r: ConfigDict) -> dict:
     """The ``RolloutEngine.for_tokenizer`` keywords that a config's ``rollout`` section sets (besides sampling)."""
     return dict(think_end=r.think_end, embed_impl=r.embed_impl, dtype=r.dtype or None, layout=r.layout,
-                attention=r.attention)
+                attention=r.attention, schedule=r.schedule, chunk_steps=r.chunk_steps)
 
 
 def loss_config(rl: ConfigDict, noise: str = "gumbel"):

@@ -348,7 +348,8 @@ def test_per_row_budgets_and_work_counters(tmp_path):
 
     make_hf_model(str(tmp_path), "qwen2", seed=3, vocab_size=64)
     model = load_pretrained(str(tmp_path))
-    eng = RolloutEngine(model, SamplingConfig(mode="gumbel", max_new_tokens=10, top_k=5, top_p=0.9), pad_id=0)
+    eng = RolloutEngine(model, SamplingConfig(mode="gumbel", max_new_tokens=10, top_k=5, top_p=0.9), pad_id=0,
+                        schedule="static")
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
     full = eng.generate(prompts, jax.random.key(7), n=2, modes=["gumbel", "discrete"] * 3)
     budgets = [10, 3, 7, 1, 10, 5]
@@ -374,6 +375,79 @@ def test_per_row_budgets_and_work_counters(tmp_path):
         eng.generate(prompts, jax.random.key(7), n=2, max_new_tokens=[3, 4])
 
 
+@pytest.mark.parametrize("arch,attention", [("qwen2", "xla"), ("llama", "pallas")])
+def test_chunked_schedule_equals_static(tmp_path, arch, attention):
+    """The chunked schedule (short chunks, so the cache grows and finished rows leave the batch several times, with
+    padding slots) gives the static schedule's rollout exactly: every stored quantity of every row. Its work
+    counters equal a NumPy recount of the schedule from the rows' lengths, and it computes fewer row-steps and
+    reads fewer KV slots than the static one."""
+    from helpers import make_hf_model
+    from softgrpo_jax import load_pretrained
+    from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
+    from softgrpo_jax.sampling.engine import batch_bucket, cache_bucket
+
+    make_hf_model(str(tmp_path), arch, seed=5, vocab_size=64)
+    model = load_pretrained(str(tmp_path))
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=24, top_k=5, top_p=0.9)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [9, 10], [12, 13, 14, 15]]
+    budgets = [24, 3, 7, 1, 20, 5, 2, 11, 24, 9, 4, 16]
+    modes = ["gumbel", "discrete", "soft"] * 4
+    out = {}
+    for sched in ("static", "chunked"):
+        eng = RolloutEngine(model, cfg, think_end_ids=[7], stop_ids=[2], pad_id=0, schedule=sched, chunk_steps=3,
+                            attention=attention)
+        out[sched] = eng.generate(prompts, jax.random.key(11), n=3, modes=modes, max_new_tokens=budgets)
+    st, ch = out["static"], out["chunked"]
+    for f in ("tokens", "response_mask", "topk_ids", "soft_mask", "topk_kept", "topk_clamped", "lengths",
+              "think_lengths", "finish_reason"):
+        np.testing.assert_array_equal(np.asarray(getattr(ch, f)), np.asarray(getattr(st, f)), err_msg=f)
+    for f in ("topk_ytil", "weights", "logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(ch, f)), np.asarray(getattr(st, f)), rtol=1e-5, atol=1e-5,
+                                   err_msg=f)
+    lens = np.asarray(ch.lengths)
+    assert len(set(lens.tolist())) > 3  # rows end at many different steps
+    # NumPy recount: a chunk starting at step i runs the rows still live (length > i) in their batch bucket
+    Pn, total, C = ch.prompt_tokens.shape[1], max(budgets), 3
+    plen = np.asarray(ch.prompt_mask).sum(1)
+    i, computed, read = 0, 0, 0
+    gran = 256 if attention == "pallas" else 16
+    while i < lens.max():
+        live = lens > i
+        b = batch_bucket(int(live.sum()))
+        ran = min(C, int(lens[live].max()) - i)
+        computed += b * ran
+        if attention == "xla":
+            read += b * ran * cache_bucket(Pn + min(i + C, total), gran)
+        i += ran
+    s = ch.stats
+    assert (s.steps, s.row_steps_computed, s.row_steps_useful) == (lens.max(), computed, lens.sum())
+    assert s.kv_slots_valid == st.stats.kv_slots_valid
+    if attention == "xla":
+        assert s.kv_slots_read == read
+    assert s.row_steps_computed < st.stats.row_steps_computed and s.kv_slots_read < st.stats.kv_slots_read
+    with pytest.raises(ValueError, match="schedule"):
+        RolloutEngine(model, cfg, schedule="dynamic")
+
+
+def test_buckets():
+    """Cache lengths step by at most 1.25x (multiples of the granule); batch buckets by at most 1.5x (of the
+    mesh's batch devices)."""
+    from softgrpo_jax.sampling.engine import batch_bucket, cache_bucket
+
+    for g in (16, 256):
+        prev = 0
+        for n in range(1, 20000, 7):
+            c = cache_bucket(n, g)
+            assert c >= n and c % g == 0 and c >= prev
+            assert c <= max(g, 1.25 * n + g), (n, g, c)
+            prev = c
+    for d in (1, 2, 8):
+        for n in range(1, 600):
+            b = batch_bucket(n, d)
+            assert b >= n and b % d == 0 and b <= max(d, 1.5 * n + d), (n, d, b)
+    assert len({cache_bucket(n, 256) for n in range(1024, 9217)}) <= 14
+
+
 def test_pallas_decode_attention_engine_equals_xla(tmp_path):
     """RolloutEngine(attention="pallas") (the kernel in interpret mode) samples the XLA engine's tokens and
     stored quantities, and reads only each row's own context (its work counter)."""
@@ -395,3 +469,35 @@ def test_pallas_decode_attention_engine_equals_xla(tmp_path):
     assert p.stats.kv_slots_read >= p.stats.kv_slots_valid == x.stats.kv_slots_valid
     with pytest.raises(ValueError, match="rollout attention"):
         RolloutEngine(model, cfg, attention="flash")
+
+
+def test_no_collectives_in_the_decode_loop(model):
+    """On data-parallel and FSDP meshes of the 8 CPU devices the compiled decode loop's body holds no collective
+    (the weights are laid out for decoding once per rollout, sampling runs per batch shard; the done flag's
+    reduction sits in the loop's condition). A tensor-parallel mesh needs them in the body, and the reader finds
+    them there."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+    from softgrpo_jax.hlo import collectives_in_loops
+    from softgrpo_jax.sampling.engine import decode, prefill
+
+    assert jax.device_count() == 8
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    found = {}
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        mesh = make_mesh(shape)
+        ms = load_pretrained_like(model, mesh)
+        eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, layout="scan")
+        mcfg, params = eng.decode_params(ms)
+        toks, mask = eng.prepare_prompts(PROMPTS * 2)
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
+        toks, mask = put(toks), put(mask)
+        modes = put(np.full(toks.shape[0], 2, np.int32))
+        keys = jax.random.split(jax.random.key(0), toks.shape[0])
+        logits0, cache = prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 6, mesh=mesh)
+        hlo = decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
+                           steps=6, embed_impl="auto", mesh=mesh).compile().as_text()
+        found[shape] = collectives_in_loops(hlo)
+    assert found[(8, 1, 1)] == [] and found[(2, 4, 1)] == [], found
+    assert {op for op, _ in found[(2, 2, 2)]} >= {"all-reduce"}

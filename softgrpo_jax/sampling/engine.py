@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import flax.struct
@@ -116,6 +117,42 @@ def _prepare(params, *, dtype, per_layer: bool):
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
+def _batch_axes(mesh) -> tuple:
+    """The mesh's batch axes that split the batch (size > 1)."""
+    return () if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
+def decode_layout(params, mesh, budget_bytes: int | None = None):
+    """The weights as a decode step wants them on ``mesh``: replicated over the batch axes (FSDP shards gathered
+    once per rollout, not at every step inside the loop), tensor-parallel splits kept. Kept as they are when the
+    replicated copy would take more than half of ``budget_bytes`` per device (default: the device's memory limit
+    where the platform reports one)."""
+    axes = _batch_axes(mesh)
+    leaves = jax.tree.leaves(params)
+    if not axes or not any(isinstance(getattr(a, "sharding", None), NamedSharding) and any(
+            ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in leaves):
+        return params
+    if budget_bytes is None:
+        stats = mesh.devices.flat[0].memory_stats() or {}
+        budget_bytes = stats.get("bytes_limit")
+    if budget_bytes is not None:
+        tp = mesh.shape.get("tensor", 1)
+        if sum(a.nbytes for a in leaves) / tp > budget_bytes / 2:
+            return params
+
+    def relayout(a):
+        sh = getattr(a, "sharding", None)
+        if not isinstance(sh, NamedSharding):
+            return a
+        spec = []
+        for ax in sh.spec:
+            names = tuple(n for n in (ax if isinstance(ax, tuple) else (ax,)) if n is not None and n not in axes)
+            spec.append(None if not names else names[0] if len(names) == 1 else names)
+        return jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+    return jax.tree.map(relayout, params)
+
+
 def _batch_spec(mesh, shape):
     return NamedSharding(mesh, fit_spec(shape, P(BATCH_AXES, *([None] * (len(shape) - 1))), mesh))
 
@@ -150,14 +187,33 @@ def prefill(mcfg: ModelConfig, params, tokens, mask, *, cache_len, mesh=None):
     return logits, _constrain_cache(cache, mesh)
 
 
+def init_state(modes, n_end: int) -> dict:
+    """The decode loop's per-row state before the first step (``decode`` carries it from chunk to chunk)."""
+    B = modes.shape[0]
+    return dict(
+        thinking=modes != DISCRETE,
+        done=jnp.zeros((B,), bool),
+        finish=jnp.zeros((B,), jnp.int32),
+        think_len=jnp.zeros((B,), jnp.int32),
+        hist=jnp.full((B, max(n_end, 1)), -1, jnp.int32),
+        low_ent=jnp.zeros((B,), jnp.int32),
+        force=jnp.full((B,), -1, jnp.int32),
+    )
+
+
 @xla_jit(static_argnames=("mcfg", "cfg", "end_ids", "stop_ids", "pad_id", "steps", "embed_impl", "mesh",
-                          "attention"), donate_argnames=("cache",))
-def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=None, *, cfg: SamplingConfig,
-           end_ids: tuple, stop_ids: tuple, pad_id: int, steps: int, embed_impl: str, mesh=None,
-           attention: str = "xla"):
-    """The decode loop: up to ``steps`` soft / discrete steps from the prefill's last logits and cache (donated);
-    ``budgets`` [B] int32 caps each row's steps (None: ``steps`` for every row); ``attention`` is the decode
-    attention ("xla" | "pallas", see ``models.transformer.forward``). Returns (buffers, state, cache, steps run)."""
+                          "attention", "total_steps"), donate_argnames=("cache",))
+def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=None, state=None, start=0, *,
+           cfg: SamplingConfig, end_ids: tuple, stop_ids: tuple, pad_id: int, steps: int, embed_impl: str,
+           mesh=None, attention: str = "xla", total_steps: int | None = None):
+    """The decode loop: up to ``steps`` soft / discrete steps from the last logits and the cache (donated);
+    ``budgets`` [B] int32 caps each row's steps (None: every row may run ``total_steps``, default ``steps``);
+    ``attention`` is the decode attention ("xla" | "pallas", see ``models.transformer.forward``).
+
+    A chunk of a longer decode starts at step ``start`` (the rows' common step index, which keys the noise) with
+    the ``state`` the previous chunk returned (None: the first step's, :func:`init_state`); its buffers hold the
+    chunk's ``steps`` columns. Returns (buffers, state, cache, the step index the loop stopped at); the state's
+    ``logits`` are the next step's, for the chunk after."""
     table = params["embed"]
     B = logits0.shape[0]
     K = cfg.max_topk
@@ -165,6 +221,8 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
     end_arr = jnp.asarray(end_ids if end_ids else (-1,), jnp.int32)
     stop_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     cold = cfg.early_stopping_entropy_threshold > 0
+    total = steps if total_steps is None else total_steps
+    start = jnp.asarray(start, jnp.int32)
 
     buf = dict(
         tokens=jnp.full((B, steps), pad_id, jnp.int32),
@@ -177,24 +235,23 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
         soft=jnp.zeros((B, steps), bool),
         logprob=jnp.zeros((B, steps), jnp.float32),
     )
-    st = dict(
-        thinking=modes != DISCRETE,
-        done=jnp.zeros((B,), bool),
-        finish=jnp.zeros((B,), jnp.int32),
-        think_len=jnp.zeros((B,), jnp.int32),
-        hist=jnp.full((B, max(n_end, 1)), -1, jnp.int32),
-        low_ent=jnp.zeros((B,), jnp.int32),
-        force=jnp.full((B,), -1, jnp.int32),
-    )
+    st = init_state(modes, n_end) if state is None else {k: v for k, v in state.items() if k != "logits"}
+    end = jnp.minimum(start + steps, total)
 
     def cond(carry):
         i, _, _, st, _ = carry
-        return (i < steps) & ~jnp.all(st["done"])
+        return (i < end) & ~jnp.all(st["done"])
+
+    sample = functools.partial(step, cfg)
+    axes = _batch_axes(mesh)
+    if axes and B % math.prod(mesh.shape[a] for a in axes) == 0:
+        # sampling is row-local: each device samples its own rows (no all-gather of the [B, V] logits per step)
+        sample = jax.shard_map(sample, mesh=mesh, in_specs=P(axes), out_specs=P(axes), check_vma=False)
 
     def body(carry):
         i, logits, cache, st, buf = carry
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, i)
-        out = step(cfg, logits, keys, modes, st["thinking"])
+        out = sample(logits, keys, modes, st["thinking"])
         token, ids, weights, ytil, soft, logprob = (out[k] for k in ("token", "ids", "weights", "ytil", "soft",
                                                                         "logprob"))
         kept, clamped = out["kept"], out["clamped"]
@@ -247,7 +304,7 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
                       low_ent=jnp.where(ends, 0, low_ent), force=f_next)
 
         tok_w = jnp.where(active, token, pad_id)
-        upd = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i, axis=1)  # noqa: E731
+        upd = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, i - start, axis=1)  # noqa: E731
         buf = dict(
             tokens=upd(buf["tokens"], tok_w),
             mask=upd(buf["mask"], active),
@@ -265,8 +322,98 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
         return i + 1, next_logits[:, 0], cache, new_st, buf
 
     with activation_sharding(mesh):
-        i, _, cache, st, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), logits0, cache, st, buf))
+        i, logits, cache, st, buf = jax.lax.while_loop(cond, body, (start, logits0, cache, st, buf))
+    st["logits"] = logits
     return buf, st, cache, i  # returning the cache lets XLA alias it to the donated input (decode in place)
+
+
+def cache_bucket(n: int, granule: int = 16) -> int:
+    """The cache length a decode chunk that needs ``n`` slots runs with: the smallest of 1, 1.25, 1.5, 1.75 x a
+    power of two (rounded up to ``granule``) that holds ``n``, so attention reads at most 1.25x the slots it needs
+    and a rollout compiles a few cache lengths per doubling."""
+    p = granule
+    while True:
+        for q in (4, 5, 6, 7):
+            m = -(-(p * q // 4) // granule) * granule
+            if m >= n:
+                return m
+        p *= 2
+
+
+def batch_bucket(n: int, minimum: int = 1) -> int:
+    """The batch a chunk runs its live rows in: ``minimum`` (the mesh's batch devices) x 1, 2, 3, 4, 6, 8, 12, ..."""
+    b = 1
+    while True:
+        for m in (b, b + b // 2) if b >= 2 else (b,):
+            if minimum * m >= n:
+                return minimum * m
+        b *= 2
+
+
+def _valid_slots(plen: np.ndarray, lengths: np.ndarray) -> int:
+    """KV slots that held a row's own context, summed over its decode steps (its prompt, then the steps so far)."""
+    plen, lengths = plen.astype(np.int64), lengths.astype(np.int64)
+    return int((lengths * plen + lengths * (lengths + 1) // 2).sum())
+
+
+@functools.partial(jax.jit, static_argnames=("B", "steps", "K", "pad_id", "mesh"))
+def _full_buffers(B: int, steps: int, K: int, pad_id: int, mesh=None):
+    """The rollout's empty buffers [B, steps(, K)] that the chunks write into."""
+    out = dict(tokens=jnp.full((B, steps), pad_id, jnp.int32), mask=jnp.zeros((B, steps), bool),
+               ids=jnp.zeros((B, steps, K), jnp.int32), ytil=jnp.zeros((B, steps, K), jnp.float32),
+               weights=jnp.zeros((B, steps, K), jnp.float32), kept=jnp.zeros((B, steps, K), bool),
+               clamped=jnp.zeros((B, steps, K), bool), soft=jnp.zeros((B, steps), bool),
+               logprob=jnp.zeros((B, steps), jnp.float32))
+    if mesh is not None:
+        out = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _batch_spec(mesh, a.shape)), out)
+    return out
+
+
+def _cache_rows(cache, idx):
+    """The cache's rows ``idx`` (any order, repeats allowed)."""
+    out = dict(cache)
+    for k in ("k", "v"):
+        v = cache[k]
+        out[k] = [jnp.take(a, idx, axis=0) for a in v] if isinstance(v, list) else jnp.take(v, idx, axis=1)
+    out["mask"] = jnp.take(cache["mask"], idx, axis=0)
+    out["pos"] = jnp.take(cache["pos"], idx, axis=0)
+    return out
+
+
+def _grow(cache, new_len: int):
+    """The cache with empty slots appended up to ``new_len`` (slot order, and so every position, unchanged)."""
+    out = dict(cache)
+    for k in ("k", "v"):
+        v = cache[k]
+        if isinstance(v, list):
+            out[k] = [jnp.pad(a, ((0, 0), (0, 0), (0, new_len - a.shape[2]), (0, 0))) for a in v]
+        else:
+            out[k] = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, new_len - v.shape[3]), (0, 0)))
+    out["mask"] = jnp.pad(cache["mask"], ((0, 0), (0, new_len - cache["mask"].shape[1])))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("new_len", "mesh"))
+def _reshape_batch(cache, rest, idx, *, new_len: int, mesh=None):
+    """Between decode chunks: keep the rows ``idx`` of the cache and of every array in ``rest`` (a pytree of [B, ...]
+    arrays) and grow the cache to ``new_len`` slots."""
+    if idx is not None:
+        cache = _cache_rows(cache, idx)
+        rest = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), rest)
+    cache = _grow(cache, new_len) if new_len != cache["mask"].shape[1] else cache
+    if mesh is not None:
+        rest = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _batch_spec(mesh, a.shape)), rest)
+    return _constrain_cache(cache, mesh), rest
+
+
+@functools.partial(jax.jit, donate_argnames=("full",))
+def _write_chunk(full, chunk, rows, start):
+    """Write a chunk's buffers (columns ``start`` on) into the rollout's, row ``rows[j]`` from the chunk's row j;
+    rows out of range (padding) and columns past the end are dropped."""
+    def put(f, c):
+        cols = start + jnp.arange(c.shape[1])
+        return f.at[rows[:, None], cols[None, :]].set(c, mode="drop")
+    return jax.tree.map(put, full, chunk)
 
 
 class RolloutEngine:
@@ -274,13 +421,17 @@ class RolloutEngine:
 
     def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
-                 embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto", attention: str = "auto"):
+                 embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto", attention: str = "auto",
+                 schedule: str = "chunked", chunk_steps: int = 128):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
         ``attention``: how a decode step attends over the KV cache: "xla" (every slot of the cache), "pallas"
         (each row's own context only: JAX's Pallas GPU decode-attention kernel; interpret mode off GPU, for tests)
-        or "auto" (pallas on GPU, xla elsewhere)."""
+        or "auto" (pallas on GPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
+        at a time over a cache just long enough for them; between chunks finished rows leave the batch and the
+        n rows of a prompt share one prefill) or "static" (one loop over a cache of the whole budget, every row
+        computed until the last one ends: the reference; the same tokens)."""
         self.model = model
         try:
             ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
@@ -294,6 +445,12 @@ class RolloutEngine:
         if attention not in ("auto", "xla", "pallas"):
             raise ValueError(f"rollout attention must be auto, xla or pallas, got {attention!r}")
         self.attention = ("pallas" if platform == "gpu" else "xla") if attention == "auto" else attention
+        if schedule not in ("chunked", "static"):
+            raise ValueError(f"rollout schedule must be chunked or static, got {schedule!r}")
+        if int(chunk_steps) < 1:
+            raise ValueError(f"rollout chunk_steps must be >= 1, got {chunk_steps!r}")
+        self.schedule = schedule
+        self.chunk_steps = int(chunk_steps)
         self._prepared = None
         self.cfg = cfg
         self.think_end_ids = tuple(int(t) for t in think_end_ids)
@@ -327,9 +484,11 @@ class RolloutEngine:
                     a is b for a, b in zip(cached[1], leaves)):
                 return mcfg, cached[2]  # the same weights as last call (e.g. evaluation batches)
             params = _prepare(params, dtype=dtype, per_layer=self.per_layer)
+            params = decode_layout(params, self.mesh)
             # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout)
             self._prepared = (dtype, leaves, params) if self.per_layer else None
-        return mcfg, params
+            return mcfg, params
+        return mcfg, decode_layout(params, self.mesh)
 
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Left-pad token-id prompts (each repeated ``n`` times, consecutively) into a length bucket."""
@@ -388,19 +547,114 @@ class RolloutEngine:
             args[3] = jax.random.wrap_key_data(args[3], impl=jax.random.key_impl(row_keys))
         toks_d, mask_d, modes_d, keys_d = args[:4]
         budgets_d = args[4] if ragged else None
-        logits0, cache = prefill(mcfg, params, toks_d, mask_d, cache_len=cache_len, mesh=self.mesh)
-        buf, st, _, ran = decode(mcfg, params, logits0, cache, modes_d, keys_d, budgets_d, cfg=cfg,
-                                 end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                 steps=steps, embed_impl=self.embed_impl, mesh=self.mesh, attention=self.attention)
+        plen = mask.sum(1)
+        if self.schedule == "chunked":
+            buf, finish, think_len, stats = self._decode_chunked(mcfg, params, toks, mask, modes_np, row_keys, budgets,
+                                                                 n, plen)
+        else:
+            logits0, cache = prefill(mcfg, params, toks_d, mask_d, cache_len=cache_len, mesh=self.mesh)
+            buf, st, _, ran = decode(mcfg, params, logits0, cache, modes_d, keys_d, budgets_d, cfg=cfg,
+                                     end_ids=self.think_end_ids, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                     steps=steps, embed_impl=self.embed_impl, mesh=self.mesh,
+                                     attention=self.attention)
+            finish, think_len, stats = st["finish"], st["think_len"], None
         taus = np.where(modes_np == GUMBEL, cfg.tau, 1.0).astype(np.float32)
         lengths = jnp.sum(buf["mask"], axis=1).astype(jnp.int32)
+        lengths_np = np.asarray(to_host(lengths))
+        if stats is None:
+            stats = self._stats(int(ran), plen, lengths_np, cache_len)
+        else:
+            stats = dataclasses.replace(stats, row_steps_useful=int(lengths_np.sum()),
+                                        kv_slots_valid=_valid_slots(plen, lengths_np))
         return Rollout(
             prompt_tokens=toks_d, prompt_mask=mask_d, tokens=buf["tokens"], response_mask=buf["mask"],
             topk_ids=buf["ids"], topk_ytil=buf["ytil"], weights=buf["weights"], soft_mask=buf["soft"],
             logprobs=buf["logprob"], lengths=lengths,
-            think_lengths=st["think_len"], finish_reason=st["finish"], modes=modes_d, tau=jnp.asarray(taus),
-            topk_kept=buf["kept"], topk_clamped=buf["clamped"],
-            stats=self._stats(int(ran), mask.sum(1), np.asarray(to_host(lengths)), cache_len))
+            think_lengths=think_len, finish_reason=finish, modes=modes_d, tau=jnp.asarray(taus),
+            topk_kept=buf["kept"], topk_clamped=buf["clamped"], stats=stats)
+
+    def _put(self, a):
+        a = np.asarray(a)
+        return host_to_global(a, None if self.mesh is None else _batch_spec(self.mesh, a.shape))
+
+    def _decode_chunked(self, mcfg, params, toks, mask, modes_np, row_keys, budgets, n, plen):
+        """The chunked schedule (see ``__init__``): prefill each prompt once, then decode ``chunk_steps`` steps at a
+        time; between chunks the cache grows to the next :func:`cache_bucket` the coming chunk needs, and the live
+        rows move into the smallest :func:`batch_bucket` that holds them (the padding slots repeat a live row and
+        write nothing). Every row's noise is keyed by its global row and step, so its tokens are the static
+        schedule's. Returns (buffers, finish reasons, think lengths, RolloutStats without the useful counts)."""
+        cfg = self.cfg
+        B, Pn = toks.shape
+        total = int(budgets.max())
+        C = min(self.chunk_steps, total)
+        d = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
+        granule = 256 if self.attention == "pallas" else self.min_bucket
+
+        # one prefill per prompt: rows come as n consecutive copies of each prompt
+        uniq = np.arange(0, B, n)
+        logits, cache = prefill(mcfg, params, self._put(toks[uniq]), self._put(mask[uniq]),
+                                cache_len=cache_bucket(Pn + C, granule), mesh=self.mesh)
+        slot_rows = np.arange(B)
+        b = batch_bucket(B, d)
+        if b != B or n > 1:  # repeat each prompt's prefill n times, padded to the batch bucket
+            src = np.concatenate([np.arange(B) // n, np.full(b - B, 0)])
+            slot_rows = np.concatenate([slot_rows, np.full(b - B, B)])
+            cache, logits = _reshape_batch(cache, logits, self._put(src.astype(np.int32)),
+                                           new_len=cache["mask"].shape[1], mesh=self.mesh)
+        pad_src = np.minimum(slot_rows, B - 1)
+        kd = np.asarray(jax.random.key_data(row_keys))
+        rest = dict(modes=self._put(modes_np[pad_src]), keys=self._put(kd[pad_src]),
+                    budgets=self._put(np.where(slot_rows < B, budgets[pad_src], 0).astype(np.int32)))
+        impl = jax.random.key_impl(row_keys)
+        K = cfg.max_topk
+        full = _full_buffers(B, total, K, self.pad_id, self.mesh)
+        finish = np.zeros(B, np.int32)
+        think_len = np.zeros(B, np.int32)
+        state = init_state(rest["modes"], len(self.think_end_ids))
+        state["done"] = self._put(slot_rows >= B)  # padding slots write nothing and never hold the loop
+        i = computed = read = 0
+        while i < total:
+            need = cache_bucket(Pn + min(i + C, total), granule)
+            if need != cache["mask"].shape[1]:
+                cache, _ = _reshape_batch(cache, None, None, new_len=need, mesh=self.mesh)
+            S = cache["mask"].shape[1]
+            cbuf, state, cache, stop = decode(
+                mcfg, params, logits, cache, rest["modes"], jax.random.wrap_key_data(rest["keys"], impl=impl),
+                rest["budgets"], state, i, cfg=cfg, end_ids=self.think_end_ids, stop_ids=self.stop_ids,
+                pad_id=self.pad_id, steps=C, embed_impl=self.embed_impl, mesh=self.mesh, attention=self.attention,
+                total_steps=total)
+            full = _write_chunk(full, cbuf, self._put(np.where(slot_rows < B, slot_rows, B).astype(np.int32)), i)
+            stop = int(stop)
+            ran, bsz = stop - i, len(slot_rows)
+            computed += ran * bsz
+            if self.attention == "pallas":  # each slot's row reads its prompt and the steps so far
+                pl = plen[np.minimum(slot_rows, B - 1)].astype(np.int64)
+                read += int(ran * pl.sum() + bsz * (stop * (stop + 1) - i * (i + 1)) // 2)
+            else:
+                read += ran * bsz * S
+            i = stop
+            small = {k: np.asarray(to_host(state[k])) for k in ("done", "finish", "think_len")}
+            real = slot_rows < B
+            finish[slot_rows[real]] = small["finish"][real]
+            think_len[slot_rows[real]] = small["think_len"][real]
+            live = real & ~small["done"]
+            if i >= total or not live.any():
+                break
+            nb = batch_bucket(int(live.sum()), d)
+            if nb < bsz:  # finished rows leave the batch: keep the live slots, pad with the first live one
+                keep = np.flatnonzero(live)
+                idx = np.concatenate([keep, np.full(nb - len(keep), keep[0])])
+                slot_rows = np.concatenate([slot_rows[keep], np.full(nb - len(keep), B)])
+                cache, (logits, state, rest) = _reshape_batch(
+                    cache, (state.pop("logits"), state, rest), self._put(idx.astype(np.int32)),
+                    new_len=cache["mask"].shape[1], mesh=self.mesh)
+                pad = np.concatenate([np.zeros(len(keep), bool), np.ones(nb - len(keep), bool)])
+                state["done"] = state["done"] | self._put(pad)
+            else:
+                logits = state.pop("logits")
+        stats = RolloutStats(steps=i, row_steps_computed=computed, row_steps_useful=0, kv_slots_read=read,
+                             kv_slots_valid=0)
+        return full, self._put(finish), self._put(think_len), stats
 
     def _stats(self, ran: int, plen: np.ndarray, lengths: np.ndarray, cache_len: int) -> RolloutStats:
         """The decode's work: every row computed at each of the ``ran`` steps; a step of row b attends over its
@@ -408,7 +662,7 @@ class RolloutEngine:
         the run from its first prompt token to the newest slot ("pallas", for every row the loop computes)."""
         plen, lengths = plen.astype(np.int64), lengths.astype(np.int64)
         B = len(plen)
-        valid = int((lengths * plen + lengths * (lengths + 1) // 2).sum())
+        valid = _valid_slots(plen, lengths)
         if self.attention == "pallas":
             read = int(ran * plen.sum() + B * ran * (ran + 1) // 2)
         else:

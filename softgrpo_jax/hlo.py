@@ -1,0 +1,56 @@
+"""Reading compiled XLA programs: which collectives run inside a loop (per decode step, not once per call)."""
+
+from __future__ import annotations
+
+import re
+
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter",
+               "collective-broadcast", "ragged-all-to-all")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+(?:\([^\n]*\))?.*\{\s*$")
+_CALLS = re.compile(r"(?:body|condition|calls|to_apply|branch_computations|called_computations)=\{?([^}\s,]+(?:,\s*%[\w.\-]+)*)\}?")
+_OP = re.compile(r"=\s*[^=]*?\s(" + "|".join(re.escape(c) for c in COLLECTIVES) + r")(?:-start)?\(")
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+    """The HLO text's computations by name, each as its instruction lines."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo.splitlines():
+        if name is None:
+            m = _HEADER.match(line.strip())
+            if m and "=" not in line.split("{")[0].split("(")[0]:
+                name = m.group(1)
+                comps[name] = []
+            continue
+        if line.strip() == "}":
+            name = None
+            continue
+        comps[name].append(line)
+    return comps
+
+
+def _callees(line: str) -> list[str]:
+    out = []
+    for m in _CALLS.finditer(line):
+        out += [c.strip().lstrip("%") for c in m.group(1).split(",")]
+    return out
+
+
+def collectives_in_loops(hlo: str) -> list[tuple[str, str]]:
+    """(collective, instruction line) for every collective that a ``while`` body runs, directly or through the
+    computations it calls (fusions, nested loops, conditionals)."""
+    comps = computations(hlo)
+    bodies = [m.group(1).lstrip("%") for lines in comps.values() for line in lines
+              for m in re.finditer(r"body=%?([\w.\-]+)", line)]
+    seen, stack, found = set(), list(bodies), []
+    while stack:
+        c = stack.pop()
+        if c in seen or c not in comps:
+            continue
+        seen.add(c)
+        for line in comps[c]:
+            m = _OP.search(line)
+            if m:
+                found.append((m.group(1), line.strip()))
+            stack += _callees(line)
+    return found
