@@ -7,7 +7,8 @@
 # nothing else). Each benchmark runs under its own time limit (at most what is left of BUDGET seconds), writes its
 # markdown report and full log under $OUT, and the tail of each log is printed as it ends, so a benchmark cut off by
 # its limit still leaves the rows it printed. STEPS picks and orders them (default: soft_embed decode train;
-# train_scale: fixed-row against token-budget micro-batches on RL-like lengths;
+# train_scale: fixed-row against token-budget micro-batches on RL-like lengths; rollout_scale: the chunked
+# rollout schedule against the static one on RL-like lengths;
 # decode_flags reruns batch-1 decode under DECODE_XLA_FLAGS; e2e runs benchmarks/gpu_e2e.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,6 +43,7 @@ for step in ${STEPS:-soft_embed decode train}; do
     decode) bench decode "${DECODE_S:-240}" benchmarks/bench_gpu_decode.py --reps "${DECODE_REPS:-2}" ;;
     train) bench train "${TRAIN_S:-600}" benchmarks/bench_gpu_train.py --steps "${TRAIN_STEPS:-3}" ;;
     train_scale) bench train_scale "${TRAIN_SCALE_S:-480}" benchmarks/bench_train_scale.py --gpu ;;
+    rollout_scale) bench rollout_scale "${ROLLOUT_SCALE_S:-480}" benchmarks/bench_rollout_scale.py --gpu ;;
     e2e)  # `softgrpo train` end to end on a random SmolLM2-shaped model (needs benchmarks/gpu_e2e_prep.py's .gpu/)
       left=$((BUDGET - ($(date +%s) - start))); t=$(( ${E2E_S:-240} < left ? ${E2E_S:-240} : left ))
       echo "== e2e (limit ${t}s)"; t0=$(date +%s)

@@ -127,6 +127,9 @@ class PlanSpec:
     embed_impl: str = "xla"
     device_memory_gb: float = 80.0
     phases: tuple[str, ...] = ("prefill", "decode", "logprobs", "update")
+    group_size: int = 8  # rows per prompt: the chunked schedule prefills each prompt once
+    schedule: str = "chunked"  # the rollout engine's (rollout.schedule)
+    chunk_steps: int = 128
     sampling: Any = None  # a SamplingConfig; None: the SofT-GRPO training rollout defaults
     loss: Any = None  # a LossConfig; None: defaults with logprob_chunk_size
 
@@ -159,7 +162,8 @@ def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, ph
                     max_new_tokens=cfg.rollout.max_new_tokens, max_topk=cfg.rollout.max_topk,
                     micro_batch_size=rl.micro_batch_size, mini_batch_rows=rl.mini_batch_size * rl.group_size,
                     logprob_chunk_size=rl.logprob_chunk_size or None, use_kl_loss=rl.use_kl_loss,
-                    device_memory_gb=device_memory_gb, sampling=samp,
+                    device_memory_gb=device_memory_gb, sampling=samp, group_size=rl.group_size,
+                    schedule=cfg.rollout.schedule, chunk_steps=cfg.rollout.chunk_steps,
                     loss=loss_config(rl, noise=cfg.rollout.noise), **kw)
 
 
@@ -245,7 +249,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
 
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
-    from softgrpo_jax.sampling.engine import decode, prefill
+    from softgrpo_jax.sampling.engine import (_batch_axes, decode, decode_weight_sharding, init_state,
+                                              prefill, replicated_weights_fit)
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)
@@ -317,34 +322,53 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
             f"{m['outputs'] / GiB:.2f}, aliased {m['aliased'] / GiB:.2f}, temp {m['temporaries'] / GiB:.2f}) + "
             f"resident {sum(resident_extra.values()) / GiB:.2f} = {m['peak'] / GiB:.2f} GiB  [{t:.0f} s]")
 
-    tokens = _batch((B, Pn), i32, mesh)
-    pmask = _batch((B, Pn), bool, mesh)
-    cache_len = Pn + L
-    prefill_c = None
-    if "prefill" in spec.phases or "decode" in spec.phases:
+    # the rollout as the engine runs it on the accelerator: a layer scan, weights in the compute dtype, laid out for
+    # decoding (replicated over the batch axes where that copy fits), the Pallas decode attention's cache granule
+    chunked = spec.schedule == "chunked"
+    C = min(spec.chunk_steps, L)
+    granule = 256
+    cache_len = -(-(Pn + L) // granule) * granule if chunked else Pn + L
+    dcfg = cfg.replace(param_dtype=cfg.dtype)
+    ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding),
+                         nnx.to_pure_dict(params))
+    w_bytes = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(ptree))
+    replicated = bool(_batch_axes(mesh)) and replicated_weights_fit(w_bytes, mesh, out["device_memory"])
+    if replicated:
+        ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=decode_weight_sharding(
+            a.sharding, mesh)), ptree)
+    # the policy's own weights stay resident beside the engine's copy (a cast or re-laid-out one)
+    b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated) else 0
+    cache = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
+    cache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
+                 _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh)) for k, v in cache.items()}
+    out["rollout"] = dict(schedule=spec.schedule, chunk_steps=C if chunked else L, cache_slots=cache_len,
+                          kv_cache=per_device_bytes((cache["k"], cache["v"])),
+                          decode_weights="replicated over the batch axes" if replicated else "as trained (FSDP)",
+                          decode_weights_bytes=per_device_bytes(ptree))
+    n_prefill = B // spec.group_size if chunked and B % (spec.group_size * n_dp) == 0 else B
+    tokens = _batch((n_prefill, Pn), i32, mesh)
+    pmask = _batch((n_prefill, Pn), bool, mesh)
+    if "prefill" in spec.phases:
         t0 = time.time()
-        # the accelerator layout (a layer scan, weights in the compute dtype), whatever platform simulates the mesh
-        ptree = nnx.to_pure_dict(params)
-        dcfg = cfg.replace(param_dtype=cfg.dtype)
-        ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding), ptree)
-        # the engine decodes a cast copy; the policy's own weights stay resident beside it
-        b_master = b_params if cfg.param_dtype != cfg.dtype else 0
         prefill_c = prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
-        if "prefill" in spec.phases:
-            record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
+        record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
         t0 = time.time()
-        logits_sh, cache_sh = prefill_c.output_shardings
-        logits0 = jax.ShapeDtypeStruct((B, cfg.vocab_size), f32, sharding=logits_sh)
-        cache_shapes = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
-        cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), cache_shapes,
-                             cache_sh)
+        logits0 = _batch((B, cfg.vocab_size), f32, mesh)
         modes = _batch((B,), i32, mesh)
         keys = _batch((B,), jax.random.key(0).dtype, mesh)
-        dec = decode.lower(dcfg, ptree, logits0, cache, modes, keys, cfg=samp, end_ids=(1, 2),
-                            stop_ids=(0,), pad_id=0, steps=L, embed_impl=spec.embed_impl, mesh=mesh).compile()
-        record("decode", dec, dict(params=b_master, ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
-            (tokens, pmask))), time.time() - t0)
+        kw = dict(cfg=samp, end_ids=(1, 2), stop_ids=(0,), pad_id=0, embed_impl=spec.embed_impl, mesh=mesh)
+        resident = dict(params=b_master, ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
+            (tokens, pmask)))
+        if chunked:  # the last chunk with every row still live: the schedule's largest program
+            state = {k: _batch(v.shape, v.dtype, mesh) for k, v in jax.eval_shape(
+                lambda m: init_state(m, 2), modes).items()}
+            dec = decode.lower(dcfg, ptree, logits0, cache, modes, keys, modes, state, _sds((), i32, mesh),
+                               steps=C, total_steps=L, **kw).compile()
+            resident["rollout_buffers"] = b_roll
+        else:
+            dec = decode.lower(dcfg, ptree, logits0, cache, modes, keys, steps=L, **kw).compile()
+        record("decode", dec, resident, time.time() - t0)
     if "logprobs" in spec.phases:
         t0 = time.time()
         lp = make_logprob_fn(graphdef, loss_cfg, mesh).lower(params, all_mb).compile()
@@ -379,6 +403,13 @@ def format_plan(res: dict) -> str:
         f"{s['micro_batches_per_update']} per update, {s['micro_batches_per_step']} per step, logprob chunk "
         f"{s['logprob_chunk_size']}",
         f"resident per device ({unit}): " + ", ".join(f"{k} {v / div:.2f}" for k, v in res["resident"].items()),
+    ]
+    ro = res.get("rollout")
+    if ro:
+        lines.append(f"rollout: {ro['schedule']} schedule ({ro['chunk_steps']} steps per program), KV cache "
+                     f"{ro['cache_slots']} slots per row = {ro['kv_cache'] / div:.2f} {unit} per device; decode "
+                     f"weights {ro['decode_weights']}, {ro['decode_weights_bytes'] / div:.2f} {unit} per device")
+    lines += [
         "",
         f"per device, {unit}:",
         "phase          args      outs     alias      temp   program  +resident     peak   compile",

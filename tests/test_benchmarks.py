@@ -69,6 +69,10 @@ CASES = {
         ["--small", "--repeats", "1"],
         [rf"\| fixed rows \| {NUM} \| {NUM} \| {NUM}% \| 1 \|", rf"\| token budget \| {NUM} \| {NUM} \| {NUM}% \|",
          r"the same gradient norm after the same updates .*: ok"]),
+    "bench_rollout_scale": (
+        ["--small"],
+        [rf"\| static \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|", rf"\| chunked \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
+         r"check: the same lengths True; .*: ok"]),
     "bench_soft_embed": (  # the Pallas GPU kernel in interpret mode; --no-sweep: its default tile only
         ["--small", "--interpret", "--no-sweep"],
         [rf"\| training N=200 \| Pallas fused \| {NUM} us per call \|", r"correctness OK"]),

@@ -55,8 +55,21 @@ def test_plan_tiny_on_8_devices():
     assert res["fits"] and res["peak"] < 1 << 30
     text = P.format_plan(res)
     assert "decode" in text and "fits" in text and "simulated CPU devices" in text
+    # the chunked rollout: the whole budget's cache in the Pallas granule, split 4 x 2; the decode weights
+    # replicated over the batch axes (split over tensor only), the policy's own copy resident beside them
+    ro = res["rollout"]
+    slots = 256  # 16 + 24 slots rounded up to the Pallas granule
+    assert (ro["schedule"], ro["cache_slots"]) == ("chunked", slots)
+    assert ro["kv_cache"] == 2 * TINY.num_layers * 16 * slots * TINY.num_kv_heads * TINY.head_dim * 2 // 8
+    assert ro["decode_weights"].startswith("replicated")
+    assert TINY.num_params() * 2 / 2 - 4096 <= ro["decode_weights_bytes"] <= TINY.num_params() * 2
+    assert res["phases"]["decode"]["resident_besides"]["params"] == res["resident"]["params"]
+    assert "KV cache" in text and "replicated over the batch axes" in text
+    static = P.plan(P.PlanSpec(**{**spec.__dict__, "schedule": "static", "phases": ("decode",)}))
+    assert static["rollout"]["cache_slots"] == 16 + 24
     tight = P.plan(P.PlanSpec(**{**spec.__dict__, "device_memory_gb": 1e-5, "phases": ("decode",)}))
     assert not tight["fits"] and set(tight["phases"]) == {"decode"} and "DOES NOT FIT" in P.format_plan(tight)
+    assert tight["rollout"]["decode_weights"].startswith("as trained")
 
 
 def test_plan_rejects_indivisible_batch():

@@ -122,6 +122,24 @@ def _batch_axes(mesh) -> tuple:
     return () if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
+def decode_weight_sharding(sharding, mesh):
+    """A weight's sharding for decoding: its own without the batch axes (tensor-parallel splits kept)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    axes = _batch_axes(mesh)
+    spec = []
+    for ax in sharding.spec:
+        names = tuple(n for n in (ax if isinstance(ax, tuple) else (ax,)) if n is not None and n not in axes)
+        spec.append(None if not names else names[0] if len(names) == 1 else names)
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated_weights_fit(weight_bytes: int, mesh, budget_bytes: int | None) -> bool:
+    """Whether a decode copy of the weights replicated over the batch axes (split over ``tensor`` only) takes at
+    most half of a device's ``budget_bytes`` (None: unknown, taken to fit)."""
+    return budget_bytes is None or weight_bytes / mesh.shape.get("tensor", 1) <= budget_bytes / 2
+
+
 def decode_layout(params, mesh, budget_bytes: int | None = None):
     """The weights as a decode step wants them on ``mesh``: replicated over the batch axes (FSDP shards gathered
     once per rollout, not at every step inside the loop), tensor-parallel splits kept. Kept as they are when the
@@ -133,24 +151,11 @@ def decode_layout(params, mesh, budget_bytes: int | None = None):
             ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in leaves):
         return params
     if budget_bytes is None:
-        stats = mesh.devices.flat[0].memory_stats() or {}
-        budget_bytes = stats.get("bytes_limit")
-    if budget_bytes is not None:
-        tp = mesh.shape.get("tensor", 1)
-        if sum(a.nbytes for a in leaves) / tp > budget_bytes / 2:
-            return params
-
-    def relayout(a):
-        sh = getattr(a, "sharding", None)
-        if not isinstance(sh, NamedSharding):
-            return a
-        spec = []
-        for ax in sh.spec:
-            names = tuple(n for n in (ax if isinstance(ax, tuple) else (ax,)) if n is not None and n not in axes)
-            spec.append(None if not names else names[0] if len(names) == 1 else names)
-        return jax.device_put(a, NamedSharding(mesh, P(*spec)))
-
-    return jax.tree.map(relayout, params)
+        budget_bytes = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    if not replicated_weights_fit(sum(a.nbytes for a in leaves), mesh, budget_bytes):
+        return params
+    return jax.tree.map(lambda a: jax.device_put(a, decode_weight_sharding(a.sharding, mesh))
+                        if isinstance(getattr(a, "sharding", None), NamedSharding) else a, params)
 
 
 def _batch_spec(mesh, shape):
@@ -328,23 +333,24 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
 
 
 def cache_bucket(n: int, granule: int = 16) -> int:
-    """The cache length a decode chunk that needs ``n`` slots runs with: the smallest of 1, 1.25, 1.5, 1.75 x a
-    power of two (rounded up to ``granule``) that holds ``n``, so attention reads at most 1.25x the slots it needs
-    and a rollout compiles a few cache lengths per doubling."""
+    """The cache length a decode chunk that needs ``n`` slots runs with: the smallest of 1, 1.125, 1.25, ...,
+    1.875 x a power of two (rounded up to ``granule``) that holds ``n``, so XLA's attention reads at most 1.125x
+    the slots it needs and a rollout compiles a few cache lengths per doubling."""
     p = granule
     while True:
-        for q in (4, 5, 6, 7):
-            m = -(-(p * q // 4) // granule) * granule
+        for q in range(8, 16):
+            m = -(-(p * q // 8) // granule) * granule
             if m >= n:
                 return m
         p *= 2
 
 
 def batch_bucket(n: int, minimum: int = 1) -> int:
-    """The batch a chunk runs its live rows in: ``minimum`` (the mesh's batch devices) x 1, 2, 3, 4, 6, 8, 12, ..."""
+    """The batch a chunk runs its live rows in: ``minimum`` (the mesh's batch devices) x 1, 2, 3, 4, 5, 6, 7, 8,
+    10, 12, 14, 16, 20, ... (steps of a quarter of a power of two), so at most 1.25x the rows are computed."""
     b = 1
     while True:
-        for m in (b, b + b // 2) if b >= 2 else (b,):
+        for m in (b, b + b // 4, b + b // 2, b + 3 * b // 4) if b >= 4 else range(b, 2 * b):
             if minimum * m >= n:
                 return minimum * m
         b *= 2
@@ -582,18 +588,23 @@ class RolloutEngine:
         time; between chunks the cache grows to the next :func:`cache_bucket` the coming chunk needs, and the live
         rows move into the smallest :func:`batch_bucket` that holds them (the padding slots repeat a live row and
         write nothing). Every row's noise is keyed by its global row and step, so its tokens are the static
-        schedule's. Returns (buffers, finish reasons, think lengths, RolloutStats without the useful counts)."""
+        schedule's. With the Pallas decode attention, which reads only each row's own slots, the cache keeps one
+        length. Returns (buffers, finish reasons, think lengths, RolloutStats without the useful counts)."""
         cfg = self.cfg
         B, Pn = toks.shape
         total = int(budgets.max())
         C = min(self.chunk_steps, total)
         d = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
         granule = 256 if self.attention == "pallas" else self.min_bucket
+        # the Pallas kernel reads each row's own slots whatever the cache's length: one length for the whole
+        # rollout (programs per batch bucket only); XLA's attention reads every slot: a cache grown chunk by chunk
+        fixed = -(-(Pn + total) // granule) * granule if self.attention == "pallas" else None
+        length_for = (lambda n: fixed) if fixed else (lambda n: cache_bucket(n, granule))
 
         # one prefill per prompt: rows come as n consecutive copies of each prompt
         uniq = np.arange(0, B, n)
         logits, cache = prefill(mcfg, params, self._put(toks[uniq]), self._put(mask[uniq]),
-                                cache_len=cache_bucket(Pn + C, granule), mesh=self.mesh)
+                                cache_len=length_for(Pn + C), mesh=self.mesh)
         slot_rows = np.arange(B)
         b = batch_bucket(B, d)
         if b != B or n > 1:  # repeat each prompt's prefill n times, padded to the batch bucket
@@ -614,7 +625,7 @@ class RolloutEngine:
         state["done"] = self._put(slot_rows >= B)  # padding slots write nothing and never hold the loop
         i = computed = read = 0
         while i < total:
-            need = cache_bucket(Pn + min(i + C, total), granule)
+            need = length_for(Pn + min(i + C, total))
             if need != cache["mask"].shape[1]:
                 cache, _ = _reshape_batch(cache, None, None, new_len=need, mesh=self.mesh)
             S = cache["mask"].shape[1]
