@@ -150,8 +150,12 @@ def decode_layout(params, mesh, budget_bytes: int | None = None):
     if not axes or not any(isinstance(getattr(a, "sharding", None), NamedSharding) and any(
             ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in leaves):
         return params
-    if budget_bytes is None:
-        budget_bytes = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    if budget_bytes is None:  # this process's own device (another process's reports nothing here)
+        dev = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), None)
+        try:
+            budget_bytes = ((dev.memory_stats() if dev is not None else None) or {}).get("bytes_limit")
+        except jax.errors.JaxRuntimeError:
+            budget_bytes = None
     if not replicated_weights_fit(sum(a.nbytes for a in leaves), mesh, budget_bytes):
         return params
     return jax.tree.map(lambda a: jax.device_put(a, decode_weight_sharding(a.sharding, mesh))
