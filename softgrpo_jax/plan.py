@@ -249,7 +249,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
 
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
-    from softgrpo_jax.sampling.engine import (_batch_axes, decode, decode_weight_sharding, init_state,
+    from softgrpo_jax.sampling.engine import (_batch_axes, _reshape_batch, decode, decode_weight_sharding, init_state,
                                               prefill, replicated_weights_fit)
     from softgrpo_jax.sampling.step import SamplingConfig
 
@@ -332,17 +332,20 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding),
                          nnx.to_pure_dict(params))
     w_bytes = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(ptree))
-    replicated = bool(_batch_axes(mesh)) and replicated_weights_fit(w_bytes, mesh, out["device_memory"])
+    cache = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
+    cache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
+                 _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh)) for k, v in cache.items()}
+    b_kv = per_device_bytes((cache["k"], cache["v"]))
+    # the engine's rule, with what the run holds beside the rollout (the policy, its reference and optimizer state)
+    replicated = bool(_batch_axes(mesh)) and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
+                                                                    b_kv + b_params + b_ref + b_opt)
     if replicated:
         ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=decode_weight_sharding(
             a.sharding, mesh)), ptree)
     # the policy's own weights stay resident beside the engine's copy (a cast or re-laid-out one)
     b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated) else 0
-    cache = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
-    cache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
-                 _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh)) for k, v in cache.items()}
     out["rollout"] = dict(schedule=spec.schedule, chunk_steps=C if chunked else L, cache_slots=cache_len,
-                          kv_cache=per_device_bytes((cache["k"], cache["v"])),
+                          kv_cache=b_kv,
                           decode_weights="replicated over the batch axes" if replicated else "as trained (FSDP)",
                           decode_weights_bytes=per_device_bytes(ptree))
     n_prefill = B // spec.group_size if chunked and B % (spec.group_size * n_dp) == 0 else B
@@ -350,8 +353,20 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     pmask = _batch((n_prefill, Pn), bool, mesh)
     if "prefill" in spec.phases:
         t0 = time.time()
-        prefill_c = prefill.lower(dcfg, ptree, tokens, pmask, cache_len=cache_len, mesh=mesh).compile()
+        prefill_c = prefill.lower(dcfg, ptree, tokens, pmask, cache_len=-(-(Pn + C) // granule) * granule
+                                  if chunked else cache_len, mesh=mesh).compile()
         record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
+    if "decode" in spec.phases and chunked and n_prefill != B:
+        # each prompt's prefill copied to its rows: the prompts' cache in, the whole batch's out
+        t0 = time.time()
+        S0 = -(-(Pn + C) // granule) * granule
+        pcache = jax.eval_shape(lambda: init_cache(dcfg, n_prefill, S0))
+        pcache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
+                      _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh))
+                  for k, v in pcache.items()}
+        rg = _reshape_batch.lower(pcache, _batch((n_prefill, cfg.vocab_size), f32, mesh), None, new_len=cache_len,
+                                  mesh=mesh, repeat=B // n_prefill).compile()
+        record("regroup", rg, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
         t0 = time.time()
         logits0 = _batch((B, cfg.vocab_size), f32, mesh)

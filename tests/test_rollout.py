@@ -502,3 +502,40 @@ def test_no_collectives_in_the_decode_loop(model):
         found[shape] = collectives_in_loops(hlo)
     assert found[(8, 1, 1)] == [] and found[(2, 4, 1)] == [], found
     assert {op for op, _ in found[(2, 2, 2)]} >= {"all-reduce"}
+
+
+def test_chunked_schedule_on_meshes(model):
+    """On 8-device meshes the chunked schedule (short chunks, rows ending at many steps: each device regroups its
+    own live rows) gives the unsharded static schedule's rollout; the regrouping keeps rows on their device (no
+    all-gather in its program on a data-parallel mesh)."""
+    from softgrpo_jax.hlo import computations
+    from softgrpo_jax.sampling import engine as E
+
+    prompts = PROMPTS * 4
+    budgets = [6, 1, 2, 5, 3, 6, 4, 2] * 4
+    modes = ["gumbel", "discrete", "soft", "gumbel"] * 8
+    key = jax.random.key(5)
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    ref = RolloutEngine(model, cfg, pad_id=0, schedule="static").generate(prompts, key, n=2, modes=modes,
+                                                                          max_new_tokens=budgets)
+    for shape in [(8, 1, 1), (2, 2, 2)]:
+        mesh = make_mesh(shape)
+        ms = load_pretrained_like(model, mesh)
+        eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, chunk_steps=2)
+        r = eng.generate(prompts, key, n=2, modes=modes, max_new_tokens=budgets)
+        for f in ("tokens", "lengths", "finish_reason", "topk_ids", "response_mask"):
+            np.testing.assert_array_equal(np.asarray(getattr(r, f)), np.asarray(getattr(ref, f)), err_msg=f)
+        np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), atol=1e-5)
+        assert r.stats.row_steps_computed < ref.stats.row_steps_computed
+    # the regrouping program of a data-parallel mesh: local takes only
+    mesh = make_mesh((8, 1, 1))
+    cache = {"k": jnp.zeros((2, 16, 2, 8, 4)), "v": jnp.zeros((2, 16, 2, 8, 4)), "mask": jnp.zeros((16, 8), bool),
+             "pos": jnp.zeros((16,), jnp.int32), "index": jnp.int32(3)}
+    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    P_ = jax.sharding.PartitionSpec
+    cache = {k: put(v, P_(None, "data") if k in ("k", "v") else P_("data") if v.ndim else P_())
+             for k, v in cache.items()}
+    idx = put(jnp.zeros((8,), jnp.int32), P_("data"))
+    hlo = E._reshape_batch.lower(cache, put(jnp.zeros((16, 64)), P_("data")), idx, new_len=8,
+                                 mesh=mesh).compile().as_text()
+    assert computations(hlo) and "all-gather" not in hlo and "all-to-all" not in hlo

@@ -134,29 +134,34 @@ def decode_weight_sharding(sharding, mesh):
     return NamedSharding(mesh, P(*spec))
 
 
-def replicated_weights_fit(weight_bytes: int, mesh, budget_bytes: int | None) -> bool:
-    """Whether a decode copy of the weights replicated over the batch axes (split over ``tensor`` only) takes at
-    most half of a device's ``budget_bytes`` (None: unknown, taken to fit)."""
-    return budget_bytes is None or weight_bytes / mesh.shape.get("tensor", 1) <= budget_bytes / 2
+def replicated_weights_fit(weight_bytes: int, mesh, budget_bytes: int | None, other_bytes: int = 0) -> bool:
+    """Whether a decode copy of the weights replicated over the batch axes (split over ``tensor`` only), beside
+    ``other_bytes`` per device (the KV cache, what is already resident), stays within 60% of a device's
+    ``budget_bytes`` (the rest is left to the programs' temporaries); None: unknown, taken to fit."""
+    if budget_bytes is None:
+        return True
+    return weight_bytes / mesh.shape.get("tensor", 1) + other_bytes <= 0.6 * budget_bytes
 
 
-def decode_layout(params, mesh, budget_bytes: int | None = None):
+def decode_layout(params, mesh, budget_bytes: int | None = None, kv_bytes: int = 0):
     """The weights as a decode step wants them on ``mesh``: replicated over the batch axes (FSDP shards gathered
     once per rollout, not at every step inside the loop), tensor-parallel splits kept. Kept as they are when the
-    replicated copy would take more than half of ``budget_bytes`` per device (default: the device's memory limit
-    where the platform reports one)."""
+    replicated copy, the KV cache (``kv_bytes`` per device) and what the device already holds would pass 60% of
+    ``budget_bytes`` (default: this process's device's memory limit where the platform reports one)."""
     axes = _batch_axes(mesh)
     leaves = jax.tree.leaves(params)
     if not axes or not any(isinstance(getattr(a, "sharding", None), NamedSharding) and any(
             ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in leaves):
         return params
+    in_use = 0
     if budget_bytes is None:  # this process's own device (another process's reports nothing here)
         dev = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), None)
         try:
-            budget_bytes = ((dev.memory_stats() if dev is not None else None) or {}).get("bytes_limit")
+            stats = (dev.memory_stats() if dev is not None else None) or {}
         except jax.errors.JaxRuntimeError:
-            budget_bytes = None
-    if not replicated_weights_fit(sum(a.nbytes for a in leaves), mesh, budget_bytes):
+            stats = {}
+        budget_bytes, in_use = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
+    if not replicated_weights_fit(sum(a.nbytes for a in leaves), mesh, budget_bytes, kv_bytes + in_use):
         return params
     return jax.tree.map(lambda a: jax.device_put(a, decode_weight_sharding(a.sharding, mesh))
                         if isinstance(getattr(a, "sharding", None), NamedSharding) else a, params)
@@ -379,15 +384,24 @@ def _full_buffers(B: int, steps: int, K: int, pad_id: int, mesh=None):
     return out
 
 
-def _cache_rows(cache, idx):
-    """The cache's rows ``idx`` (any order, repeats allowed)."""
-    out = dict(cache)
-    for k in ("k", "v"):
-        v = cache[k]
-        out[k] = [jnp.take(a, idx, axis=0) for a in v] if isinstance(v, list) else jnp.take(v, idx, axis=1)
-    out["mask"] = jnp.take(cache["mask"], idx, axis=0)
-    out["pos"] = jnp.take(cache["pos"], idx, axis=0)
-    return out
+def _batch_axis(path) -> int:
+    """The batch axis of a leaf of ``(cache, rest)``: 1 for a stacked cache's k / v [L, B, ...], else 0 (a
+    per-layer cache's k / v [B, ...], the mask, positions and every array of ``rest``)."""
+    return 1 if (len(path) == 2 and getattr(path[0], "idx", None) == 0
+                 and getattr(path[1], "key", None) in ("k", "v")) else 0
+
+
+def _rows(tree, fn):
+    """``fn(array, batch_axis)`` on every leaf of a (cache, rest) pytree, except the cache's scalar index."""
+    return jax.tree_util.tree_map_with_path(lambda p, a: fn(a, _batch_axis(p)) if a.ndim else a, tree)
+
+
+def _leaf_spec(mesh, a, axis: int):
+    spec = [None] * a.ndim
+    spec[axis] = BATCH_AXES
+    if a.ndim >= 4:  # k / v: the KV heads over tensor
+        spec[axis + 1] = "tensor"
+    return fit_spec(a.shape, P(*spec), mesh)
 
 
 def _grow(cache, new_len: int):
@@ -403,13 +417,34 @@ def _grow(cache, new_len: int):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("new_len", "mesh"))
-def _reshape_batch(cache, rest, idx, *, new_len: int, mesh=None):
-    """Between decode chunks: keep the rows ``idx`` of the cache and of every array in ``rest`` (a pytree of [B, ...]
-    arrays) and grow the cache to ``new_len`` slots."""
+@functools.partial(jax.jit, static_argnames=("new_len", "mesh", "repeat", "local"))
+def _reshape_batch(cache, rest, idx, *, new_len: int, mesh=None, repeat: int = 1, local: bool = True):
+    """Between decode chunks: the rows of the cache and of every array in ``rest`` (a pytree of [B, ...] arrays)
+    that the next chunk runs, and the cache grown to ``new_len`` slots. ``repeat`` > 1: every row ``repeat`` times
+    in a row (a prompt's prefill for its group). ``idx``: the rows to keep; ``local``: as indices into each batch
+    shard's own rows (on a mesh the rows never leave their device: no all-gather of the cache), else global ones
+    (for a small input, such as the prefill of a few prompts)."""
+    tree = (cache, rest)
+    if repeat > 1:  # broadcast + reshape: each shard repeats its own rows
+        tree = _rows(tree, lambda a, ax: jnp.repeat(a, repeat, axis=ax))
     if idx is not None:
-        cache = _cache_rows(cache, idx)
-        rest = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), rest)
+        axes = _batch_axes(mesh)
+        if axes and local:
+            specs = jax.tree_util.tree_map_with_path(
+                lambda p, a: _leaf_spec(mesh, a, _batch_axis(p)) if a.ndim else P(), tree)
+
+            def take_local(t, i):
+                return _rows(t, lambda a, ax: jnp.take(a, i, axis=ax))
+
+            out_shapes = jax.eval_shape(lambda t: _rows(t, lambda a, ax: jnp.take(a, jnp.zeros(idx.shape, jnp.int32),
+                                                                                     axis=ax)), tree)
+            out_specs = jax.tree_util.tree_map_with_path(
+                lambda p, a: _leaf_spec(mesh, a, _batch_axis(p)) if a.ndim else P(), out_shapes)
+            tree = jax.shard_map(take_local, mesh=mesh, in_specs=(specs, P(axes)), out_specs=out_specs,
+                                 check_vma=False)(tree, idx)
+        else:
+            tree = _rows(tree, lambda a, ax: jnp.take(a, idx, axis=ax))
+    cache, rest = tree
     cache = _grow(cache, new_len) if new_len != cache["mask"].shape[1] else cache
     if mesh is not None:
         rest = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _batch_spec(mesh, a.shape)), rest)
@@ -482,8 +517,9 @@ class RolloutEngine:
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         return cls(model, cfg, think_end_ids=end, stop_ids=sorted(stops), pad_id=pad, mesh=mesh, **kw)
 
-    def decode_params(self, model: nnx.Module) -> tuple[ModelConfig, dict]:
-        """(config, weights) the engine decodes ``model`` with: cast to the engine's dtype, per-layer or stacked."""
+    def decode_params(self, model: nnx.Module, kv_bytes: int = 0) -> tuple[ModelConfig, dict]:
+        """(config, weights) the engine decodes ``model`` with: cast to the engine's dtype, per-layer or stacked,
+        laid out for decoding on the mesh (:func:`decode_layout`; ``kv_bytes``: the KV cache per device)."""
         dtype = jnp.dtype(self.dtype or model.config.dtype)
         mcfg = model.config.replace(dtype=dtype.name, param_dtype=dtype.name)
         params = model.param_tree()
@@ -494,11 +530,11 @@ class RolloutEngine:
                     a is b for a, b in zip(cached[1], leaves)):
                 return mcfg, cached[2]  # the same weights as last call (e.g. evaluation batches)
             params = _prepare(params, dtype=dtype, per_layer=self.per_layer)
-            params = decode_layout(params, self.mesh)
+            params = decode_layout(params, self.mesh, kv_bytes=kv_bytes)
             # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout)
             self._prepared = (dtype, leaves, params) if self.per_layer else None
             return mcfg, params
-        return mcfg, decode_layout(params, self.mesh)
+        return mcfg, decode_layout(params, self.mesh, kv_bytes=kv_bytes)
 
     def prepare_prompts(self, prompts: Sequence[Sequence[int]], n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Left-pad token-id prompts (each repeated ``n`` times, consecutively) into a length bucket."""
@@ -526,7 +562,6 @@ class RolloutEngine:
         of a larger batch). The returned Rollout's ``stats`` count the decode's work (:class:`RolloutStats`).
         """
         model = model or self.model
-        mcfg, params = self.decode_params(model)
         cfg = self.cfg
         toks, mask = self.prepare_prompts(prompts, n)
         B = toks.shape[0]
@@ -539,6 +574,12 @@ class RolloutEngine:
         cache_len = toks.shape[1] + steps
         if self.attention == "pallas":  # the kernel splits the cache into 16 parts of whole blocks
             cache_len = -(-cache_len // 256) * 256
+        mc = model.config
+        d = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
+        tp = 1 if self.mesh is None else self.mesh.shape.get("tensor", 1)
+        kv_bytes = (-(-B // d) * cache_len * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim
+                    * jnp.dtype(self.dtype or mc.dtype).itemsize // tp)
+        mcfg, params = self.decode_params(model, kv_bytes=kv_bytes)
         if modes is None:
             modes = [MODES[cfg.mode]] * B
         elif isinstance(modes, str):
@@ -604,18 +645,23 @@ class RolloutEngine:
         # rollout (programs per batch bucket only); XLA's attention reads every slot: a cache grown chunk by chunk
         fixed = -(-(Pn + total) // granule) * granule if self.attention == "pallas" else None
         length_for = (lambda n: fixed) if fixed else (lambda n: cache_bucket(n, granule))
+        first_len = length_for(Pn + C)
 
-        # one prefill per prompt: rows come as n consecutive copies of each prompt
+        # one prefill per prompt (rows come as n consecutive copies of each prompt), over the first chunk's slots:
+        # the copy to the group's rows writes the cache the first chunk runs with
         uniq = np.arange(0, B, n)
         logits, cache = prefill(mcfg, params, self._put(toks[uniq]), self._put(mask[uniq]),
-                                cache_len=length_for(Pn + C), mesh=self.mesh)
+                                cache_len=-(-(Pn + C) // granule) * granule, mesh=self.mesh)
         slot_rows = np.arange(B)
-        b = batch_bucket(B, d)
-        if b != B or n > 1:  # repeat each prompt's prefill n times, padded to the batch bucket
-            src = np.concatenate([np.arange(B) // n, np.full(b - B, 0)])
+        if B % d == 0 and len(uniq) % d == 0:  # each device repeats its own prompts' prefill
+            if n > 1:
+                cache, logits = _reshape_batch(cache, logits, None, new_len=first_len, mesh=self.mesh, repeat=n)
+        else:  # few prompts (the prefill is replicated): every device takes its rows, padded to a batch bucket
+            b = batch_bucket(B, d)
+            src = np.concatenate([np.arange(B) // n, np.zeros(b - B, np.int64)])
             slot_rows = np.concatenate([slot_rows, np.full(b - B, B)])
-            cache, logits = _reshape_batch(cache, logits, self._put(src.astype(np.int32)),
-                                           new_len=cache["mask"].shape[1], mesh=self.mesh)
+            cache, logits = _reshape_batch(cache, logits, self._put(src.astype(np.int32)), new_len=first_len,
+                                           mesh=self.mesh, local=False)
         pad_src = np.minimum(slot_rows, B - 1)
         kd = np.asarray(jax.random.key_data(row_keys))
         rest = dict(modes=self._put(modes_np[pad_src]), keys=self._put(kd[pad_src]),
@@ -655,16 +701,24 @@ class RolloutEngine:
             live = real & ~small["done"]
             if i >= total or not live.any():
                 break
-            nb = batch_bucket(int(live.sum()), d)
-            if nb < bsz:  # finished rows leave the batch: keep the live slots, pad with the first live one
-                keep = np.flatnonzero(live)
-                idx = np.concatenate([keep, np.full(nb - len(keep), keep[0])])
-                slot_rows = np.concatenate([slot_rows[keep], np.full(nb - len(keep), B)])
+            # finished rows leave the batch, each device keeping its own live rows (padded with one of them,
+            # marked done) in the smallest bucket that holds the fullest device's
+            per = bsz // d
+            live_d = live.reshape(d, per)
+            m = batch_bucket(int(live_d.sum(1).max()))
+            if m < per:
+                idx = np.zeros((d, m), np.int32)
+                rows = np.full((d, m), B)
+                for j in range(d):
+                    keep = np.flatnonzero(live_d[j])
+                    idx[j, :len(keep)] = keep
+                    idx[j, len(keep):] = keep[0] if len(keep) else 0
+                    rows[j, :len(keep)] = slot_rows[j * per + keep]
+                slot_rows = rows.ravel()
                 cache, (logits, state, rest) = _reshape_batch(
-                    cache, (state.pop("logits"), state, rest), self._put(idx.astype(np.int32)),
+                    cache, (state.pop("logits"), state, rest), self._put(idx.ravel()),
                     new_len=cache["mask"].shape[1], mesh=self.mesh)
-                pad = np.concatenate([np.zeros(len(keep), bool), np.ones(nb - len(keep), bool)])
-                state["done"] = state["done"] | self._put(pad)
+                state["done"] = state["done"] | self._put(slot_rows >= B)
             else:
                 logits = state.pop("logits")
         stats = RolloutStats(steps=i, row_steps_computed=computed, row_steps_useful=0, kv_slots_read=read,
