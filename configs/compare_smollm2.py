@@ -30,7 +30,8 @@ in 104-114 s per decoding for the chosen problems, 70-139 s over all probes, com
 within 60 minutes on 2 cores: 8 steps of 2 prompts x 8 rollouts per run (128 rollouts, 8 optimiser updates), 3 seeds
 x 2 arms, and 12 held-out problems x 16 samples x 2 decodings for 7 policies. Estimate: 6 runs x (30 s + 51 s +
 7 x 35 s + 2 x 192 x 0.43 s = 490 s) + the untrained model's 165 s = about 52 minutes (57 at the slowest sample time
-seen; less on an idle machine). Not run in full yet. So small a setting cannot separate the arms (8 updates;
+seen; less on an idle machine). Measured in full on an idle 2-core Zen 4 EPYC: 28.8 minutes (docs/compare.md has
+the result). So small a setting cannot separate the arms (8 updates;
 12 problems give pass@1 a standard error of several points): it shows the pipeline and the seed noise. The GPU
 setting (configs/compare_gpu.py) is the one sized to separate them.
 """
