@@ -238,17 +238,7 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
     total = steps if total_steps is None else total_steps
     start = jnp.asarray(start, jnp.int32)
 
-    buf = dict(
-        tokens=jnp.full((B, steps), pad_id, jnp.int32),
-        mask=jnp.zeros((B, steps), bool),
-        ids=jnp.zeros((B, steps, K), jnp.int32),
-        ytil=jnp.zeros((B, steps, K), jnp.float32),
-        weights=jnp.zeros((B, steps, K), jnp.float32),
-        kept=jnp.zeros((B, steps, K), bool),
-        clamped=jnp.zeros((B, steps, K), bool),
-        soft=jnp.zeros((B, steps), bool),
-        logprob=jnp.zeros((B, steps), jnp.float32),
-    )
+    buf = _empty_buffers(B, steps, K, pad_id)
     st = init_state(modes, n_end) if state is None else {k: v for k, v in state.items() if k != "logits"}
     end = jnp.minimum(start + steps, total)
 
@@ -371,14 +361,19 @@ def _valid_slots(plen: np.ndarray, lengths: np.ndarray) -> int:
     return int((lengths * plen + lengths * (lengths + 1) // 2).sum())
 
 
+def _empty_buffers(B: int, steps: int, K: int, pad_id: int) -> dict:
+    """A decode's output buffers [B, steps(, K)] before any step."""
+    return dict(tokens=jnp.full((B, steps), pad_id, jnp.int32), mask=jnp.zeros((B, steps), bool),
+                ids=jnp.zeros((B, steps, K), jnp.int32), ytil=jnp.zeros((B, steps, K), jnp.float32),
+                weights=jnp.zeros((B, steps, K), jnp.float32), kept=jnp.zeros((B, steps, K), bool),
+                clamped=jnp.zeros((B, steps, K), bool), soft=jnp.zeros((B, steps), bool),
+                logprob=jnp.zeros((B, steps), jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("B", "steps", "K", "pad_id", "mesh"))
 def _full_buffers(B: int, steps: int, K: int, pad_id: int, mesh=None):
-    """The rollout's empty buffers [B, steps(, K)] that the chunks write into."""
-    out = dict(tokens=jnp.full((B, steps), pad_id, jnp.int32), mask=jnp.zeros((B, steps), bool),
-               ids=jnp.zeros((B, steps, K), jnp.int32), ytil=jnp.zeros((B, steps, K), jnp.float32),
-               weights=jnp.zeros((B, steps, K), jnp.float32), kept=jnp.zeros((B, steps, K), bool),
-               clamped=jnp.zeros((B, steps, K), bool), soft=jnp.zeros((B, steps), bool),
-               logprob=jnp.zeros((B, steps), jnp.float32))
+    """The rollout's empty buffers that the chunks write into, split over the batch axes."""
+    out = _empty_buffers(B, steps, K, pad_id)
     if mesh is not None:
         out = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _batch_spec(mesh, a.shape)), out)
     return out
@@ -639,7 +634,7 @@ class RolloutEngine:
         B, Pn = toks.shape
         total = int(budgets.max())
         C = min(self.chunk_steps, total)
-        d = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
+        d = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
         granule = 256 if self.attention == "pallas" else self.min_bucket
         # the Pallas kernel reads each row's own slots whatever the cache's length: one length for the whole
         # rollout (programs per batch bucket only); XLA's attention reads every slot: a cache grown chunk by chunk
