@@ -17,6 +17,7 @@ def get_config():
     c.rl.train_batch_size = 2
     c.rl.mini_batch_size = 2
     c.rl.micro_batch_size = 2
+    c.rl.max_tokens_per_micro_batch = 0  # fixed rows: what most tests build on (token budgets have their own)
     c.trainer.total_steps = 2
     c.trainer.save_every = 1
     c.trainer.output_dir = "runs/demo-smollm2-smoke"

@@ -209,6 +209,9 @@ class Run:
         log(f"loading {mc.path} on mesh {dict(self.mesh.shape)}")
         model = load_pretrained(mc.path, dtype=mc.param_dtype, compute_dtype=mc.compute_dtype, mesh=self.mesh,
                                 scan_layers=mc.scan_layers, remat=mc.remat, attention=mc.attention)
+        log(f"compute dtype {np.dtype(model.config.jnp_dtype)}"
+            f"{' (model.compute_dtype=auto)' if mc.compute_dtype == 'auto' else ''}, weights "
+            f"{np.dtype(model.config.jnp_param_dtype)}, remat {'on' if model.config.remat else 'off'}")
         self.tokenizer = load_tokenizer(mc.path)
         ref = None
         if cfg.ref_model.path:

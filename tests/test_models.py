@@ -204,6 +204,23 @@ def test_compute_dtype_auto(tmp_path, monkeypatch):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert cpu_flags(str(x86)) == {"fpu", "avx2", "fma"} and cpu_flags(str(arm)) == {"fp", "asimd", "bf16"}
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    # an ISA cap in XLA_FLAGS makes the host count as the CPU it emulates
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("flags\t\t: fpu avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16 "
+                    "amx_fp16\n")
+    capped = {cap: cpu_flags(str(zen4), xla_flags=f"--xla_foo=1 --xla_cpu_max_isa={cap}")
+              for cap in ("avx2", "AVX512", "AVX512_BF16", "AMX", "SSE4_2")}
+    assert capped["avx2"] == {"fpu", "avx", "avx2", "fma", "f16c"}
+    assert capped["AVX512"] == capped["avx2"] | {"avx512f", "avx512bw"}
+    assert capped["AVX512_BF16"] == capped["AVX512"] | {"avx512_vnni", "avx512_bf16"}
+    assert capped["AMX"] == capped["AVX512_BF16"] | {"amx_tile", "amx_bf16"} and capped["SSE4_2"] == {"fpu"}
+    assert cpu_flags(str(zen4), xla_flags="--xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=AMX_FP16") == cpu_flags(
+        str(zen4), xla_flags="") == cpu_flags(str(zen4), xla_flags="--xla_cpu_max_isa=bogus")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    assert resolve_compute_dtype("auto", backend="cpu", flags=cpu_flags(str(zen4))) == "float32"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX512_BF16")
+    assert resolve_compute_dtype("auto", backend="cpu", flags=cpu_flags(str(zen4))) == "bfloat16"
+    monkeypatch.delenv("XLA_FLAGS")
     # through the loaders (HF and orbax): what the host's CPU reports decides
     hf, orb = str(tmp_path / "hf"), str(tmp_path / "orbax")
     make_hf_model(hf, "llama", seed=3)

@@ -276,6 +276,26 @@ def test_presets_load(name):
         assert cfg.rollout.tau == 0.1
 
 
+def test_demo_config_is_the_same_on_every_cpu(tmp_path, monkeypatch):
+    """The demo is one recipe (bf16, remat, token-budget micro-batches) whatever the CPU, an ISA cap included: its
+    float32 runs on CPUs without bf16 units did not learn (benchmarks/RESULTS.md); the smoke setting keeps fixed rows."""
+    import softgrpo_jax.models.config as mc
+
+    info, real = tmp_path / "cpuinfo", mc.cpu_flags
+    info.write_text("flags\t\t: fpu avx avx2 fma avx512f avx512_vnni avx512_bf16\n")
+    monkeypatch.setattr(mc, "cpu_flags", lambda *a, **k: real(str(info)))
+    seen = []
+    for xla_flags in ("", "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2"):
+        monkeypatch.setenv("XLA_FLAGS", xla_flags)
+        c = get_config("configs/demo_smollm2.py")
+        seen.append((c.model.compute_dtype, c.model.remat, c.rl.train_batch_size, c.rl.max_tokens_per_micro_batch))
+    assert seen == [("bfloat16", True, 4, 4096)] * 2
+    # ("auto" would have parted them: bf16 natively, float32 under the cap)
+    assert [mc.resolve_compute_dtype("auto", backend="cpu", flags=real(str(info), xla_flags=f))
+            for f in ("", "--xla_cpu_max_isa=AVX2")] == ["bfloat16", "float32"]
+    assert get_config("configs/demo_smollm2_smoke.py").rl.max_tokens_per_micro_batch == 0
+
+
 # ------------------------------------------------------------------------------------------ resume
 def _run_cfg(model_path, out, steps, extra=()):
     return get_config("configs/demo_smollm2_smoke.py", [

@@ -39,17 +39,50 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # CPU flags (Linux /proc/cpuinfo) of x86 units that compute in bf16: AMX tiles and AVX512-BF16's dot products.
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
+# XLA:CPU's ISA levels (``--xla_cpu_max_isa``), oldest first, and the /proc/cpuinfo flags each one adds. A host run
+# under a cap is treated as the older CPU it emulates: no flag above the cap counts (the compute dtype "auto", the
+# YNNPACK dot choice), so a capped run takes the code paths that CPU would take.
+_XLA_ISA_LEVELS = ("SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AMX_FP16")
+_FLAGS_ABOVE = {  # level -> the flags that appear only above it ("x*": every flag starting with x)
+    "AVX512_BF16": ("avx512_fp16", "amx*"),
+    "AMX": ("amx_fp16", "amx_complex"),
+}
+_FLAGS_ABOVE["AVX512_VNNI"] = _FLAGS_ABOVE["AVX512_BF16"] + ("avx512_bf16",)
+_FLAGS_ABOVE["AVX512"] = _FLAGS_ABOVE["AVX512_VNNI"] + ("avx512_vnni", "avx_vnni*")
+_FLAGS_ABOVE["AVX2"] = _FLAGS_ABOVE["AVX512"] + ("avx512*",)
+_FLAGS_ABOVE["AVX"] = _FLAGS_ABOVE["AVX2"] + ("avx2", "fma")
+_FLAGS_ABOVE["SSE4_2"] = _FLAGS_ABOVE["AVX"] + ("avx", "f16c")
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The first processor's feature flags from ``/proc/cpuinfo`` (empty where there is none: macOS, Windows)."""
+
+def xla_cpu_max_isa(xla_flags: str | None = None) -> str | None:
+    """The ISA cap set with ``--xla_cpu_max_isa=...`` in ``XLA_FLAGS`` (upper case), or None."""
+    import os
+
+    value = None
+    for tok in (os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags).split():
+        if tok.startswith("--xla_cpu_max_isa="):
+            value = tok.split("=", 1)[1].strip().upper() or None  # the last one wins, as in XLA's flag parser
+    return value if value in _XLA_ISA_LEVELS else None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo", *, xla_flags: str | None = None) -> frozenset[str]:
+    """The first processor's feature flags from ``/proc/cpuinfo`` (empty where there is none: macOS, Windows),
+    without those above ``--xla_cpu_max_isa`` when ``XLA_FLAGS`` caps the ISA."""
+    flags = frozenset()
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    cap = xla_cpu_max_isa(xla_flags)
+    if cap is None or cap not in _FLAGS_ABOVE:
+        return flags
+    above = _FLAGS_ABOVE[cap]
+    return frozenset(f for f in flags if not any(f.startswith(a[:-1]) if a.endswith("*") else f == a
+                                                 for a in above))
 
 
 def resolve_compute_dtype(name, *, backend: str | None = None, flags: frozenset[str] | None = None) -> str:
