@@ -17,9 +17,10 @@ largest over the embedding / norm leaves), for both variants; the target is a me
                                                           # (~6 minutes on 2 cores)
     python benchmarks/check_isa_gradients.py --small     # a tiny random model, 8 rows x 16 tokens: ~35 s
 
-Exit status 1 when a path's median exceeds ``--tolerance`` with the records. On an AVX-512 AMD EPYC with jaxlib
-0.10.2 the AVX2 flag left every gradient bit-identical (with and without the records); there the YNNPACK pair is
-the one that shows what the records change.
+Exit status 1 when a path's median exceeds ``--tolerance`` with the records. XLA's cap alone limits only its own
+code generator (on an AVX-512 AMD EPYC with jaxlib 0.10.2 it left every gradient bit-identical); the project reads
+the cap as a CPU without the features above it, so the AVX2 path also turns the YNNPACK dot fusions off, as a real
+AVX2 machine does, and rounds like the YNNPACK pair.
 """
 
 from __future__ import annotations
