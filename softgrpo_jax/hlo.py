@@ -54,3 +54,8 @@ def collectives_in_loops(hlo: str) -> list[tuple[str, str]]:
                 found.append((m.group(1), line.strip()))
             stack += _callees(line)
     return found
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(collective, instruction line) for every collective anywhere in the program."""
+    return [(m.group(1), line.strip()) for line in hlo.splitlines() if (m := _OP.search(line))]

@@ -599,6 +599,42 @@ def test_splash_model_equals_xla(remat):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_splash_on_a_mesh_runs_per_shard():
+    """Under a data-parallel mesh (the trainer's ``activation_sharding``) the splash kernel runs on each device's
+    own rows and KV heads (shard_map; a Pallas call has no SPMD partitioning rule): the forward and its gradient
+    compile without any collective but the gradient's reductions over the batch, and equal the unsharded ones."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from softgrpo_jax.distributed import activation_sharding, make_mesh
+    from softgrpo_jax.hlo import collectives
+    from softgrpo_jax.models import ModelConfig, Transformer
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, attention="splash")
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
+    ids = jnp.asarray(_ids(64, (8, 19), seed=4))
+    mask = jnp.asarray(np.arange(19)[None, :] >= np.arange(8)[:, None])  # left padding of 0..7 slots
+
+    def loss(p, ids, mask):
+        with activation_sharding(mesh):
+            logits = nnx.merge(graphdef, p)(ids, attention_mask=mask)
+        return jnp.sum(jax.nn.log_softmax(logits, -1) * mask[..., None]), logits
+
+    f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    mesh = None
+    (_, ref), gref = f(params, ids, mask)
+    mesh = make_mesh((8, 1, 1))
+    rows = NamedSharding(mesh, P("data"))
+    args = (params, jax.device_put(ids, rows), jax.device_put(mask, rows))
+    hlo = f.lower(*args).compile().as_text()
+    assert {op for op, _ in collectives(hlo)} <= {"all-reduce"}, collectives(hlo)[:3]
+    (_, got), g = f(*args)
+    np.testing.assert_allclose(np.asarray(got)[np.asarray(mask)], np.asarray(ref)[np.asarray(mask)], rtol=1e-5,
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("S", [64, 96, 256])
 def test_pallas_decode_attention_against_numpy(S):
     """The Pallas decode-attention kernel (interpret mode) as ops.attention wraps it: per-row valid ranges
@@ -626,10 +662,11 @@ def test_pallas_decode_attention_against_numpy(S):
         np.testing.assert_allclose(np.asarray(o[b]), np.einsum("hn,hnd->hd", p, v), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_cached_decoding_with_pallas_decode_attention(per_layer):
-    """Decode steps through the Pallas decode-attention kernel (interpret mode) give the XLA path's logits, on
-    left-padded prompts of different lengths, with the stacked (scan) and per-layer cache layouts."""
+@pytest.mark.parametrize("per_layer,kernel", [(False, "gpu"), (True, "gpu"), (False, "tpu"), (True, "tpu")])
+def test_cached_decoding_with_pallas_decode_attention(per_layer, kernel):
+    """Decode steps through the Pallas decode-attention kernels (GPU's and TPU's, interpret mode) give the XLA
+    path's logits, on left-padded prompts of different lengths, with the stacked (scan: TPU's kernel reads the
+    stacked cache at the layer index) and per-layer cache layouts."""
     from softgrpo_jax.models import ModelConfig, Transformer
     from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
 
@@ -638,12 +675,12 @@ def test_cached_decoding_with_pallas_decode_attention(per_layer):
     params = Transformer(cfg, rngs=nnx.Rngs(5)).param_tree()
     if per_layer:
         params = unstack_layers(params)
-    B, P, S = 3, 8, 32
+    B, P, S = 3, 8, (32 if kernel == "gpu" else 128)
     ids = jnp.asarray(_ids(64, (B, P), seed=2))
     mask = jnp.asarray(np.arange(P)[None, :] >= np.array([[0], [3], [6]]))
     steps = jnp.asarray(_ids(64, (B, 6), seed=3))
     out = {}
-    for impl in ("xla", "pallas"):
+    for impl in ("xla", "pallas_" + kernel):
         cache = init_cache(cfg, B, S, per_layer=per_layer)
         _, cache = jax.jit(lambda p, c: forward(cfg, p, ids, attention_mask=mask, cache=c, last_only=True,
                                                 fresh_cache=True))(params, cache)
@@ -654,4 +691,65 @@ def test_cached_decoding_with_pallas_decode_attention(per_layer):
             logits.append(np.asarray(lg[:, 0]))
         out[impl] = np.stack(logits, 1)
     assert np.abs(out["xla"]).max() > 0.1
-    np.testing.assert_allclose(out["pallas"], out["xla"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["pallas_" + kernel], out["xla"], rtol=1e-4, atol=1e-4)
+
+
+def _np_decode_attention(q, k, v, start, length, scale):
+    """float64 NumPy: each row's queries (GQA groups of H // Hkv) against its slots [start, length)."""
+    B, H, hd = q.shape
+    G = H // k.shape[1]
+    out = np.zeros((B, H, hd))
+    for b in range(B):
+        kk = np.repeat(k[b, :, start[b]:length[b]], G, axis=0).astype(np.float64)  # [H, n, hd]
+        vv = np.repeat(v[b, :, start[b]:length[b]], G, axis=0).astype(np.float64)
+        s = np.einsum("hd,hnd->hn", q[b].astype(np.float64), kk) * scale
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[b] = np.einsum("hn,hnd->hd", p / p.sum(-1, keepdims=True), vv)
+    return out
+
+
+@pytest.mark.parametrize("S,hd,dtype", [(256, 16, "float32"), (384, 64, "float32"), (1024, 128, "bfloat16")])
+def test_tpu_decode_attention_against_numpy(S, hd, dtype):
+    """The Pallas TPU decode-attention kernel (interpret mode) on a stacked cache [L, B, Hkv, S, hd] at layer 1:
+    per-row valid ranges [start, length) that start and end inside blocks, span several blocks or one slot, GQA,
+    against float64 NumPy; slots outside a row's range (and the other layers) hold garbage that must not leak in.
+    Through ``decode_attention`` the GPU kernel reads the same stacked cache at the same layer alike."""
+    from softgrpo_jax.ops.attention import decode_attention, decode_attention_tpu
+
+    B, H, Hkv, L = 4, 6, 2, 3
+    rng = np.random.RandomState(S)
+    q = rng.randn(B, H, hd).astype(np.float32)
+    k, v = (rng.randn(L, B, Hkv, S, hd).astype(np.float32) for _ in range(2))
+    start, length = np.array([0, 5, S // 2, 130]), np.array([S, S - 3, S // 2 + 7, 131])
+    for b in range(B):
+        k[:, b, :, :start[b]] = v[:, b, :, :start[b]] = 1e4
+        k[:, b, :, length[b]:] = v[:, b, :, length[b]:] = -1e4
+    k[[0, 2]], v[[0, 2]] = 5e3, -5e3
+    qd, kd, vd = (jnp.asarray(a, dtype) for a in (q, k, v))
+    o = jax.jit(lambda *a: decode_attention_tpu(*a, hd ** -0.5))(qd, kd, vd, jnp.int32(1), start, length)
+    assert o.dtype == jnp.dtype(dtype)
+    ref = _np_decode_attention(*(np.asarray(a, np.float64) for a in (qd, kd[1], vd[1])), start, length, hd ** -0.5)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=tol, atol=tol)
+    g = jax.jit(lambda *a: decode_attention(*a, hd ** -0.5, layer=jnp.int32(1), kernel="gpu"))(qd, kd, vd, start,
+                                                                                              length)
+    np.testing.assert_allclose(np.asarray(g, np.float64), ref, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        decode_attention_tpu(qd, kd[:, :, :, :100], vd[:, :, :, :100], 1, start, length, 1.0)
+
+
+@pytest.mark.parametrize("H,Hkv,hd,S", [(12, 2, 128, 9216), (9, 3, 64, 1280)])
+def test_tpu_decode_attention_lowers_for_tpu(H, Hkv, hd, S):
+    """The TPU kernel lowers to a Mosaic custom call for TPU from this machine (``jax.export`` for platform tpu,
+    no TPU needed): Qwen2.5-1.5B's heads over the seed's 1024 + 8192 slots, and SmolLM2's, bf16. This runs
+    Pallas' Mosaic lowering (block shapes, the ops the kernel and its index maps use); the Mosaic compiler itself
+    runs only on a TPU."""
+    from softgrpo_jax.ops.attention import decode_attention_tpu
+
+    B, L = 16, 4
+    sds = jax.ShapeDtypeStruct
+    cache = sds((L, B, Hkv, S, hd), jnp.bfloat16)
+    f = jax.jit(lambda q, k, v, i, s, n: decode_attention_tpu(q, k, v, i, s, n, hd ** -0.5, interpret=False))
+    text = jax.export.export(f, platforms=["tpu"])(sds((B, H, hd), jnp.bfloat16), cache, cache, sds((), jnp.int32),
+                                                   sds((B,), jnp.int32), sds((B,), jnp.int32)).mlir_module()
+    assert "tpu_custom_call" in text

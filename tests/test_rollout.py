@@ -375,7 +375,7 @@ def test_per_row_budgets_and_work_counters(tmp_path):
         eng.generate(prompts, jax.random.key(7), n=2, max_new_tokens=[3, 4])
 
 
-@pytest.mark.parametrize("arch,attention", [("qwen2", "xla"), ("llama", "pallas")])
+@pytest.mark.parametrize("arch,attention", [("qwen2", "xla"), ("llama", "pallas"), ("qwen2", "pallas_tpu")])
 def test_chunked_schedule_equals_static(tmp_path, arch, attention):
     """The chunked schedule (short chunks, so the cache grows and finished rows leave the batch several times, with
     padding slots) gives the static schedule's rollout exactly: every stored quantity of every row. Its work
@@ -410,7 +410,7 @@ def test_chunked_schedule_equals_static(tmp_path, arch, attention):
     Pn, total, C = ch.prompt_tokens.shape[1], max(budgets), 3
     plen = np.asarray(ch.prompt_mask).sum(1)
     i, computed, read = 0, 0, 0
-    gran = 256 if attention == "pallas" else 16
+    gran = 256 if attention != "xla" else 16
     while i < lens.max():
         live = lens > i
         b = batch_bucket(int(live.sum()))
@@ -449,9 +449,11 @@ def test_buckets():
     assert len({cache_bucket(n, 256) for n in range(1024, 9217)}) <= 24
 
 
-def test_pallas_decode_attention_engine_equals_xla(tmp_path):
-    """RolloutEngine(attention="pallas") (the kernel in interpret mode) samples the XLA engine's tokens and
-    stored quantities, and reads only each row's own context (its work counter)."""
+@pytest.mark.parametrize("attention,layout", [("pallas", "auto"), ("pallas_tpu", "scan"), ("pallas_tpu", "per_layer")])
+def test_pallas_decode_attention_engine_equals_xla(tmp_path, attention, layout):
+    """RolloutEngine(attention="pallas": GPU's kernel here; "pallas_tpu": TPU's, on the stacked and per-layer
+    caches; interpret mode) samples the XLA engine's tokens and stored quantities, and reads only each row's own
+    context (its work counter)."""
     from helpers import make_hf_model
     from softgrpo_jax import load_pretrained
     from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
@@ -460,10 +462,11 @@ def test_pallas_decode_attention_engine_equals_xla(tmp_path):
     model = load_pretrained(str(tmp_path))
     cfg = SamplingConfig(mode="gumbel", max_new_tokens=8, top_k=5, top_p=0.9)
     out = {}
-    for impl in ("xla", "pallas"):
-        eng = RolloutEngine(model, cfg, pad_id=0, attention=impl)
+    for impl in ("xla", attention):
+        eng = RolloutEngine(model, cfg, pad_id=0, attention=impl, layout=layout)
+        assert eng.attention == {"pallas": "pallas_gpu"}.get(impl, impl)  # off TPU "pallas" is GPU's kernel
         out[impl] = eng.generate([[1, 2, 3, 4, 5, 6], [7, 8]], jax.random.key(2), n=2)
-    x, p = out["xla"], out["pallas"]
+    x, p = out["xla"], out[attention]
     np.testing.assert_array_equal(np.asarray(p.tokens), np.asarray(x.tokens))
     np.testing.assert_allclose(np.asarray(p.topk_ytil), np.asarray(x.topk_ytil), rtol=1e-4, atol=1e-4)
     assert p.stats.kv_slots_read < x.stats.kv_slots_read
@@ -502,6 +505,40 @@ def test_no_collectives_in_the_decode_loop(model):
         found[shape] = collectives_in_loops(hlo)
     assert found[(8, 1, 1)] == [] and found[(2, 4, 1)] == [], found
     assert {op for op, _ in found[(2, 2, 2)]} >= {"all-reduce"}
+
+
+@pytest.mark.parametrize("attention,layout", [("pallas_gpu", "per_layer"), ("pallas_tpu", "scan")])
+def test_no_collectives_in_the_decode_loop_with_pallas_attention(model, attention, layout):
+    """A Pallas call has no SPMD partitioning rule: under the sharded decode loop XLA would gather its operands,
+    the whole KV cache, onto every device at every step. The decode attention runs on each device's own rows
+    (shard_map): on data-parallel and FSDP meshes the loop body holds no collective, and the rollout is the
+    unsharded one."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+    from softgrpo_jax.hlo import collectives_in_loops
+    from softgrpo_jax.sampling.engine import decode, prefill
+
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    ref = RolloutEngine(model, cfg, pad_id=0, attention=attention, layout=layout).generate(
+        PROMPTS * 2, jax.random.key(3))
+    for shape in [(8, 1, 1), (2, 4, 1)]:
+        mesh = make_mesh(shape)
+        ms = load_pretrained_like(model, mesh)
+        eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, layout=layout, attention=attention)
+        mcfg, params = eng.decode_params(ms)
+        toks, mask = eng.prepare_prompts(PROMPTS * 2)
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
+        toks, mask = put(toks), put(mask)
+        modes = put(np.full(toks.shape[0], 2, np.int32))
+        keys = jax.random.split(jax.random.key(0), toks.shape[0])
+        logits0, cache = prefill(mcfg, params, toks, mask, cache_len=256, mesh=mesh)
+        hlo = decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
+                           steps=6, embed_impl="auto", mesh=mesh, attention=attention).compile().as_text()
+        assert collectives_in_loops(hlo) == [], (shape, collectives_in_loops(hlo)[:3])
+        r = eng.generate(PROMPTS * 2, jax.random.key(3))
+        np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(ref.tokens))
+        np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), atol=1e-5)
 
 
 def test_chunked_schedule_on_meshes(model):

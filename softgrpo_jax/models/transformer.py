@@ -83,6 +83,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+DECODE_ATTENTION = ("xla", "pallas", "pallas_gpu", "pallas_tpu")
 LAYER_KEYS = ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "w_gate", "w_up", "w_down")
 
 
@@ -246,8 +247,9 @@ def forward(
     keeps only the last position, [B, V] / [B, D], and skips the LM head elsewhere); with a ``cache``, returns
     ``(out, new_cache)``. ``fresh_cache`` promises the cache is empty (index 0, a prefill): attention then runs over
     the T new tokens only, not over all S slots of the cache (scores [B, H, T, T], not [B, H, T, S]).
-    ``decode_attention`` ("xla" | "pallas"): how a one-token step attends over the cache; "pallas" reads each row's
-    valid slots only (``ops.attention.decode_attention_pallas``; needs a cache length that is a multiple of 16).
+    ``decode_attention`` ("xla" | "pallas" | "pallas_gpu" | "pallas_tpu"): how a one-token step attends over the
+    cache; the Pallas kernels read each row's valid slots only (``ops.attention.decode_attention``: "pallas" picks
+    the TPU kernel on TPU and the GPU one elsewhere; a cache length that is a multiple of 16, 128 for TPU's).
     Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of per-layer dicts runs unrolled.
     The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
     """
@@ -279,12 +281,13 @@ def forward(
     # [B, T, S] attention mask: causal in slot order and the key slot holds a real token.
     attn_mask = (jnp.arange(S)[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]
     local = cache is not None and fresh_cache
-    if decode_attention not in ("xla", "pallas"):
-        raise ValueError(f"decode_attention must be 'xla' or 'pallas', got {decode_attention!r}")
+    if decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
     ragged = None
-    if cache is not None and not local and T == 1 and decode_attention == "pallas":
+    if cache is not None and not local and T == 1 and decode_attention != "xla":
         # a row's valid slots are one run: its left-padded prompt's real tokens, then every step since
-        ragged = (jnp.argmax(key_valid, axis=1).astype(jnp.int32), jnp.broadcast_to(start + T, (B,)))
+        kernel = attention.decode_kernel(None if decode_attention == "pallas" else decode_attention[len("pallas_"):])
+        ragged = (jnp.argmax(key_valid, axis=1).astype(jnp.int32), jnp.broadcast_to(start + T, (B,)), kernel)
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
     perm = seqlen = None
@@ -459,7 +462,11 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                     kt = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(x.dtype)
                     vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
         if ragged is not None:  # one decode step, each row's valid slots [start, length) only
-            o = attention.decode_attention_pallas(q[:, 0], kt, vt, *ragged, scale).reshape(B, T, H * hd)
+            r_start, r_len, kernel = ragged
+            if kernel == "tpu" and i is not None:  # the stacked cache at layer i: no layer copied out
+                kt, vt = kv
+            o = attention.decode_attention(q[:, 0], kt, vt, r_start, r_len, scale, kernel=kernel,
+                                           layer=i if kernel == "tpu" else None).reshape(B, T, H * hd)
             return _mlp_block(cfg, x, o, p, keep), kv
         # the layout [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU
         qg = attention.group_queries(q, Hkv)

@@ -14,7 +14,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from softgrpo_jax.distributed import BATCH_AXES
 from softgrpo_jax.ops.residuals import named_residual
 from softgrpo_jax.ops.tiling import map_rows
 from softgrpo_jax.ops.tuning import cpu_single_device, tuning
@@ -269,8 +271,36 @@ def attention_splash(q, k, v, segment_ids, scale):
     qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, Tp, Hkv, G, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
     per_head = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s), in_axes=(0, 0, 0, None))
-    o = jax.vmap(per_head)(qh, kh, vh, sk.SegmentIds(q=seg, kv=seg))  # [B, Hkv, G, T, hd]
+    run = lambda a, b, c, s: jax.vmap(per_head)(a, b, c, sk.SegmentIds(q=s, kv=s))  # noqa: E731
+    heads = P(BATCH_AXES, "tensor", None, None, None)  # [B, Hkv, (G,) T, hd]: a device's rows and KV heads
+    o = local_shards(run, (qh, kh, vh, seg), (heads, heads[:4], heads[:4], P(BATCH_AXES, None)), heads,
+                     ref=1)  # [B, Hkv, G, T, hd]
     return o.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, hd)[:, :T].astype(q.dtype)
+
+
+def local_shards(fn, args, specs, out_spec, ref: int = 0):
+    """``fn(*args)`` on each device's own shards when traced under a multi-device
+    :func:`softgrpo_jax.distributed.activation_sharding` mesh (``jax.shard_map``), else as is. For Pallas kernels:
+    a ``pallas_call`` has no SPMD partitioning rule, so under a sharded jit XLA would gather its operands whole onto
+    every device (inside a decode loop: the whole KV cache, every step). ``specs`` / ``out_spec``: PartitionSpecs
+    over the batch axes and "tensor"; axes that do not divide ``args[ref]``'s dims are dropped from every spec
+    alike (those dims replicated), so the shards stay consistent."""
+    from softgrpo_jax.distributed import current_activation_mesh, fit_spec
+
+    mesh = current_activation_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    fitted = fit_spec(args[ref].shape, specs[ref], mesh)
+    keep = {}  # the axes each named entry of the reference spec keeps after fitting
+    for want, got in zip(specs[ref], fitted):
+        if want is not None:
+            keep[want if isinstance(want, str) else tuple(want)] = got
+
+    def fit(spec):
+        return P(*(None if e is None else keep.get(e if isinstance(e, str) else tuple(e), None) for e in spec))
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(fit(s) for s in specs), out_specs=fit(out_spec),
+                         check_vma=False)(*args)
 
 
 # ------------------------------------------------------------------------------------------- decode attention
@@ -301,3 +331,136 @@ def decode_attention_pallas(q, kt, vt, start, length, scale):
     per_head = lambda a: jnp.broadcast_to(a.astype(jnp.int32)[:, None], (B, Hkv))  # noqa: E731
     o = jax.vmap(jax.vmap(inner))(q.reshape(B, Hkv, H // Hkv, hd), kt, vt, per_head(start), per_head(length))
     return o.reshape(B, H, hd).astype(q.dtype)
+
+
+TPU_DECODE_BLOCKS = (512, 256, 128)
+_LANES = 128
+
+
+def _tpu_decode_kernel(layer_ref, start_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, bk, nk,
+                       scale):
+    """One (row, KV head) pair's G queries against one block of bk cache slots; online softmax over the blocks
+    that overlap the row's valid slots [start, length) (the others are neither computed nor, by the index map,
+    fetched). m / l are kept lane-broadcast, [G, 128], as in JAX's flash attention kernel."""
+    from jax.experimental import pallas as pl
+
+    del layer_ref  # used by the index maps only
+    b, j = pl.program_id(0), pl.program_id(2)
+    st, ln = start_ref[b], len_ref[b]
+    hd = acc_sc.shape[-1]
+
+    def lanes_to_hd(a):  # [G, 128] -> [G, hd]
+        return a[:, :hd] if hd <= _LANES else jnp.tile(a, (1, hd // _LANES))
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when((j * bk < ln) & ((j + 1) * bk > st))
+    def _block():
+        q = q_ref[...].astype(jnp.float32) * scale  # [G, hd]
+        k = k_ref[...].astype(jnp.float32)  # [bk, hd]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [G, bk]
+        pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where((pos >= st) & (pos < ln), s, -0.7 * float(jnp.finfo(jnp.float32).max))
+        m_prev, l_prev = m_sc[...], l_sc[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [G, 128]
+        p = jnp.exp(s - jnp.tile(m_next, (1, bk // _LANES)))
+        alpha = jnp.exp(m_prev - m_next)
+        l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
+        m_sc[...] = m_next
+        pv = jax.lax.dot(p, v_ref[...].astype(jnp.float32), preferred_element_type=jnp.float32)  # [G, hd]
+        acc_sc[...] = acc_sc[...] * lanes_to_hd(alpha) + pv
+
+    @pl.when(j == nk - 1)
+    def _out():
+        l = lanes_to_hd(l_sc[...])
+        o_ref[...] = (acc_sc[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def decode_attention_tpu(q, k, v, layer, start, length, scale, *, interpret=None):
+    """One query position per row against a KV cache, as a Pallas TPU (Mosaic) kernel: q [B, H, hd], k / v the
+    stacked cache [L, B, Hkv, S, hd] read at layer ``layer`` (an int32 scalar: inside the layer scan no layer is
+    copied out), a row's valid slots [start, length) ([B] int32 each) -> [B, H, hd] in q's dtype.
+
+    Grid (row, KV head, block of slots); the row's bounds are scalar-prefetched and the K/V index maps clamp the
+    block index into the row's own blocks, so the pipeline fetches each of those once and nothing else: a step
+    reads each row's context, not the cache. JAX's own TPU kernels (``paged_attention``, ``ragged_paged_attention``)
+    take a paged cache [Hkv, pages, page, hd] with every row starting at slot 0; this one reads the engine's
+    contiguous, left-padded cache in place. S must be a multiple of 128 and hd at most 128 or a multiple of it. On
+    TPU the compiled kernel; elsewhere Pallas interpret mode (tests)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, H, hd = q.shape
+    _, _, Hkv, S, _ = k.shape
+    G = H // Hkv
+    bk = next((b for b in TPU_DECODE_BLOCKS if S % b == 0), None)
+    if bk is None or (hd > _LANES and hd % _LANES):
+        raise ValueError(f"TPU decode attention needs a cache length that is a multiple of 128 and a head dim <= 128 "
+                         f"or a multiple of 128, got {S} and {hd}")
+    nk = S // bk
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+
+    def kv_map(b, h, j, layer_ref, start_ref, len_ref):
+        # lax.div: the bounds are >= 0, and floor division's sign handling needs the chip's details to lower
+        first = jax.lax.div(start_ref[b], bk)
+        last = jax.lax.div(jnp.maximum(len_ref[b] - 1, start_ref[b]), bk)
+        return layer_ref[0], b, h, jnp.minimum(jnp.maximum(j, first), last), 0
+
+    kv_spec = pl.BlockSpec((None, None, None, bk, hd), kv_map)
+    # [B, H, 1, hd] with blocks of G heads: the layout JAX's paged attention kernel uses when G is not a multiple
+    # of 8 (a [G, hd] tile per grid step)
+    q_spec = pl.BlockSpec((None, G, None, hd), lambda b, h, j, *_: (b, h, 0, 0))
+    kernel = functools.partial(_tpu_decode_kernel, bk=bk, nk=nk, scale=float(scale))
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(B, Hkv, nk), in_specs=[q_spec, kv_spec, kv_spec], out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((G, _LANES), jnp.float32), pltpu.VMEM((G, _LANES), jnp.float32),
+                            pltpu.VMEM((G, hd), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct((B, H, 1, hd), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), start.astype(jnp.int32), length.astype(jnp.int32),
+      q.reshape(B, H, 1, hd).astype(jnp.float32), k, v)
+    return out.reshape(B, H, hd).astype(q.dtype)
+
+
+DECODE_KERNELS = ("gpu", "tpu")
+
+
+def decode_kernel(kernel: str | None = None) -> str:
+    """Which Pallas decode-attention kernel runs: ``kernel`` if given, else the TPU one on TPU and the GPU one
+    elsewhere (interpret mode off GPU)."""
+    if kernel is None:
+        return "tpu" if jax.default_backend() == "tpu" else "gpu"
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode attention kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def decode_attention(q, k, v, start, length, scale, *, layer=None, kernel: str | None = None):
+    """A decode step's attention through a Pallas kernel (:func:`decode_kernel` picks it), on each device's own
+    rows and KV heads under a mesh (:func:`local_shards`): q [B, H, hd]; k / v one layer's cache [B, Hkv, S, hd]
+    (``layer`` None) or the stacked [L, B, Hkv, S, hd] at ``layer``; [start, length) each row's valid slots."""
+    kernel = decode_kernel(kernel)
+    if kernel == "gpu" and layer is not None:
+        k = jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False)
+        layer = None
+    rows = P(BATCH_AXES, "tensor", None)
+    if kernel == "gpu":
+        fn = functools.partial(decode_attention_pallas, scale=scale)
+        cache = P(BATCH_AXES, "tensor", None, None)
+        return local_shards(lambda a, b, c, s, n: fn(a, b, c, s, n), (q, k, v, start, length),
+                            (rows, cache, cache, P(BATCH_AXES), P(BATCH_AXES)), rows, ref=1)
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    cache = P(None, BATCH_AXES, "tensor", None, None)
+    fn = lambda a, b, c, i, s, n: decode_attention_tpu(a, b, c, i, s, n, scale)  # noqa: E731
+    return local_shards(fn, (q, k, v, jnp.asarray(layer, jnp.int32), start, length),
+                        (rows, cache, cache, P(), P(BATCH_AXES), P(BATCH_AXES)), rows, ref=1)

@@ -222,7 +222,7 @@ def decode(mcfg: ModelConfig, params, logits0, cache, modes, row_keys, budgets=N
            mesh=None, attention: str = "xla", total_steps: int | None = None):
     """The decode loop: up to ``steps`` soft / discrete steps from the last logits and the cache (donated);
     ``budgets`` [B] int32 caps each row's steps (None: every row may run ``total_steps``, default ``steps``);
-    ``attention`` is the decode attention ("xla" | "pallas", see ``models.transformer.forward``).
+    ``attention`` is the decode attention ("xla" | "pallas_gpu" | "pallas_tpu", see ``models.transformer.forward``).
 
     A chunk of a longer decode starts at step ``start`` (the rows' common step index, which keys the noise) with
     the ``state`` the previous chunk returned (None: the first step's, :func:`init_state`); its buffers hold the
@@ -467,8 +467,9 @@ class RolloutEngine:
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
         ``attention``: how a decode step attends over the KV cache: "xla" (every slot of the cache), "pallas"
-        (each row's own context only: JAX's Pallas GPU decode-attention kernel; interpret mode off GPU, for tests)
-        or "auto" (pallas on GPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
+        (each row's own context only: JAX's Pallas GPU decode-attention kernel on GPU, the project's Pallas TPU
+        kernel on TPU; "pallas_gpu" / "pallas_tpu" force one, interpreted off its platform, for tests) or "auto"
+        (pallas on GPU and TPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
         at a time over a cache just long enough for them; between chunks finished rows leave the batch and the
         n rows of a prompt share one prefill) or "static" (one loop over a cache of the whole budget, every row
         computed until the last one ends: the reference; the same tokens)."""
@@ -482,9 +483,13 @@ class RolloutEngine:
         self.dtype = dtype
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self.per_layer = resolve_layout(layout, platform)
-        if attention not in ("auto", "xla", "pallas"):
+        if attention not in ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu"):
             raise ValueError(f"rollout attention must be auto, xla or pallas, got {attention!r}")
-        self.attention = ("pallas" if platform == "gpu" else "xla") if attention == "auto" else attention
+        if attention == "auto":
+            attention = "pallas" if platform in ("gpu", "tpu") else "xla"
+        if attention == "pallas":  # the platform's kernel (off GPU / TPU: the GPU one, interpreted)
+            attention = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+        self.attention = attention  # "xla", "pallas_gpu" or "pallas_tpu": forward's decode_attention
         if schedule not in ("chunked", "static"):
             raise ValueError(f"rollout schedule must be chunked or static, got {schedule!r}")
         if int(chunk_steps) < 1:
@@ -567,7 +572,7 @@ class RolloutEngine:
             raise ValueError(f"max_new_tokens: one budget >= 1, or one per row ({B} rows), got {max_new_tokens!r}")
         steps = int(budgets.max())
         cache_len = toks.shape[1] + steps
-        if self.attention == "pallas":  # the kernel splits the cache into 16 parts of whole blocks
+        if self.attention != "xla":  # whole kernel blocks: 16 splits of 16 slots (GPU), 128-slot blocks (TPU)
             cache_len = -(-cache_len // 256) * 256
         mc = model.config
         d = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
@@ -635,10 +640,10 @@ class RolloutEngine:
         total = int(budgets.max())
         C = min(self.chunk_steps, total)
         d = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
-        granule = 256 if self.attention == "pallas" else self.min_bucket
+        granule = 256 if self.attention != "xla" else self.min_bucket
         # the Pallas kernel reads each row's own slots whatever the cache's length: one length for the whole
         # rollout (programs per batch bucket only); XLA's attention reads every slot: a cache grown chunk by chunk
-        fixed = -(-(Pn + total) // granule) * granule if self.attention == "pallas" else None
+        fixed = -(-(Pn + total) // granule) * granule if self.attention != "xla" else None
         length_for = (lambda n: fixed) if fixed else (lambda n: cache_bucket(n, granule))
         first_len = length_for(Pn + C)
 
@@ -683,7 +688,7 @@ class RolloutEngine:
             stop = int(stop)
             ran, bsz = stop - i, len(slot_rows)
             computed += ran * bsz
-            if self.attention == "pallas":  # each slot's row reads its prompt and the steps so far
+            if self.attention != "xla":  # each slot's row reads its prompt and the steps so far
                 pl = plen[np.minimum(slot_rows, B - 1)].astype(np.int64)
                 read += int(ran * pl.sum() + bsz * (stop * (stop + 1) - i * (i + 1)) // 2)
             else:
@@ -727,7 +732,7 @@ class RolloutEngine:
         plen, lengths = plen.astype(np.int64), lengths.astype(np.int64)
         B = len(plen)
         valid = _valid_slots(plen, lengths)
-        if self.attention == "pallas":
+        if self.attention != "xla":
             read = int(ran * plen.sum() + B * ran * (ran + 1) // 2)
         else:
             read = int(ran * B * cache_len)
