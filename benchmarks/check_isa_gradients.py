@@ -16,6 +16,8 @@ largest over the embedding / norm leaves), for both variants; the target is a me
                                                           # 4 prompts x 8 rows, 96 new tokens, demo sampling
                                                           # (~6 minutes on 2 cores)
     python benchmarks/check_isa_gradients.py --small     # a tiny random model, 8 rows x 16 tokens: ~35 s
+    python benchmarks/check_isa_gradients.py --bf16      # also bf16 compute against the float32 default, for
+                                                          # scale (the demo trains in bf16; not a pass criterion)
 
 Exit status 1 when a path's median exceeds ``--tolerance`` with the records. XLA's cap alone limits only its own
 code generator (on an AVX-512 AMD EPYC with jaxlib 0.10.2 it left every gradient bit-identical); the project reads
@@ -48,7 +50,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def tiny_model():
+def tiny_model(dtype: str = "float32"):
     """A random Llama-like model whose next-token distributions are peaked enough (embedding std 0.06) that top-p
     cuts slots at about half the steps: a rollout with cut, clamped and free slots. Its MLP width (512) puts the
     down projection's contraction where YNNPACK's and XLA's dots round differently."""
@@ -59,7 +61,7 @@ def tiny_model():
 
     cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=512, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, param_dtype="float32",
-                      dtype="float32")
+                      dtype=dtype)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 3.0  # std 0.06
     jax.block_until_ready(model.embed[...])
@@ -130,7 +132,8 @@ def make_rollout(args, out_dir):
 
 
 def child(args):
-    """One code path: the float32 gradient of the loss at the rollout policy, with and without the slot records."""
+    """One code path: the gradient of the loss at the rollout policy (float32 compute, or ``--dtype``'s), with and
+    without the slot records."""
     import hashlib
 
     import jax
@@ -144,13 +147,13 @@ def child(args):
 
     d = args.child
     if args.source == "tiny":
-        graphdef, params = nnx.split(tiny_model())
+        graphdef, params = nnx.split(tiny_model(args.dtype))
         saved = np.load(os.path.join(d, "params.npz"))  # the parent's weights, not this process's own init
         params = jax.tree_util.tree_map_with_path(lambda k, _: jnp.asarray(saved[jax.tree_util.keystr(k)]), params)
     else:
         from softgrpo_jax import load_pretrained
 
-        graphdef, params = nnx.split(load_pretrained(args.source, compute_dtype="float32"))
+        graphdef, params = nnx.split(load_pretrained(args.source, compute_dtype=args.dtype))
     h = hashlib.sha256()
     for _, v in jax.tree_util.tree_leaves_with_path(params):
         h.update(np.asarray(v).tobytes())
@@ -204,8 +207,11 @@ def compare(d, path, n_layers):
             else:
                 other[leaf] = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
         rel = np.array([np.sqrt(dx / max(ny, 1e-60)) for dx, ny in layers.values()])
+        dot = sum(float(np.sum(a[k].astype(np.float64) * b[k].astype(np.float64))) for k in keys)
+        na, nb = (np.sqrt(sum(float(np.sum(z[k].astype(np.float64) ** 2)) for k in keys)) for z in (a, b))
         res[variant] = dict(median_over_layers=float(np.median(rel)), max_over_layers=float(rel.max()),
-                            per_layer=[float(v) for v in rel], other=other)
+                            per_layer=[float(v) for v in rel], other=other, cosine=dot / max(na * nb, 1e-60),
+                            norm_ratio=na / max(nb, 1e-60))
     return res
 
 
@@ -224,7 +230,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=0.01,
                     help="largest median per-layer difference with the slot records that passes (exit 1 above it)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also the gradient with bf16 compute (the demo's), for scale: not part of the pass test")
     ap.add_argument("--json", default="", help="also write the result here")
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--path", default="", help=argparse.SUPPRESS)
     ap.add_argument("--source", default="", help=argparse.SUPPRESS)
@@ -245,6 +254,8 @@ def main():
         ynn_default_on = not compiler_options("cpu")  # no option passed: XLA's default (YNNPACK dots) is in use
         paths = {"default": {}, "avx2": {"XLA_FLAGS": ISA_FLAG},
                  "ynn_" + ("off" if ynn_default_on else "on"): {"SOFTGRPO_YNN_DOTS": "off" if ynn_default_on else "on"}}
+        if args.bf16:
+            paths["bf16"] = {}
         hashes, n_layers, infos, procs = {}, None, {}, {}
         for path, extra in paths.items():
             env = dict(os.environ)
@@ -252,7 +263,7 @@ def main():
             env["XLA_FLAGS"] = ""  # only the path's own flag (no forced device count either)
             env.update(extra)
             cmd = [sys.executable, os.path.abspath(__file__), "--child", d, "--path", path, "--source", source,
-                   "--micro", str(args.micro)]
+                   "--micro", str(args.micro), "--dtype", "bfloat16" if path == "bf16" else "float32"]
             if not args.small:  # one at a time: each uses every core, and SmolLM2's gradients take memory
                 for q in procs.values():
                     q.wait()
@@ -273,14 +284,15 @@ def main():
           f"{stats['soft_steps']} scored soft steps, {stats['cut_slots']} slots cut by top-p, "
           f"{stats['clamped_kept_slots']} kept slots with clamped noise; {stats['reward']} mean "
           f"{stats['reward_mean']:.3f}")
-    print("| path vs default | gradient | median over layers | max over layers | other leaves (max) |")
-    print("|---|---|---|---|---|")
+    print("| path vs default | gradient | median over layers | max over layers | other leaves (max) | cosine | "
+          "norm ratio |")
+    print("|---|---|---|---|---|---|---|")
     for path, rr in res.items():
         for variant, r in rr.items():
             name = "with slot records (trainer)" if variant == "records" else "without (every slot, clip as it falls)"
             print(f"| {path} | {name} | {pct(r['median_over_layers'])} | {pct(r['max_over_layers'])} | "
-                  f"{pct(max(r['other'].values(), default=0.0))} |")
-    worst = max(r["records"]["median_over_layers"] for r in res.values())
+                  f"{pct(max(r['other'].values(), default=0.0))} | {r['cosine']:.4f} | {r['norm_ratio']:.3f} |")
+    worst = max(r["records"]["median_over_layers"] for p, r in res.items() if p != "bf16")
     result["passed"] = bool(worst <= args.tolerance)
     print(f"wall time {result['wall_s']:.0f} s")
     print(f"{'PASS' if result['passed'] else 'FAIL'}: with the slot records the median per-layer difference is at "

@@ -61,8 +61,9 @@ CASES = {
         ["--small", "--skip-no-remat"],
         [rf"\| ours SofT-GRPO update .* \| {NUM} \| {NUM} \|", r"Checks: all passed"]),
     "check_isa_gradients": (  # the tiny model's rollout; the gradient under each CPU code path, a process each
-        ["--small"],
+        ["--small", "--bf16"],
         [r"\| avx2 \| with slot records \(trainer\) \| ",
+         rf"\| bf16 \| with slot records \(trainer\) \| .* \| [01]\.\d+ \| {NUM} \|",
          rf"PASS: with the slot records the median per-layer difference is at most ({NUM}(e-\d+)?%|0 \(bit-identical\)) "
          r"on every path"]),
     "bench_train_scale": (
