@@ -117,20 +117,12 @@ def main(argv=None):
     for d in (call1, call2):
         if os.path.exists(d) and os.listdir(d):
             raise SystemExit(f"softgrpo: error: {d} is not empty; remove it or give another --dest")
-    os.environ["SOFTGRPO_DATA_DIR"] = os.path.join(call1, "data")  # before the data modules read it
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, HERE)
+    from gpu_e2e_prep import prepare_data
 
-    from softgrpo_jax import load_tokenizer
+    prepare_data(args.config, os.path.join(call1, "data"))
     from softgrpo_jax.checkpoint.embedded import SMOLLM2_PACKAGE, SMOLLM2_VERSION
-    from softgrpo_jax.config import get_config
-    from softgrpo_jax.train import load_problems
 
-    cfg = get_config(args.config)
-    tok = load_tokenizer(cfg.model.path)
-    names = [(cfg.data.train, "train")] + [tuple(e.split(":")) if ":" in e else (e, "test") for e in cfg.data.eval]
-    for name, split in names:
-        ex, filtered = load_problems(cfg, name, split, tok)
-        print(f"{name}:{split}: {len(ex)} prompts ({filtered} filtered)")
     if not args.no_wheels:
         wheels(os.path.join(call1, "wheels"))
     manifest = {}

@@ -21,25 +21,33 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def prepare_data(config: str, data_dir: str):
+    """The config's train and eval splits prepared as TFDS files in ``data_dir`` (a machine without reasoning-gym
+    reads them from there); returns (config, tokenizer)."""
+    os.environ["SOFTGRPO_DATA_DIR"] = data_dir  # before the data modules read it
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from softgrpo_jax import load_tokenizer
+    from softgrpo_jax.config import get_config
+    from softgrpo_jax.train import load_problems
+
+    cfg = get_config(config)
+    tok = load_tokenizer(cfg.model.path)
+    names = [(cfg.data.train, "train")] + [tuple(e.split(":")) if ":" in e else (e, "test") for e in cfg.data.eval]
+    for name, split in names:
+        ex, filtered = load_problems(cfg, name, split, tok)
+        print(f"{name}:{split}: {len(ex)} prompts ({filtered} filtered)")
+    return cfg, tok
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dest", default=os.path.join(HERE, "..", ".gpu"))
     ap.add_argument("--config", default=os.path.join(HERE, "..", "configs", "demo_smollm2.py"))
     args = ap.parse_args(argv)
     dest = os.path.abspath(args.dest)
-    os.environ["SOFTGRPO_DATA_DIR"] = os.path.join(dest, "data")  # before the data modules read it
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cfg, tok = prepare_data(args.config, os.path.join(dest, "data"))
+    from softgrpo_jax import load_pretrained, save_pretrained
 
-    from softgrpo_jax import load_pretrained, load_tokenizer, save_pretrained
-    from softgrpo_jax.config import get_config
-    from softgrpo_jax.train import load_problems
-
-    cfg = get_config(args.config)
-    tok = load_tokenizer(cfg.model.path)
-    names = [(cfg.data.train, "train")] + [tuple(e.split(":")) if ":" in e else (e, "test") for e in cfg.data.eval]
-    for name, split in names:
-        ex, filtered = load_problems(cfg, name, split, tok)
-        print(f"{name}:{split}: {len(ex)} prompts ({filtered} filtered)")
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(load_pretrained(cfg.model.path), tmp, tokenizer=tok)
         os.makedirs(os.path.join(dest, "model"), exist_ok=True)

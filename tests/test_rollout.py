@@ -408,7 +408,6 @@ def test_chunked_schedule_equals_static(tmp_path, arch, attention):
     assert len(set(lens.tolist())) > 3  # rows end at many different steps
     # NumPy recount: a chunk starting at step i runs the rows still live (length > i) in their batch bucket
     Pn, total, C = ch.prompt_tokens.shape[1], max(budgets), 3
-    plen = np.asarray(ch.prompt_mask).sum(1)
     i, computed, read = 0, 0, 0
     gran = 256 if attention != "xla" else 16
     while i < lens.max():
@@ -475,16 +474,31 @@ def test_pallas_decode_attention_engine_equals_xla(tmp_path, attention, layout):
         RolloutEngine(model, cfg, attention="flash")
 
 
+def compiled_decode(eng, ms, mesh, cfg, cache_len=None) -> str:
+    """The compiled HLO text of ``eng``'s decode loop (6 steps, every row Gumbel) for PROMPTS x 2 on ``mesh``,
+    after a prefill into ``cache_len`` slots (None: the prompts and the 6 steps)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+    from softgrpo_jax.sampling.engine import decode, prefill
+
+    mcfg, params = eng.decode_params(ms)
+    toks, mask = eng.prepare_prompts(PROMPTS * 2)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
+    toks, mask = put(toks), put(mask)
+    modes = put(np.full(toks.shape[0], 2, np.int32))
+    keys = jax.random.split(jax.random.key(0), toks.shape[0])
+    logits0, cache = prefill(mcfg, params, toks, mask, cache_len=cache_len or toks.shape[1] + 6, mesh=mesh)
+    return decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
+                        steps=6, embed_impl="auto", mesh=mesh, attention=eng.attention).compile().as_text()
+
+
 def test_no_collectives_in_the_decode_loop(model):
     """On data-parallel and FSDP meshes of the 8 CPU devices the compiled decode loop's body holds no collective
     (the weights are laid out for decoding once per rollout, sampling runs per batch shard; the done flag's
     reduction sits in the loop's condition). A tensor-parallel mesh needs them in the body, and the reader finds
     them there."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
     from softgrpo_jax.hlo import collectives_in_loops
-    from softgrpo_jax.sampling.engine import decode, prefill
 
     assert jax.device_count() == 8
     cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
@@ -493,16 +507,7 @@ def test_no_collectives_in_the_decode_loop(model):
         mesh = make_mesh(shape)
         ms = load_pretrained_like(model, mesh)
         eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, layout="scan")
-        mcfg, params = eng.decode_params(ms)
-        toks, mask = eng.prepare_prompts(PROMPTS * 2)
-        put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
-        toks, mask = put(toks), put(mask)
-        modes = put(np.full(toks.shape[0], 2, np.int32))
-        keys = jax.random.split(jax.random.key(0), toks.shape[0])
-        logits0, cache = prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 6, mesh=mesh)
-        hlo = decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
-                           steps=6, embed_impl="auto", mesh=mesh).compile().as_text()
-        found[shape] = collectives_in_loops(hlo)
+        found[shape] = collectives_in_loops(compiled_decode(eng, ms, mesh, cfg, cache_len=None))
     assert found[(8, 1, 1)] == [] and found[(2, 4, 1)] == [], found
     assert {op for op, _ in found[(2, 2, 2)]} >= {"all-reduce"}
 
@@ -513,11 +518,7 @@ def test_no_collectives_in_the_decode_loop_with_pallas_attention(model, attentio
     the whole KV cache, onto every device at every step. The decode attention runs on each device's own rows
     (shard_map): on data-parallel and FSDP meshes the loop body holds no collective, and the rollout is the
     unsharded one (also on a tensor-parallel mesh, each device its own KV heads)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
     from softgrpo_jax.hlo import collectives_in_loops
-    from softgrpo_jax.sampling.engine import decode, prefill
 
     cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
     ref = RolloutEngine(model, cfg, pad_id=0, attention=attention, layout=layout).generate(
@@ -531,16 +532,8 @@ def test_no_collectives_in_the_decode_loop_with_pallas_attention(model, attentio
         np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), atol=1e-5)
         if shape[2] > 1:  # tensor parallelism reduces over the heads inside the loop by design
             continue
-        mcfg, params = eng.decode_params(ms)
-        toks, mask = eng.prepare_prompts(PROMPTS * 2)
-        put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
-        toks, mask = put(toks), put(mask)
-        modes = put(np.full(toks.shape[0], 2, np.int32))
-        keys = jax.random.split(jax.random.key(0), toks.shape[0])
-        logits0, cache = prefill(mcfg, params, toks, mask, cache_len=256, mesh=mesh)
-        hlo = decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
-                           steps=6, embed_impl="auto", mesh=mesh, attention=attention).compile().as_text()
-        assert collectives_in_loops(hlo) == [], (shape, collectives_in_loops(hlo)[:3])
+        found = collectives_in_loops(compiled_decode(eng, ms, mesh, cfg, cache_len=256))
+        assert found == [], (shape, found[:3])
 
 
 def test_chunked_schedule_on_meshes(model):
