@@ -77,8 +77,8 @@ def base_config() -> ConfigDict:
         #            evals of a float32 policy, as the original's sglang rollouts; 1.8x faster decoding on this CPU)
         layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU)
         attention="auto",  # auto | xla | pallas: decode attention over the KV cache (pallas: each row's own context
-        #   only, JAX's Pallas GPU decode kernel on GPU, the project's Pallas TPU kernel on TPU; auto: pallas on GPU
-        #   and TPU, xla elsewhere)
+        #   only, JAX's Pallas GPU decode kernel on GPU, the project's Pallas TPU kernel on TPU, not yet run on a
+        #   TPU; auto: pallas on GPU, xla elsewhere)
         schedule="chunked",  # chunked | static: chunked decodes chunk_steps steps at a time over a cache just long
         #   enough, finished rows leave the batch between chunks, one prefill per prompt; static: one loop over the
         #   whole budget for every row (the reference; the same rollouts)

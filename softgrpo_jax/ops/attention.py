@@ -390,7 +390,10 @@ def decode_attention_tpu(q, k, v, layer, start, length, scale, *, interpret=None
     reads each row's context, not the cache. JAX's own TPU kernels (``paged_attention``, ``ragged_paged_attention``)
     take a paged cache [Hkv, pages, page, hd] with every row starting at slot 0; this one reads the engine's
     contiguous, left-padded cache in place. S must be a multiple of 128 and hd at most 128 or a multiple of it. On
-    TPU the compiled kernel; elsewhere Pallas interpret mode (tests)."""
+    TPU the compiled kernel; elsewhere Pallas interpret mode (tests). Not yet measured on a TPU: the grid takes a
+    step per row, KV head and block, skipped blocks included, so at many rows and a long cache Pallas' fixed cost
+    per grid step may dominate; blocks of rows (their `length` is common, only the prompt's start differs) are the
+    way to fewer steps."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 

@@ -468,8 +468,8 @@ class RolloutEngine:
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
         ``attention``: how a decode step attends over the KV cache: "xla" (every slot of the cache), "pallas"
         (each row's own context only: JAX's Pallas GPU decode-attention kernel on GPU, the project's Pallas TPU
-        kernel on TPU; "pallas_gpu" / "pallas_tpu" force one, interpreted off its platform, for tests) or "auto"
-        (pallas on GPU and TPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
+        kernel on TPU, not yet measured there; "pallas_gpu" / "pallas_tpu" force one, interpreted off its
+        platform, for tests) or "auto" (pallas on GPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
         at a time over a cache just long enough for them; between chunks finished rows leave the batch and the
         n rows of a prompt share one prefill) or "static" (one loop over a cache of the whole budget, every row
         computed until the last one ends: the reference; the same tokens)."""
@@ -486,7 +486,8 @@ class RolloutEngine:
         if attention not in ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu"):
             raise ValueError(f"rollout attention must be auto, xla or pallas, got {attention!r}")
         if attention == "auto":
-            attention = "pallas" if platform in ("gpu", "tpu") else "xla"
+            # TPU stays on XLA until its kernel is measured there (its grid has a step per row, head and block)
+            attention = "pallas" if platform == "gpu" else "xla"
         if attention == "pallas":  # the platform's kernel (off GPU / TPU: the GPU one, interpreted)
             attention = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
         self.attention = attention  # "xla", "pallas_gpu" or "pallas_tpu": forward's decode_attention
