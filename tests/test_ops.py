@@ -710,27 +710,31 @@ def _np_decode_attention(q, k, v, start, length, scale):
 
 @pytest.mark.parametrize("S,hd,dtype", [(256, 16, "float32"), (384, 64, "float32"), (1024, 128, "bfloat16")])
 def test_tpu_decode_attention_against_numpy(S, hd, dtype):
-    """The Pallas TPU decode-attention kernel (interpret mode) on a stacked cache [L, B, Hkv, S, hd] at layer 1:
-    per-row valid ranges [start, length) that start and end inside blocks, span several blocks or one slot, GQA,
+    """The Pallas TPU decode-attention kernel (interpret mode, blocks of 8 and of 2 rows) on a stacked cache
+    [L, B, Hkv, S, hd] at layer 1: per-row valid ranges [start, length) that start and end inside blocks, span
+    several blocks or one slot, rows of one block needing different blocks, GQA,
     against float64 NumPy; slots outside a row's range (and the other layers) hold garbage that must not leak in.
     Through ``decode_attention`` the GPU kernel reads the same stacked cache at the same layer alike."""
     from softgrpo_jax.ops.attention import decode_attention, decode_attention_tpu
 
-    B, H, Hkv, L = 4, 6, 2, 3
+    B, H, Hkv, L = 8, 6, 2, 3
     rng = np.random.RandomState(S)
     q = rng.randn(B, H, hd).astype(np.float32)
     k, v = (rng.randn(L, B, Hkv, S, hd).astype(np.float32) for _ in range(2))
-    start, length = np.array([0, 5, S // 2, 130]), np.array([S, S - 3, S // 2 + 7, 131])
+    start = np.array([0, 5, S // 2, 130, 0, 129, 3, S - 1])
+    length = np.array([S, S - 3, S // 2 + 7, 131, 1, 255, 200, S])
     for b in range(B):
         k[:, b, :, :start[b]] = v[:, b, :, :start[b]] = 1e4
         k[:, b, :, length[b]:] = v[:, b, :, length[b]:] = -1e4
     k[[0, 2]], v[[0, 2]] = 5e3, -5e3
     qd, kd, vd = (jnp.asarray(a, dtype) for a in (q, k, v))
-    o = jax.jit(lambda *a: decode_attention_tpu(*a, hd ** -0.5))(qd, kd, vd, jnp.int32(1), start, length)
-    assert o.dtype == jnp.dtype(dtype)
     ref = _np_decode_attention(*(np.asarray(a, np.float64) for a in (qd, kd[1], vd[1])), start, length, hd ** -0.5)
     tol = 1e-5 if dtype == "float32" else 2e-2
-    np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=tol, atol=tol)
+    for rows in (None, 2):  # blocks of 8 rows (the default here) and of 2
+        o = jax.jit(lambda *a: decode_attention_tpu(*a, hd ** -0.5, rows=rows))(qd, kd, vd, jnp.int32(1), start,
+                                                                               length)
+        assert o.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(o, np.float64), ref, rtol=tol, atol=tol, err_msg=f"rows={rows}")
     g = jax.jit(lambda *a: decode_attention(*a, hd ** -0.5, layer=jnp.int32(1), kernel="gpu"))(qd, kd, vd, start,
                                                                                               length)
     np.testing.assert_allclose(np.asarray(g, np.float64), ref, rtol=tol, atol=tol)

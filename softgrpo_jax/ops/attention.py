@@ -337,16 +337,16 @@ TPU_DECODE_BLOCKS = (512, 256, 128)
 _LANES = 128
 
 
-def _tpu_decode_kernel(layer_ref, start_ref, len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, bk, nk,
-                       scale):
-    """One (row, KV head) pair's G queries against one block of bk cache slots; online softmax over the blocks
-    that overlap the row's valid slots [start, length) (the others are neither computed nor, by the index map,
-    fetched). m / l are kept lane-broadcast, [G, 128], as in JAX's flash attention kernel."""
+def _tpu_decode_kernel(layer_ref, start_ref, len_ref, first_ref, last_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
+                       acc_sc, *, bk, nk, rows, scale):
+    """One block of ``rows`` rows, one KV head's G queries each, against one block of bk cache slots; online
+    softmax over the blocks that overlap a row's valid slots [start, length) (a row skips the others; the index
+    map fetches only the blocks some row of the block needs). m / l are kept lane-broadcast, [G, 128], as in JAX's
+    flash attention kernel; every dot is a 2-D [G, hd] x [bk, hd] one, row by row (a static loop)."""
     from jax.experimental import pallas as pl
 
-    del layer_ref  # used by the index maps only
-    b, j = pl.program_id(0), pl.program_id(2)
-    st, ln = start_ref[b], len_ref[b]
+    del layer_ref, first_ref, last_ref  # used by the index maps only
+    rb, j = pl.program_id(0), pl.program_id(2)
     hd = acc_sc.shape[-1]
 
     def lanes_to_hd(a):  # [G, 128] -> [G, hd]
@@ -358,42 +358,46 @@ def _tpu_decode_kernel(layer_ref, start_ref, len_ref, q_ref, k_ref, v_ref, o_ref
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when((j * bk < ln) & ((j + 1) * bk > st))
-    def _block():
-        q = q_ref[...].astype(jnp.float32) * scale  # [G, hd]
-        k = k_ref[...].astype(jnp.float32)  # [bk, hd]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [G, bk]
-        pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where((pos >= st) & (pos < ln), s, -0.7 * float(jnp.finfo(jnp.float32).max))
-        m_prev, l_prev = m_sc[...], l_sc[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [G, 128]
-        p = jnp.exp(s - jnp.tile(m_next, (1, bk // _LANES)))
-        alpha = jnp.exp(m_prev - m_next)
-        l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
-        m_sc[...] = m_next
-        pv = jax.lax.dot(p, v_ref[...].astype(jnp.float32), preferred_element_type=jnp.float32)  # [G, hd]
-        acc_sc[...] = acc_sc[...] * lanes_to_hd(alpha) + pv
+    for r in range(rows):
+        st, ln = start_ref[rb * rows + r], len_ref[rb * rows + r]
+
+        @pl.when((j * bk < ln) & ((j + 1) * bk > st))
+        def _block(r=r, st=st, ln=ln):
+            q = q_ref[r].astype(jnp.float32) * scale  # [G, hd]
+            k = k_ref[r].astype(jnp.float32)  # [bk, hd]
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [G, bk]
+            pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where((pos >= st) & (pos < ln), s, -0.7 * float(jnp.finfo(jnp.float32).max))
+            m_prev, l_prev = m_sc[r], l_sc[r]
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])  # [G, 128]
+            p = jnp.exp(s - jnp.tile(m_next, (1, bk // _LANES)))
+            alpha = jnp.exp(m_prev - m_next)
+            l_sc[r] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
+            m_sc[r] = m_next
+            pv = jax.lax.dot(p, v_ref[r].astype(jnp.float32), preferred_element_type=jnp.float32)  # [G, hd]
+            acc_sc[r] = acc_sc[r] * lanes_to_hd(alpha) + pv
 
     @pl.when(j == nk - 1)
     def _out():
-        l = lanes_to_hd(l_sc[...])
-        o_ref[...] = (acc_sc[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+        for r in range(rows):
+            lr = lanes_to_hd(l_sc[r])
+            o_ref[r] = (acc_sc[r] / jnp.where(lr == 0.0, 1.0, lr)).astype(o_ref.dtype)
 
 
-def decode_attention_tpu(q, k, v, layer, start, length, scale, *, interpret=None):
+def decode_attention_tpu(q, k, v, layer, start, length, scale, *, rows=None, interpret=None):
     """One query position per row against a KV cache, as a Pallas TPU (Mosaic) kernel: q [B, H, hd], k / v the
     stacked cache [L, B, Hkv, S, hd] read at layer ``layer`` (an int32 scalar: inside the layer scan no layer is
     copied out), a row's valid slots [start, length) ([B] int32 each) -> [B, H, hd] in q's dtype.
 
-    Grid (row, KV head, block of slots); the row's bounds are scalar-prefetched and the K/V index maps clamp the
-    block index into the row's own blocks, so the pipeline fetches each of those once and nothing else: a step
-    reads each row's context, not the cache. JAX's own TPU kernels (``paged_attention``, ``ragged_paged_attention``)
-    take a paged cache [Hkv, pages, page, hd] with every row starting at slot 0; this one reads the engine's
-    contiguous, left-padded cache in place. S must be a multiple of 128 and hd at most 128 or a multiple of it. On
-    TPU the compiled kernel; elsewhere Pallas interpret mode (tests). Not yet measured on a TPU: the grid takes a
-    step per row, KV head and block, skipped blocks included, so at many rows and a long cache Pallas' fixed cost
-    per grid step may dominate; blocks of rows (their `length` is common, only the prompt's start differs) are the
-    way to fewer steps."""
+    Grid (block of ``rows`` rows, KV head, block of slots); the bounds are scalar-prefetched and the K/V index maps
+    clamp the slot block into the blocks the rows need, so the pipeline fetches each of those once and nothing
+    else: a step reads its rows' context, not the cache. A grid step has a fixed cost on TPU, so rows come in
+    blocks (default: 8 where they divide the batch): in a decode step every row's ``length`` is the same and only
+    the prompt's start differs, so a block of rows wastes little. JAX's own TPU kernels (``paged_attention``,
+    ``ragged_paged_attention``) take a paged cache [Hkv, pages, page, hd] with every row starting at slot 0; this
+    one reads the engine's contiguous, left-padded cache in place. S must be a multiple of 128 and hd at most 128
+    or a multiple of it. On TPU the compiled kernel; elsewhere Pallas interpret mode (tests). Not yet measured on
+    a TPU."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
@@ -404,31 +408,36 @@ def decode_attention_tpu(q, k, v, layer, start, length, scale, *, interpret=None
     if bk is None or (hd > _LANES and hd % _LANES):
         raise ValueError(f"TPU decode attention needs a cache length that is a multiple of 128 and a head dim <= 128 "
                          f"or a multiple of 128, got {S} and {hd}")
+    rows = rows or next(r for r in (8, 4, 2, 1) if B % r == 0)
+    if B % rows:
+        raise ValueError(f"TPU decode attention: rows={rows} does not divide the batch ({B})")
     nk = S // bk
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    start, length = start.astype(jnp.int32), length.astype(jnp.int32)
+    # the slot blocks each block of rows needs: from the first row start to the last row end
+    first = jax.lax.div(start.reshape(B // rows, rows).min(1), bk)
+    last = jax.lax.div(jnp.maximum(length - 1, start).reshape(B // rows, rows).max(1), bk)
 
-    def kv_map(b, h, j, layer_ref, start_ref, len_ref):
-        # lax.div: the bounds are >= 0, and floor division's sign handling needs the chip's details to lower
-        first = jax.lax.div(start_ref[b], bk)
-        last = jax.lax.div(jnp.maximum(len_ref[b] - 1, start_ref[b]), bk)
-        return layer_ref[0], b, h, jnp.minimum(jnp.maximum(j, first), last), 0
+    def kv_map(rb, h, j, layer_ref, start_ref, len_ref, first_ref, last_ref):
+        return layer_ref[0], rb, h, jnp.minimum(jnp.maximum(j, first_ref[rb]), last_ref[rb]), 0
 
-    kv_spec = pl.BlockSpec((None, None, None, bk, hd), kv_map)
+    kv_spec = pl.BlockSpec((None, rows, None, bk, hd), kv_map)
     # [B, H, 1, hd] with blocks of G heads: the layout JAX's paged attention kernel uses when G is not a multiple
-    # of 8 (a [G, hd] tile per grid step)
-    q_spec = pl.BlockSpec((None, G, None, hd), lambda b, h, j, *_: (b, h, 0, 0))
-    kernel = functools.partial(_tpu_decode_kernel, bk=bk, nk=nk, scale=float(scale))
+    # of 8 (a [G, hd] tile per row)
+    q_spec = pl.BlockSpec((rows, G, None, hd), lambda rb, h, j, *_: (rb, h, 0, 0))
+    kernel = functools.partial(_tpu_decode_kernel, bk=bk, nk=nk, rows=rows, scale=float(scale))
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, Hkv, nk), in_specs=[q_spec, kv_spec, kv_spec], out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((G, _LANES), jnp.float32), pltpu.VMEM((G, _LANES), jnp.float32),
-                            pltpu.VMEM((G, hd), jnp.float32)]),
+            num_scalar_prefetch=5, grid=(B // rows, Hkv, nk), in_specs=[q_spec, kv_spec, kv_spec],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((rows, G, _LANES), jnp.float32), pltpu.VMEM((rows, G, _LANES), jnp.float32),
+                            pltpu.VMEM((rows, G, hd), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((B, H, 1, hd), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), start.astype(jnp.int32), length.astype(jnp.int32),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), start, length, first, last,
       q.reshape(B, H, 1, hd).astype(jnp.float32), k, v)
     return out.reshape(B, H, hd).astype(q.dtype)
 

@@ -486,7 +486,7 @@ class RolloutEngine:
         if attention not in ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu"):
             raise ValueError(f"rollout attention must be auto, xla or pallas, got {attention!r}")
         if attention == "auto":
-            # TPU stays on XLA until its kernel is measured there (its grid has a step per row, head and block)
+            # TPU stays on XLA until its kernel has run there
             attention = "pallas" if platform == "gpu" else "xla"
         if attention == "pallas":  # the platform's kernel (off GPU / TPU: the GPU one, interpreted)
             attention = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
