@@ -463,10 +463,9 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
                     vt = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(x.dtype)
         if ragged is not None:  # one decode step, each row's valid slots [start, length) only
             r_start, r_len, kernel = ragged
-            if kernel == "tpu" and i is not None:  # the stacked cache at layer i: no layer copied out
-                kt, vt = kv
-            o = attention.decode_attention(q[:, 0], kt, vt, r_start, r_len, scale, kernel=kernel,
-                                           layer=i if kernel == "tpu" else None).reshape(B, T, H * hd)
+            ck, cv = kv if i is not None else (kt, vt)  # stacked caches go whole, with the layer index
+            o = attention.decode_attention(q[:, 0], ck, cv, r_start, r_len, scale, kernel=kernel,
+                                           layer=i).reshape(B, T, H * hd)
             return _mlp_block(cfg, x, o, p, keep), kv
         # the layout [B, Hkv, G*T, hd] keeps every dot (and its gradients) a plain batched GEMM on XLA:CPU and GPU
         qg = attention.group_queries(q, Hkv)

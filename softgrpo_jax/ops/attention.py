@@ -466,9 +466,8 @@ def decode_attention(q, k, v, start, length, scale, *, layer=None, kernel: str |
         layer = None
     rows = P(BATCH_AXES, "tensor", None)
     if kernel == "gpu":
-        fn = functools.partial(decode_attention_pallas, scale=scale)
         cache = P(BATCH_AXES, "tensor", None, None)
-        return local_shards(lambda a, b, c, s, n: fn(a, b, c, s, n), (q, k, v, start, length),
+        return local_shards(functools.partial(decode_attention_pallas, scale=scale), (q, k, v, start, length),
                             (rows, cache, cache, P(BATCH_AXES), P(BATCH_AXES)), rows, ref=1)
     if layer is None:
         k, v, layer = k[None], v[None], 0
