@@ -94,10 +94,11 @@ def base_config() -> ConfigDict:
         #   this many padded tokens per device each, padded to their own length bucket: rl/batching.py); 0 = fixed
         #   rows (micro_batch_size), every row padded to the longest
         ppo_epochs=1,
-        old_logprobs="auto",  # auto | recompute: the rollout policy's log-probs (PPO ratio denominator). auto: when
-        #   a step makes a single update (one mini-batch, one epoch) they equal the current policy's, taken under
-        #   stop_gradient inside the update instead of a separate forward pass (ratio 1, as recomputing gives up to
-        #   rounding); recompute: always a separate pass before the updates, as verl does
+        old_logprobs="auto",  # auto | recompute: the rollout policy's log-probs (PPO ratio denominator). auto: for
+        #   the first mini-batch of a single epoch (updated with the rollout's params) they equal the current
+        #   policy's, taken under stop_gradient inside the update instead of a separate forward pass (ratio 1, as
+        #   recomputing gives up to rounding); later mini-batches get the pass; recompute: a separate pass for every
+        #   mini-batch before the updates, as verl does
         clip_ratio_low=0.2,
         clip_ratio_high=0.2,
         clip_ratio_c=3.0,

@@ -307,26 +307,31 @@ class Run:
         batch = rollout_to_batch(r, adv, min_bucket=budget if budget <= 256 else budget // 2)
         n_mini = rl.train_batch_size // rl.mini_batch_size
         mini_rows = rl.mini_batch_size * rl.group_size
-        # old (unless on-policy: see rl.old_logprobs) and reference log-probs over the whole batch, micro-batch by
-        # micro-batch, before any update
-        on_policy = rl.old_logprobs == "auto" and n_mini == 1 and rl.ppo_epochs == 1
+        # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update. The first
+        # mini-batch of a single epoch is updated with the rollout's params, so (rl.old_logprobs="auto") its old
+        # log-probs are the update's own under stop_gradient: only the later mini-batches need the separate pass
+        first_on_policy = rl.old_logprobs == "auto" and rl.ppo_epochs == 1
         if rl.max_tokens_per_micro_batch > 0:
-            minis, processed = self._token_budget_minis(batch, n_mini, mini_rows, on_policy)
+            minis, processed = self._token_budget_minis(batch, n_mini, mini_rows, first_on_policy)
             t3 = time.time()
             upd = [self.policy.update_groups(groups, den) for _ in range(rl.ppo_epochs) for groups, den in minis]
         else:
-            all_mb = self.policy.put(split_micro(batch, n_mini * self.n_micro))
+            n = self.n_micro
+            all_mb = self.policy.put(split_micro(batch, n_mini * n))
             processed = batch["attention_mask"].size
-            old_lp = None if on_policy else self.policy.logprobs(self.policy.params, all_mb)
-            ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else old_lp
-            jax.block_until_ready((old_lp, ref_lp))
+            skip = n if first_on_policy else 0  # micro-batches whose old log-probs come from the update itself
+            rest = (self.policy.logprobs(self.policy.params, jax.tree.map(lambda a: a[skip:], all_mb))
+                    if n_mini * n > skip else None)
+            ref_lp = self.policy.logprobs(self.policy.ref_params, all_mb) if rl.use_kl_loss else None
+            jax.block_until_ready((rest, ref_lp))
             t3 = time.time()
             upd = []
             for _ in range(rl.ppo_epochs):
                 for m in range(n_mini):
-                    sl = slice(m * self.n_micro, (m + 1) * self.n_micro)
+                    sl = slice(m * n, (m + 1) * n)
                     mb = jax.tree.map(lambda a: a[sl], all_mb)
-                    upd.append(self.policy.update(mb, *(None if a is None else a[sl] for a in (old_lp, ref_lp))))
+                    old = None if m * n < skip else rest[m * n - skip:(m + 1) * n - skip]
+                    upd.append(self.policy.update(mb, old, old if ref_lp is None else ref_lp[sl]))
         upd = jax.device_get(upd)
         t4 = time.time()
         resp_tokens = int(lens.sum())
@@ -358,10 +363,10 @@ class Run:
         })
         return metrics
 
-    def _token_budget_minis(self, batch, n_mini: int, mini_rows: int, on_policy: bool):
+    def _token_budget_minis(self, batch, n_mini: int, mini_rows: int, first_on_policy: bool):
         """Each mini-batch as token-budget micro-batches (``rl.max_tokens_per_micro_batch`` per device), with their
-        old and reference log-probs (all before any update) and the mini-batch's loss denominator; and the token
-        slots they process."""
+        old (none for the first mini-batch when ``first_on_policy``) and reference log-probs (all before any update)
+        and the mini-batch's loss denominator; and the token slots they process."""
         rl = self.cfg.rl
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         minis, processed, pending = [], 0, []
@@ -371,7 +376,7 @@ class Run:
             for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp):
                 processed += g["attention_mask"].size
                 mb = self.policy.put(g)
-                old = None if on_policy else self.policy.logprobs(self.policy.params, mb)
+                old = None if first_on_policy and m == 0 else self.policy.logprobs(self.policy.params, mb)
                 ref = self.policy.logprobs(self.policy.ref_params, mb) if rl.use_kl_loss else old
                 groups.append((mb, old, ref))
                 pending.append((old, ref))

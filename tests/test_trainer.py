@@ -381,6 +381,39 @@ def test_on_policy_old_logprobs_skip_the_extra_pass(tmp_path):
             reward_fn=_letter_reward)
 
 
+@pytest.mark.parametrize("extra", [(), ("--config.rl.max_tokens_per_micro_batch=256",)], ids=["rows", "tokens"])
+def test_first_of_several_mini_batches_is_on_policy(tmp_path, extra):
+    """Two updates per step: the first mini-batch is updated with the rollout's params, so rl.old_logprobs=auto takes
+    its old log-probs from the update's own forward pass and scores only the second mini-batch's rows in the
+    separate pass; training equals recomputing both (up to rounding)."""
+    from softgrpo_jax.train import Run
+
+    mdir = make_tiny_smollm_dir(str(tmp_path / "m"))
+    out = {}
+    for mode in ("recompute", "auto"):
+        run = Run(_run_cfg(mdir, str(tmp_path / mode), 2, [f"--config.rl.old_logprobs={mode}",
+                                                           "--config.rl.mini_batch_size=1", *extra]),
+                  reward_fn=_letter_reward)
+        old_rows = []
+        orig = run.policy.logprobs
+
+        def counted(params, mb, _o=orig, _run=run, _rows=old_rows):
+            if params is not _run.policy.ref_params:
+                _rows.append(int(np.prod(mb["attention_mask"].shape[:2])))  # micro-batches x rows
+            return _o(params, mb)
+
+        run.policy.logprobs = counted
+        res = run.train()
+        out[mode] = ([m for m in res["metrics"] if m["kind"] == "train"], sum(old_rows))
+    (rec, n_rec), (auto, n_auto) = out["recompute"], out["auto"]
+    assert n_rec == 2 * n_auto > 0, (n_rec, n_auto)  # 2 steps x 2 mini-batches of 2 rows, against the second only
+    assert any(m["grad_norm"] > 0 for m in rec)
+    for a, b in zip(rec, auto):
+        for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "kl_token", "ratio_mean"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(m["ratio_mean"] != 1.0 for m in auto)  # the second mini-batch ran off-policy, with its old log-probs
+
+
 def test_truncated_responses_can_score_zero(tmp_path):
     """reward.on_truncation=zero: a response that used the whole budget without a stop token gets reward 0 in
     training; score (the default) leaves the reward function's value; a bad value fails at start-up."""
