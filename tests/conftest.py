@@ -8,8 +8,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# no persistent compilation cache in the user's cache folder from tests (test_cli covers the cache in a temp folder)
-os.environ.setdefault("SOFTGRPO_COMPILATION_CACHE", "off")
+# a persistent compilation cache per test process (and the softgrpo commands it starts), in a temporary folder,
+# never the user's: tests that build the same programs again (resumed runs, seeds, a second process) read them back
+# instead of compiling them. Set, not setdefault, as below.
+_JAX_CACHE = tempfile.mkdtemp(prefix="softgrpo-test-jax-cache-")
+os.environ["SOFTGRPO_COMPILATION_CACHE"] = _JAX_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the test models' programs compile fast
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 # each test process (pytest-xdist worker) prepares its TFDS data sets in its own folder: no build races
 # (set, not setdefault: xdist workers inherit the controller's environment)
 os.environ["SOFTGRPO_DATA_DIR"] = tempfile.mkdtemp(prefix="softgrpo-test-data-")
@@ -18,6 +23,7 @@ atexit.register(shutil.rmtree, os.environ["SOFTGRPO_DATA_DIR"], ignore_errors=Tr
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
 
 
 import pytest  # noqa: E402

@@ -146,8 +146,12 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
 
     from softgrpo_jax.train import enable_compilation_cache
 
-    assert jax.config.jax_compilation_cache_dir is None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir  # the test session's own cache (conftest), set aside meanwhile
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()  # JAX keeps the cache it opened until reset
     try:
         assert enable_compilation_cache("off") is None and enable_compilation_cache("") is None
         monkeypatch.setenv("SOFTGRPO_COMPILATION_CACHE", "off")
@@ -178,11 +182,9 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert enable_compilation_cache(str(blocker / "sub")) is None  # not creatable: no cache, no error
         assert jax.config.jax_compilation_cache_dir is None
     finally:
-        from jax.experimental.compilation_cache import compilation_cache
-
-        jax.config.update("jax_compilation_cache_dir", None)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
         compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 @pytest.mark.slow

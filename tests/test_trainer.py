@@ -353,34 +353,6 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "3"]
 
 
-def test_on_policy_old_logprobs_skip_the_extra_pass(tmp_path):
-    """rl.old_logprobs=auto with one update per step takes the ratio's denominator from the update's own forward
-    pass (one log-prob pass fewer per step) and trains exactly as recomputing them does (up to rounding)."""
-    from softgrpo_jax.train import Run
-
-    mdir = make_tiny_smollm_dir(str(tmp_path / "m"))
-    out = {}
-    for mode in ("recompute", "auto"):
-        run = Run(_run_cfg(mdir, str(tmp_path / mode), 2, [f"--config.rl.old_logprobs={mode}",
-                                                           "--config.rl.mini_batch_size=2"]),
-                  reward_fn=_letter_reward)
-        calls = []
-        orig = run.policy.logprobs
-        run.policy.logprobs = lambda *a, _o=orig: calls.append(1) or _o(*a)
-        res = run.train()
-        out[mode] = ([m for m in res["metrics"] if m["kind"] == "train"], len(calls))
-    (rec, n_rec), (auto, n_auto) = out["recompute"], out["auto"]
-    assert n_rec == 2 * 2 and n_auto == 2  # old + reference per step, against reference only
-    assert any(m["grad_norm"] > 0 for m in rec)
-    for a, b in zip(rec, auto):
-        for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "kl_token"):
-            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
-        assert b["ratio_mean"] == 1.0 and b["clipfrac"] == 0.0
-    with pytest.raises(ValueError, match="old_logprobs"):  # at start-up, before any rollout
-        Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.rl.old_logprobs=sometimes"]),
-            reward_fn=_letter_reward)
-
-
 @pytest.mark.parametrize("extra", [(), ("--config.rl.max_tokens_per_micro_batch=256",)], ids=["rows", "tokens"])
 def test_first_of_several_mini_batches_is_on_policy(tmp_path, extra):
     """Two updates per step: the first mini-batch is updated with the rollout's params, so rl.old_logprobs=auto takes
@@ -412,6 +384,9 @@ def test_first_of_several_mini_batches_is_on_policy(tmp_path, extra):
         for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "kl_token", "ratio_mean"):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert any(m["ratio_mean"] != 1.0 for m in auto)  # the second mini-batch ran off-policy, with its old log-probs
+    with pytest.raises(ValueError, match="old_logprobs"):  # at start-up, before any rollout
+        Run(_run_cfg(mdir, str(tmp_path / "bad"), 1, ["--config.rl.old_logprobs=sometimes"]),
+            reward_fn=_letter_reward)
 
 
 def test_truncated_responses_can_score_zero(tmp_path):
