@@ -309,8 +309,12 @@ class Run:
         mini_rows = rl.mini_batch_size * rl.group_size
         # old and reference log-probs over the whole batch, micro-batch by micro-batch, before any update. The first
         # mini-batch of a single epoch is updated with the rollout's params, so (rl.old_logprobs="auto") its old
-        # log-probs are the update's own under stop_gradient: only the later mini-batches need the separate pass
+        # log-probs are the update's own under stop_gradient: only the later mini-batches need the separate pass.
+        # With several mini-batches the rows say which they are ("on_policy"; the first one's old log-probs are
+        # placeholders), so on- and off-policy micro-batches of a shape share one compiled update
         first_on_policy = rl.old_logprobs == "auto" and rl.ppo_epochs == 1
+        if first_on_policy and n_mini > 1:
+            batch["on_policy"] = np.arange(batch["tokens"].shape[0]) < mini_rows
         if rl.max_tokens_per_micro_batch > 0:
             minis, processed = self._token_budget_minis(batch, n_mini, mini_rows, first_on_policy)
             t3 = time.time()
@@ -331,6 +335,8 @@ class Run:
                     sl = slice(m * n, (m + 1) * n)
                     mb = jax.tree.map(lambda a: a[sl], all_mb)
                     old = None if m * n < skip else rest[m * n - skip:(m + 1) * n - skip]
+                    if old is None and rest is not None:  # placeholders in the shape of the others (see above)
+                        old = jax.numpy.zeros_like(rest[:n])
                     upd.append(self.policy.update(mb, old, old if ref_lp is None else ref_lp[sl]))
         upd = jax.device_get(upd)
         t4 = time.time()
@@ -376,7 +382,10 @@ class Run:
             for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp):
                 processed += g["attention_mask"].size
                 mb = self.policy.put(g)
-                old = None if first_on_policy and m == 0 else self.policy.logprobs(self.policy.params, mb)
+                if first_on_policy and m == 0:  # placeholders when later mini-batches have old log-probs
+                    old = None if n_mini == 1 else self.policy.put(np.zeros(g["tokens"].shape, np.float32))
+                else:
+                    old = self.policy.logprobs(self.policy.params, mb)
                 ref = self.policy.logprobs(self.policy.ref_params, mb) if rl.use_kl_loss else old
                 groups.append((mb, old, ref))
                 pending.append((old, ref))

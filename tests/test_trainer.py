@@ -376,9 +376,12 @@ def test_first_of_several_mini_batches_is_on_policy(tmp_path, extra):
 
         run.policy.logprobs = counted
         res = run.train()
-        out[mode] = ([m for m in res["metrics"] if m["kind"] == "train"], sum(old_rows))
-    (rec, n_rec), (auto, n_auto) = out["recompute"], out["auto"]
+        pol = run.policy  # compiled update programs: one per micro-batch shape, on- or off-policy alike
+        programs = sum(f._cache_size() for f in [*pol._update_cache.values(), pol._accumulate_fn] if f is not None)
+        out[mode] = ([m for m in res["metrics"] if m["kind"] == "train"], sum(old_rows), programs)
+    (rec, n_rec, p_rec), (auto, n_auto, p_auto) = out["recompute"], out["auto"]
     assert n_rec == 2 * n_auto > 0, (n_rec, n_auto)  # 2 steps x 2 mini-batches of 2 rows, against the second only
+    assert p_auto == p_rec >= 1, (p_auto, p_rec)
     assert any(m["grad_norm"] > 0 for m in rec)
     for a, b in zip(rec, auto):
         for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "kl_token", "ratio_mean"):

@@ -146,11 +146,14 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kl_type: str = "low
 
 
 def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logprobs: jax.Array | None,
-                   advantages: jax.Array, loss_mask: jax.Array, cfg: LossConfig) -> dict[str, jax.Array]:
+                   advantages: jax.Array, loss_mask: jax.Array, cfg: LossConfig,
+                   on_policy: jax.Array | None = None) -> dict[str, jax.Array]:
     """verl's clipped policy loss + KL loss as additive sums (docs/algorithm.md, "Objective"). All inputs [B, T] (advantages [B] or [B, T]).
 
-    ``old_logprobs`` None means on-policy (``stop_gradient(logprobs)``: ratio 1); ``ref_logprobs`` None or
-    ``cfg.use_kl_loss=False`` drops the KL. Old and reference log-probs never receive gradient.
+    ``old_logprobs`` None means on-policy (``stop_gradient(logprobs)``: ratio 1); so does ``on_policy`` ([B] bool)
+    row by row, whatever ``old_logprobs`` holds there (one compiled program for on- and off-policy micro-batches).
+    ``ref_logprobs`` None or ``cfg.use_kl_loss=False`` drops the KL. Old and reference log-probs never receive
+    gradient.
 
     Returns scalars (add them over micro-batches, then ``finalize_metrics``):
       pg_sum, kl_sum       sum(w * L_pg), sum(w * kl) with the aggregation weights w
@@ -167,6 +170,8 @@ def ppo_loss_terms(logprobs: jax.Array, old_logprobs: jax.Array | None, ref_logp
     # unscored positions are replaced by 0 up front: garbage (inf/NaN) there reaches neither values nor gradients
     lp = jnp.where(mask, logprobs.astype(jnp.float32), 0.0)
     old = lp if old_logprobs is None else jnp.where(mask, old_logprobs.astype(jnp.float32), 0.0)
+    if on_policy is not None:
+        old = jnp.where(jnp.asarray(on_policy, bool)[:, None], lp, old)
     old = jax.lax.stop_gradient(old)
     adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     if adv.ndim == 1:
@@ -261,7 +266,8 @@ def loss_fn(model, batch: Mapping[str, Any], old_logprobs: jax.Array | None, ref
       batch: the ``token_logprobs`` keys plus ``loss_mask`` [B, T] bool, ``advantages`` [B] or [B, T] and ``tau``
         (scalar or [B]).
       old_logprobs, ref_logprobs: [B, T] from ``token_logprobs`` with the rollout-time / reference params (computed
-        outside the gradient; they are stop-gradiented here too). None: on-policy ratio / no KL.
+        outside the gradient; they are stop-gradiented here too). None: on-policy ratio / no KL. An optional
+        ``batch["on_policy"]`` [B] bool marks rows whose ratio is on-policy whatever ``old_logprobs`` holds.
       normalizer: denominator of the loss; None uses this batch's own (``loss_denominator``). For exact accumulation
         pass the mini-batch's ``loss_denominator`` to every micro-batch and sum the gradients.
     ``terms`` (see ``ppo_loss_terms``, plus ``soft_tokens``) add over micro-batches; ``finalize_metrics`` turns them
@@ -278,7 +284,8 @@ def loss_fn(model, batch: Mapping[str, Any], old_logprobs: jax.Array | None, ref
                         chunk_size=cfg.chunk_size, discrete_from_ids=cfg.discrete_from_ids,
                         score_mask=batch["loss_mask"])
     mask = jnp.asarray(batch["loss_mask"], bool)
-    terms = ppo_loss_terms(lp, old_logprobs, ref_logprobs, batch["advantages"], mask, cfg)
+    terms = ppo_loss_terms(lp, old_logprobs, ref_logprobs, batch["advantages"], mask, cfg,
+                           on_policy=batch.get("on_policy"))
     soft = ~discrete_positions(batch, discrete_from_ids=cfg.discrete_from_ids)
     terms["soft_tokens"] = jnp.sum(soft & mask).astype(jnp.float32)
     return combine_loss(terms, cfg, normalizer), terms

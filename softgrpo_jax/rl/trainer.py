@@ -286,6 +286,14 @@ class PolicyState:
         spec = fit_spec(x.shape, P(None, BATCH_AXES, *([None] * (x.ndim - 2))), self.mesh)
         return NamedSharding(self.mesh, spec)
 
+    def like_batch(self, a):
+        """A log-prob array [n_micro, mb, T] laid out as ``put`` lays out the batch (an equivalent sharding is just
+        relabelled): the update's inputs then have one sharding whichever pass made them, or none (placeholders),
+        so they share its compiled program."""
+        if a is None or self.mesh is None:
+            return a
+        return jax.device_put(a, self.batch_sharding(a))
+
     def put(self, tree):
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
@@ -309,6 +317,7 @@ class PolicyState:
 
     def update(self, mb, old_lp, ref_lp) -> dict:
         fn = self.update_fn(int(mb["tokens"].shape[0]))
+        old_lp, ref_lp = self.like_batch(old_lp), self.like_batch(ref_lp)
         self.params, self.opt_state, metrics = fn(self.params, self.opt_state, mb, old_lp, ref_lp)
         return metrics
 
@@ -325,6 +334,7 @@ class PolicyState:
         normalizer = jnp.asarray(normalizer, jnp.float32)
         carry = None
         for mb, old_lp, ref_lp in groups:
+            old_lp, ref_lp = self.like_batch(old_lp), self.like_batch(ref_lp)
             if carry is None:  # zeros with the parameters' shardings; the terms' structure from the first group
                 carry = (jax.tree.map(jnp.zeros_like, self.params),
                          _zero_terms(self.graphdef, self.loss_cfg, self.params, mb, old_lp, ref_lp, normalizer))
