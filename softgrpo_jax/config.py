@@ -93,6 +93,9 @@ def base_config() -> ConfigDict:
         max_tokens_per_micro_batch=0,  # > 0: token-budget micro-batches instead (rows grouped by length, at most
         #   this many padded tokens per device each, padded to their own length bucket: rl/batching.py); 0 = fixed
         #   rows (micro_batch_size), every row padded to the longest
+        share_prompt=False,  # token-budget micro-batches only: where it saves a third of the token slots or more,
+        #   a micro-batch computes each distinct prompt once and its rows continue it (the same loss). Pays where
+        #   prompts are long against the responses; uses XLA's attention for those micro-batches (no cuDNN/splash)
         ppo_epochs=1,
         old_logprobs="auto",  # auto | recompute: the rollout policy's log-probs (PPO ratio denominator). auto: for
         #   the first mini-batch of a single epoch (updated with the rollout's params) they equal the current
@@ -438,6 +441,8 @@ def validate_config(cfg: ConfigDict) -> None:
         bad.append(f"rl settings: {e}")
     int_at_least("rl.logprob_chunk_size", 0)
     int_at_least("rl.max_tokens_per_micro_batch", 0)
+    need(not rl.share_prompt or rl.max_tokens_per_micro_batch > 0,
+         "rl.share_prompt=true needs token-budget micro-batches (rl.max_tokens_per_micro_batch > 0)")
     num_check("rl.kl_coef", lambda v: v >= 0, ">= 0")
     # optim
     num_check("optim.lr", lambda v: v >= 0, ">= 0")

@@ -24,7 +24,7 @@ from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
-                                     rollout_to_batch, split_micro, token_budget_groups)
+                                     processed_slots, rollout_to_batch, split_micro, token_budget_groups)
 from softgrpo_jax.sampling import RolloutEngine
 
 
@@ -239,6 +239,7 @@ class Run:
         mode = "discrete" if cfg.rl.algorithm == "grpo" else cfg.rollout.mode
         self.loss_cfg = loss_config(cfg.rl, noise=cfg.rollout.noise)
         self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
+        self.share_prompt = bool(cfg.rl.share_prompt) and cfg.rl.max_tokens_per_micro_batch > 0
         self.rollout_mode = mode
         samp = dataclasses.replace(sampling_config(cfg.rollout), mode=mode)
         # prompts are left-padded to length buckets of at least 128 tokens: few compiled shapes
@@ -315,8 +316,11 @@ class Run:
         first_on_policy = rl.old_logprobs == "auto" and rl.ppo_epochs == 1
         if first_on_policy and n_mini > 1:
             batch["on_policy"] = np.arange(batch["tokens"].shape[0]) < mini_rows
+        real = int(batch["attention_mask"].sum())
+        self._shared_micro = self._all_micro = 0
         if rl.max_tokens_per_micro_batch > 0:
-            minis, processed = self._token_budget_minis(batch, n_mini, mini_rows, first_on_policy)
+            minis, processed, real = self._token_budget_minis(batch, n_mini, mini_rows, first_on_policy,
+                                                              r.prompt_tokens.shape[1] if self.share_prompt else None)
             t3 = time.time()
             upd = [self.policy.update_groups(groups, den) for _ in range(rl.ppo_epochs) for groups, den in minis]
         else:
@@ -365,22 +369,29 @@ class Run:
             "rollout_tokens_per_s": resp_tokens / max(t1 - t0, 1e-9),
             "train_tokens_per_s": float(batch["attention_mask"].sum()) * rl.ppo_epochs / max(t4 - t3, 1e-9),
             # the share of the update's token slots that hold no real token
-            "train_padding_fraction": 1.0 - float(batch["attention_mask"].sum()) / max(processed, 1),
+            "train_padding_fraction": 1.0 - real / max(processed, 1),
+            # the share of token-budget micro-batches that computed each prompt once (rl.share_prompt)
+            "train_shared_prompt_fraction": self._shared_micro / max(self._all_micro, 1),
         })
         return metrics
 
-    def _token_budget_minis(self, batch, n_mini: int, mini_rows: int, first_on_policy: bool):
-        """Each mini-batch as token-budget micro-batches (``rl.max_tokens_per_micro_batch`` per device), with their
-        old (none for the first mini-batch when ``first_on_policy``) and reference log-probs (all before any update)
-        and the mini-batch's loss denominator; and the token slots they process."""
+    def _token_budget_minis(self, batch, n_mini: int, mini_rows: int, first_on_policy: bool,
+                            prompt_width: int | None = None):
+        """Each mini-batch as token-budget micro-batches (``rl.max_tokens_per_micro_batch`` per device; shared
+        prompts with ``prompt_width``), with their old (none for the first mini-batch when ``first_on_policy``) and
+        reference log-probs (all before any update) and the mini-batch's loss denominator; and the token slots they
+        process, and the real tokens among them."""
         rl = self.cfg.rl
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        minis, processed, pending = [], 0, []
+        minis, processed, real, pending = [], 0, 0, []
         for m in range(n_mini):
             rows = {k: v[m * mini_rows:(m + 1) * mini_rows] for k, v in batch.items()}
             groups = []
-            for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp):
-                processed += g["attention_mask"].size
+            for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp, prompt_width=prompt_width):
+                p, r = processed_slots(g)
+                processed, real = processed + p, real + r
+                self._shared_micro += int("prefix_idx" in g) * g["tokens"].shape[0]
+                self._all_micro += g["tokens"].shape[0]
                 mb = self.policy.put(g)
                 if first_on_policy and m == 0:  # placeholders when later mini-batches have old log-probs
                     old = None if n_mini == 1 else self.policy.put(np.zeros(g["tokens"].shape, np.float32))
@@ -391,7 +402,7 @@ class Run:
                 pending.append((old, ref))
             minis.append((groups, loss_denominator(jax.numpy.asarray(rows["loss_mask"]), self.policy.loss_cfg)))
         jax.block_until_ready(pending)
-        return minis, processed
+        return minis, processed, real
 
     # ---------------------------------------------------------------------------------------------- eval
     def eval_benchmarks(self) -> dict[str, list[dict]]:

@@ -78,3 +78,60 @@ def test_gather_moves_real_tokens_first_and_fillers_score_nothing():
                 assert g["advantages"][i, j] == batch["advantages"][r]
     with pytest.raises(ValueError, match="neither per row"):
         gather_micro_batches(dict(batch, bad=np.zeros((3, 3))), plans[0])
+
+
+@pytest.mark.parametrize("n_dev,groups,n,budget,prompt,cap", [(1, 4, 8, 4096, 100, 96), (1, 4, 8, 8192, 512, 96),
+                                                              (1, 64, 8, 16384, 300, 8192), (4, 8, 8, 1024, 100, 256)])
+def test_shared_prompt_plan_and_gather(n_dev, groups, n, budget, prompt, cap):
+    """Shared-prompt micro-batches: every row once, each row continuing a prompt identical to its own, the budget
+    kept, the gathered responses and prompts equal to the rows' own tokens, and fewer processed token slots than
+    with each prompt inside its rows (the demo's shape: 8x fewer prompt slots)."""
+    from softgrpo_jax.rl.batching import (gather_prefix_micro_batches, plan_prefix_micro_batches, plan_token_budget,
+                                          prefix_slots, prompt_ids)
+
+    rng = np.random.RandomState(3)
+    B, W = groups * n, prompt
+    plen = np.repeat(rng.randint(prompt // 2, prompt + 1, groups), n)
+    rlen = np.minimum(np.exp(rng.normal(np.log(cap * 3 / 8), 0.6, B)).astype(int) + 1, cap)
+    T = W + int(rlen.max())
+    tokens = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), bool)
+    prompts = rng.randint(1, 1000, (groups, W))
+    for b in range(B):
+        tokens[b, W - plen[b]:W] = prompts[b // n, W - plen[b]:]  # left-padded prompt
+        mask[b, W - plen[b]:W + rlen[b]] = True
+        tokens[b, W:W + rlen[b]] = rng.randint(1, 1000, rlen[b])
+    batch = {"tokens": tokens, "attention_mask": mask, "loss_mask": mask & (np.arange(T) >= W),
+             "advantages": rng.randn(B).astype(np.float32)}
+    pid, pl, rl = prompt_ids(batch, W)
+    np.testing.assert_array_equal(pid, np.repeat(np.unique(pid[::n], return_inverse=True)[1], n))
+    np.testing.assert_array_equal(pl, plen)
+    np.testing.assert_array_equal(rl, rlen)
+    plans = plan_prefix_micro_batches(pid, pl, rl, budget, n_dev)
+    seen = np.concatenate([p.rows[~p.filler] for p in plans])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(B))
+    for p in plans:
+        R, U = p.rows.shape[1], p.prompts.shape[1]
+        assert R % n_dev == 0 and U % n_dev == 0
+        assert R == n_dev or (R * p.length + U * p.prompt_length) <= budget * n_dev
+        np.testing.assert_array_equal(pid[p.prompts[np.arange(len(p.rows))[:, None], p.prefix]], pid[p.rows])
+        g = gather_prefix_micro_batches(batch, p, W)
+        for m in range(len(p.rows)):
+            for j, b in enumerate(p.rows[m]):
+                np.testing.assert_array_equal(g["tokens"][m, j, :rlen[b]], tokens[b, W:W + rlen[b]])
+                assert not g["attention_mask"][m, j, rlen[b]:].any()
+                u = p.prefix[m, j]
+                np.testing.assert_array_equal(g["prompt_tokens"][m, u, :plen[b]], tokens[b, W - plen[b]:W])
+                assert g["prompt_mask"][m, u].sum() == plen[b]
+                assert g["loss_mask"][m, j].any() != p.filler[m, j]
+                assert g["advantages"][m, j] == batch["advantages"][b]
+    processed, real = prefix_slots(plans, pl, rl)
+    assert processed >= real >= rl.sum() + pl[np.unique(pid, return_index=True)[1]].sum()
+    rows_only = sum(p.rows.size * p.length for p in plan_micro_batches(pl + rl, budget, n_dev))
+    chosen = plan_token_budget(batch, budget, n_dev, prompt_width=W)
+    if n_dev == 1 and prompt * 4 > cap:  # prompts weigh: sharing them saves
+        assert processed < 0.85 * rows_only, (processed, rows_only)
+    if processed <= 0.5 * rows_only:  # chosen where it saves enough (long prompts: 2.9x fewer slots here)
+        assert prompt == 512 and all(p.prompts is not None for p in chosen)
+    if processed >= 0.8 * rows_only:
+        assert all(p.prompts is None for p in chosen)

@@ -453,3 +453,55 @@ def test_attention_option_validated():
     assert jax.default_backend() == "cpu" and T.resolve_attention(base) == "xla"  # auto: cuDNN on NVIDIA GPUs only
     assert T.resolve_attention(base.replace(attention="cudnn")) == "cudnn"
     assert T.resolve_attention(base.replace(attention="splash")) == "splash"  # auto picks it on TPU only
+
+
+@pytest.mark.parametrize("layout", ["scan", "unrolled_remat", "per_layer"])
+def test_shared_prompt_forward_equals_rows(layout):
+    """``forward``'s shared prompt: prompts run once with ``return_kv``, responses continued over their gathered
+    keys and values (``prefix``), give the hidden states and parameter gradients of each row with its prompt in
+    front (float32, ragged prompts and responses, one prompt continued by two rows)."""
+    from softgrpo_jax.models import ModelConfig, Transformer
+    from softgrpo_jax.models.transformer import forward, unstack_layers
+
+    cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32", remat=layout == "unrolled_remat",
+                      scan_layers=layout != "unrolled_remat")
+    params = Transformer(cfg, rngs=nnx.Rngs(3)).param_tree()
+    if layout == "per_layer":
+        params = unstack_layers(params)
+    rng = np.random.default_rng(0)
+    U, P, R, T = 2, 6, 3, 5
+    pt, plen = rng.integers(0, 64, (U, P)), np.array([6, 4])
+    pm = np.arange(P)[None] < plen[:, None]
+    rt, rlen = rng.integers(0, 64, (R, T)), np.array([5, 3, 2])
+    rm = np.arange(T)[None] < rlen[:, None]
+    idx = np.array([1, 0, 1])
+    full, fm = np.zeros((R, P + T), int), np.zeros((R, P + T), bool)  # each row: its prompt, then its response
+    for r in range(R):
+        n = plen[idx[r]]
+        full[r, :n], full[r, n:n + rlen[r]], fm[r, :n + rlen[r]] = pt[idx[r], :n], rt[r, :rlen[r]], True
+    w = jnp.asarray(rng.standard_normal((R, T, 32)), jnp.float32) * jnp.asarray(rm)[..., None]
+
+    def rows(p):  # the responses' hidden states inside whole rows
+        h = forward(cfg, p, jnp.asarray(full), attention_mask=jnp.asarray(fm), return_hidden=True)
+        return jnp.stack([jax.lax.dynamic_slice_in_dim(jnp.pad(h[r], ((0, T), (0, 0))), int(plen[idx[r]]), T)
+                          for r in range(R)])
+
+    def shared(p):
+        hp, (k, v) = forward(cfg, p, jnp.asarray(pt), attention_mask=jnp.asarray(pm), return_hidden=True,
+                             return_kv=True)
+        take = (lambda a: [x[idx] for x in a]) if layout == "per_layer" else (lambda a: a[:, idx])
+        pos = plen[idx][:, None] + np.maximum(np.cumsum(rm, 1) - 1, 0)
+        return forward(cfg, p, jnp.asarray(rt), attention_mask=jnp.asarray(rm), positions=jnp.asarray(pos),
+                       prefix=(take(k), take(v), jnp.asarray(pm[idx])), return_hidden=True)
+
+    np.testing.assert_allclose(np.asarray(shared(params) * (w != 0)), np.asarray(rows(params) * (w != 0)),
+                               atol=2e-6, rtol=1e-5)
+    g1 = jax.grad(lambda p: jnp.sum(rows(p) * w))(params)
+    g2 = jax.grad(lambda p: jnp.sum(shared(p) * w))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g1)):
+        if np.abs(np.asarray(b)).max() > 0:
+            assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(np.asarray(b)), \
+                jax.tree_util.keystr(path)
+    with pytest.raises(ValueError, match="one of them per call"):
+        forward(cfg, params, jnp.asarray(rt), prefix=(None, None, jnp.asarray(pm)), return_kv=True)

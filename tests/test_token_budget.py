@@ -1,5 +1,6 @@
 """Token-budget micro-batches in the trainer: the same loss, metrics and gradients as one padded batch (SofT-GRPO
-with soft and discrete rows mixed, and GRPO), on one device and on a mesh; and a training run with
+with soft and discrete rows mixed, and GRPO), on one device and on a mesh, with each row's prompt in the row or
+shared (each distinct prompt of a micro-batch computed once); and a training run with
 ``rl.max_tokens_per_micro_batch`` resumes to the uninterrupted run's metrics."""
 
 import jax
@@ -13,6 +14,7 @@ from helpers import make_hf_model
 from softgrpo_jax import load_pretrained
 from softgrpo_jax.config import base_config, loss_config
 from softgrpo_jax.distributed import make_mesh
+from softgrpo_jax.rl.batching import gather_prefix_micro_batches, plan_prefix_micro_batches, prompt_ids
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
 from softgrpo_jax.rl.trainer import PolicyState, rollout_to_batch, split_micro, token_budget_groups
 from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
@@ -43,7 +45,7 @@ def _batch(model_dir, modes):
     for b in range(8):
         batch["attention_mask"][b, P + cut[b]:] = False
         batch["loss_mask"][b, P + cut[b]:] = False
-    return batch
+    return batch, P
 
 
 def _ref_from(old, tokens):
@@ -60,12 +62,20 @@ def _padded(model_dir, batch, mesh=None):
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(pol.params)}, jax.device_get(m)
 
 
-def _budget(model_dir, batch, max_tokens, n_dev=1, mesh=None):
+def _budget(model_dir, batch, max_tokens, n_dev=1, mesh=None, prompt_width=None):
     cfg = loss_config(base_config().rl)
     pol = PolicyState(load_pretrained(model_dir, mesh=mesh), optax.sgd(LR), cfg, mesh)
-    groups = token_budget_groups(batch, max_tokens, n_dev, granule=8)
-    assert len(groups) >= 2 and len({g["tokens"].shape[2] for g in groups}) >= 2  # several shapes
+    if prompt_width:  # shared prompts, whatever plan_token_budget would choose for prompts this short
+        plans = plan_prefix_micro_batches(*prompt_ids(batch, prompt_width), max_tokens, n_dev, granule=8)
+        groups = [gather_prefix_micro_batches(batch, p, prompt_width) for p in plans]
+    else:
+        groups = token_budget_groups(batch, max_tokens, n_dev, granule=8)
     assert sum(int(g["loss_mask"].sum()) for g in groups) == int(batch["loss_mask"].sum())
+    if prompt_width:  # micro-batches whose rows continue fewer prompts than they are: a prompt computed once
+        assert all(g["prompt_tokens"].shape[1] < g["tokens"].shape[1] for g in groups)
+        assert sum(g["tokens"].shape[0] for g in groups) >= (2 if n_dev == 1 else 1)
+    else:
+        assert len(groups) >= 2 and len({g["tokens"].shape[2] for g in groups}) >= 2  # several shapes
     args = []
     for g in groups:
         mb = pol.put(g)
@@ -75,13 +85,14 @@ def _budget(model_dir, batch, max_tokens, n_dev=1, mesh=None):
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(pol.params)}, jax.device_get(m)
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["rows", "shared_prompts"])
 @pytest.mark.parametrize("arm,modes", [("softgrpo", ["gumbel", "discrete"] * 4), ("grpo", ["discrete"] * 8)])
-def test_token_budget_equals_one_padded_batch(model_dir, arm, modes):
-    batch = _batch(model_dir, modes)
+def test_token_budget_equals_one_padded_batch(model_dir, arm, modes, share):
+    batch, P = _batch(model_dir, modes)
     if arm == "softgrpo":
         assert batch["soft_mask"].any() and (batch["loss_mask"] & ~batch["soft_mask"]).any()
     p1, m1 = _padded(model_dir, batch)
-    p2, m2 = _budget(model_dir, batch, max_tokens=48)
+    p2, m2 = _budget(model_dir, batch, max_tokens=48, prompt_width=P if share else None)
     base = {"/".join(map(str, k)): np.asarray(v) for k, v in
             nnx.to_flat_state(nnx.state(load_pretrained(model_dir)))}
     assert float(m1["grad_norm"]) > 0
@@ -95,11 +106,14 @@ def test_token_budget_equals_one_padded_batch(model_dir, arm, modes):
     assert any(np.abs(p1[k] - base[k]).max() > 0 for k in p1)
 
 
-def test_token_budget_on_a_mesh_equals_one_device(model_dir):
-    batch = _batch(model_dir, ["gumbel", "discrete"] * 4)
+@pytest.mark.parametrize("share", [False, True], ids=["rows", "shared_prompts"])
+def test_token_budget_on_a_mesh_equals_one_device(model_dir, share):
+    batch, P = _batch(model_dir, ["gumbel", "discrete"] * 4)
     p1, m1 = _padded(model_dir, batch)
     mesh = make_mesh((2, 2, 2))
-    p2, m2 = _budget(model_dir, batch, max_tokens=24, n_dev=4, mesh=mesh)
+    # (with shared prompts a budget that puts rows of one prompt on different devices)
+    p2, m2 = _budget(model_dir, batch, max_tokens=40 if share else 24, n_dev=4, mesh=mesh,
+                     prompt_width=P if share else None)
     base = {"/".join(map(str, k)): np.asarray(v) for k, v in
             nnx.to_flat_state(nnx.state(load_pretrained(model_dir)))}
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-7)

@@ -310,7 +310,10 @@ def _letter_reward(texts, golds):
     return np.asarray([t.count("e") / max(len(t), 1) * 10 for t in texts], np.float32)
 
 
-@pytest.mark.parametrize("extra", [(), ("--config.rl.max_tokens_per_micro_batch=256",)], ids=["rows", "tokens"])
+@pytest.mark.parametrize("extra", [(), ("--config.rl.max_tokens_per_micro_batch=256",),
+                                   ("--config.rl.max_tokens_per_micro_batch=1024", "--config.rl.share_prompt=true",
+                                    "--config.rl.group_size=8")],
+                         ids=["rows", "tokens", "shared_prompts"])
 def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
     from softgrpo_jax.train import Run
 
@@ -322,8 +325,10 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
     class Crash(Exception):
         pass
 
-    if extra:  # token-budget micro-batches: less padding than rows padded to the longest
+    if len(extra) == 1:  # token-budget micro-batches: less padding than rows padded to the longest
         assert all(m["train_padding_fraction"] < 0.5 for m in train_full), train_full
+    shared = [m["train_shared_prompt_fraction"] for m in train_full]
+    assert all(f > 0 for f in shared) if len(extra) > 1 else not any(shared), shared
     run = Run(_run_cfg(mdir, str(tmp_path / "cut"), 3, extra), reward_fn=_letter_reward)
     orig = run.train_step
 

@@ -237,6 +237,8 @@ def forward(
     last_only: bool = False,
     fresh_cache: bool = False,
     decode_attention: str = "xla",
+    prefix: tuple | None = None,
+    return_kv: bool = False,
 ):
     """Run the decoder on ``params`` (a :meth:`Transformer.param_tree`, or :func:`unstack_layers` of one).
 
@@ -252,6 +254,14 @@ def forward(
     the TPU kernel on TPU and the GPU one elsewhere; a cache length that is a multiple of 16, 128 for TPU's).
     Stacked layers run as a ``lax.scan`` (``cfg.scan_layers``) or unrolled; a list of per-layer dicts runs unrolled.
     The cache's ``k``/``v`` follow the layers: stacked arrays or per-layer lists.
+
+    A shared prompt, for training (no cache; the plain XLA attention whatever ``cfg.attention``): ``return_kv``
+    also returns each layer's keys and values, ``(out, (k, v))`` with ``k``/``v`` [L, B, Hkv, T, hd] in the compute
+    dtype (lists of L arrays for per-layer weights); ``prefix=(k, v, mask)`` (``k``/``v`` laid out so, [.., B, Hkv,
+    P, hd], ``mask`` [B, P] their real slots) puts those keys and values in front of each row's own: every token
+    sees the prefix's real slots and its own row causally, as if the prefix's tokens came first in the row (pass
+    ``positions`` that continue the prefix's). Gradients flow into the prefix, so a prompt run once with
+    ``return_kv`` and gathered for the rows that continue it trains as it would inside each row.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -265,6 +275,9 @@ def forward(
     B, T = x.shape[:2]
     mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
 
+    shared = prefix is not None or return_kv
+    if shared and (cache is not None or (prefix is not None and return_kv)):
+        raise ValueError("prefix / return_kv are for whole-sequence passes (no cache), one of them per call")
     if cache is None:
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -290,8 +303,11 @@ def forward(
         ragged = (jnp.argmax(key_valid, axis=1).astype(jnp.int32), jnp.broadcast_to(start + T, (B,)), kernel)
     if local:  # the new tokens sit in slots [0, T): attend over those only
         attn_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & mask[:, None, :]
+    if prefix is not None:  # [B, T, P + T]: the prefix's real slots, then this row's own causally
+        pmask = prefix[2].astype(bool)
+        attn_mask = jnp.concatenate([jnp.broadcast_to(pmask[:, None, :], (B, T, pmask.shape[1])), attn_mask], 2)
     perm = seqlen = None
-    impl = resolve_attention(cfg) if cache is None else "xla"
+    impl = resolve_attention(cfg) if cache is None and not shared else "xla"
     fused = impl == "cudnn"
     if impl == "splash":  # causal attention within segments: a row's real tokens (1) apart from its padding (0)
         seqlen = mask.astype(jnp.int32)
@@ -312,11 +328,28 @@ def forward(
     # how the backward pass keeps each layer's residuals (ops.residuals: XLA:CPU-specific policies)
     scanned = cfg.scan_layers and not per_layer
     marks = ckpt.residual_marks(cfg.remat, scanned, cd)
+    mode = "prefix" if prefix is not None else ("kv_out" if return_kv else None)
     body = ckpt.checkpoint_layer(_make_layer_fn(cfg, cos, sin, attn_mask, start, local, impl, seqlen, marks,
-                                                ragged), marks, cfg.remat, scanned, cd)
+                                                ragged, mode), marks, cfg.remat, scanned, cd)
 
     kv_in = None if cache is None else (cache["k"], cache["v"])
-    if per_layer:
+    if shared:  # each layer takes its prefix slice (or None) and returns its own keys / values (or None)
+        pkv = None if prefix is None else (prefix[0], prefix[1])
+        if scanned:
+            def shared_fn(h, xs):
+                return body(h, xs[0], None, xs[1])
+            x, kv_out = jax.lax.scan(shared_fn, x, (layer_params, pkv))
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                p = layer_params[i] if per_layer else {k: v[i] for k, v in layer_params.items()}
+                pi = None if pkv is None else (pkv[0][i], pkv[1][i])
+                x, kv = body(x, p, None, pi)
+                outs.append(kv)
+            kv_out = None if not return_kv else (
+                ([o[0] for o in outs], [o[1] for o in outs]) if per_layer
+                else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
+    elif per_layer:
         ks, vs = [], []
         for i, p in enumerate(layer_params):
             x, kv = body(x, p, None, None if kv_in is None else (kv_in[0][i], kv_in[1][i]))
@@ -343,6 +376,8 @@ def forward(
         x = x[:, -1]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     out = x if return_hidden else logits_from_hidden(cfg, params, x)
+    if return_kv:
+        return out, kv_out
     if cache is None:
         return out
     new_cache = {
@@ -411,13 +446,14 @@ def resolve_attention(cfg: ModelConfig) -> str:
 
 
 def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = False, impl: str = "xla",
-                   seqlen=None, residuals: str | None = None, ragged=None):
+                   seqlen=None, residuals: str | None = None, ragged=None, mode: str | None = None):
     """One decoder layer ``(x, p, i, kv) -> (x, kv)``. ``impl``: the whole-sequence attention path ("xla",
     "cudnn" with rows reordered real-tokens-first and ``seqlen`` real tokens, "splash" with ``seqlen`` the segment
     ids). ``residuals`` marks the values the backward pass saves for
     ``forward``'s checkpoint policies (see ``RESIDUAL``): "input" the layer input, "all" every residual, None none
     (the marks force bf16 rounding where XLA could otherwise keep excess precision, so unmarked passes stay as
-    they were)."""
+    they were). ``mode`` (``forward``'s shared prompt): "kv_out" returns the layer's keys / values as ``kv``;
+    "prefix" takes ``kv`` as the prefix's [B, Hkv, P, hd] and returns None."""
     H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     scale = 1.0 / math.sqrt(hd)
     mark_all = residuals == "all"
@@ -429,7 +465,7 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
         if residuals:
             x = ckpt.saved_residual(x, ckpt.LAYER_INPUT)
         h = keep(rms_norm(x, p["attn_norm"], cfg.rms_norm_eps))
-        if kv is None and impl == "xla" and attention_block.attention_block_on(h):
+        if mode is None and kv is None and impl == "xla" and attention_block.attention_block_on(h):
             o = attention_block.attention_block(h, p["wq"], p["wk"], p["wv"], p.get("bq"), p.get("bk"), p.get("bv"), cos, sin,
                                  attn_mask, (H, Hkv, hd, scale, residuals is not None))
             return _mlp_block(cfg, x, o, p, keep, keep_o=residuals is None), kv
@@ -446,6 +482,19 @@ def _make_layer_fn(cfg: ModelConfig, cos, sin, attn_mask, start, local: bool = F
             return _mlp_block(cfg, x, o, p, keep), kv
         kt = attention.heads_major(k)  # [B, Hkv, T, hd]: this call's keys / values
         vt = attention.heads_major(v)
+        if mode is not None:
+            qg = attention.group_queries(q, Hkv)
+            if mode == "prefix":
+                pk, pv = kv
+                o = attention.attention_core(qg, jnp.concatenate([pk.astype(kt.dtype), kt], 2),
+                                             jnp.concatenate([pv.astype(vt.dtype), vt], 2), attn_mask, scale,
+                                             mark_all, False)
+                kv = None
+            else:
+                o = attention.attention_core(qg, kt, vt, attn_mask, scale, mark_all, True)
+                kv = (kt, vt)
+            o = attention.ungroup_queries(o, T).reshape(B, T, H * hd)
+            return _mlp_block(cfg, x, o, p, keep), kv
         if kv is not None:
             ck, cv = kv  # [L, B, Hkv, S, hd] with a layer index i, or one layer's [B, Hkv, S, hd] (i None)
             if i is None:

@@ -259,6 +259,10 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
       [B, T] float32, aligned with the targets: ``out[:, t]`` is the log-prob of the step stored at position t
       (``tokens[:, t]`` / ``topk_ids[:, t]``, ``topk_ytil[:, t]``), computed from the logits at position t - 1.
       ``out[:, 0]`` is 0, and so is every t where position t or t - 1 is padding or ``score_mask`` is False.
+    Shared prompts (``batch["prefix_idx"]`` present, ``rl.batching.gather_prefix_micro_batches``): the rows hold
+    responses only, ``prompt_tokens`` / ``prompt_mask`` [U, P] the prompts they continue, each run once for all
+    its rows (``forward``'s ``return_kv`` / ``prefix``); ``out[:, 0]`` then scores the response's first step,
+    predicted by its prompt's last token. The values are those of the rows with their prompts in front.
     Discrete targets (``discrete[t]``) score ``log_softmax(logits_{t-1})[tokens[t]]``; soft targets the noise density,
     which needs only the logits of the K stored ids: those come from ``logits_at_ids`` (K dot products per
     position), and the vocabulary-wide logits are formed only at the scored discrete targets (``vocab_logprobs``).
@@ -275,22 +279,49 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
     disc = discrete_positions(batch, discrete_from_ids=discrete_from_ids)
 
     emb = rebuild_inputs(model.embedding_table(), batch, tau=tau, discrete_from_ids=discrete_from_ids)
-    hidden = model(inputs_embeds=emb, attention_mask=mask, return_hidden=True)  # [B, T, D]
-
-    # position t-1 predicts the step stored at t
-    h = hidden[:, :-1]
-    valid = mask[:, 1:] & mask[:, :-1]
+    if "prefix_idx" in batch:  # shared prompts: the rows hold responses only (see the docstring)
+        h, valid = _prefixed_hidden(model, batch, emb, mask)
+        sl = slice(None)
+    else:
+        hidden = model(inputs_embeds=emb, attention_mask=mask, return_hidden=True)  # [B, T, D]
+        # position t-1 predicts the step stored at t
+        h = hidden[:, :-1]
+        valid = mask[:, 1:] & mask[:, :-1]
+        sl = slice(1, None)
     if score_mask is not None:
-        valid = valid & jnp.asarray(score_mask, bool)[:, 1:]
-    tgt_disc = disc[:, 1:]
+        valid = valid & jnp.asarray(score_mask, bool)[:, sl]
+    tgt_disc = disc[:, sl]
     temp = jnp.asarray(temperature, jnp.float32)
-    la = model.logits_at_ids(h, batch["topk_ids"][:, 1:]) / temp  # [B, T-1, K]
+    la = model.logits_at_ids(h, batch["topk_ids"][:, sl]) / temp  # [B, T-1, K]
     slots = {}
     if batch.get("topk_kept") is not None:
-        slots["kept"] = jnp.asarray(batch["topk_kept"], bool)[:, 1:]
+        slots["kept"] = jnp.asarray(batch["topk_kept"], bool)[:, sl]
     if noise == "gumbel" and batch.get("topk_clamped") is not None:
-        slots["clamped"] = jnp.asarray(batch["topk_clamped"], bool)[:, 1:]
-    soft = _SOFT_FNS[noise](la, batch["topk_ytil"][:, 1:], **slots)
-    full = model.vocab_logprobs(h, tokens[:, 1:], valid & tgt_disc, temperature=temperature, chunk_size=chunk_size)
-    lp = jnp.where(valid, jnp.where(tgt_disc, full, soft), 0.0)
-    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp.astype(jnp.float32)], axis=1)
+        slots["clamped"] = jnp.asarray(batch["topk_clamped"], bool)[:, sl]
+    soft = _SOFT_FNS[noise](la, batch["topk_ytil"][:, sl], **slots)
+    full = model.vocab_logprobs(h, tokens[:, sl], valid & tgt_disc, temperature=temperature, chunk_size=chunk_size)
+    lp = jnp.where(valid, jnp.where(tgt_disc, full, soft), 0.0).astype(jnp.float32)
+    if "prefix_idx" in batch:
+        return lp
+    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp], axis=1)
+
+
+def _prefixed_hidden(model, batch: Mapping[str, Any], emb: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shared prompts: the prompts ``prompt_tokens`` [U, P] (real tokens first, ``prompt_mask``) run once, and each
+    response row [R, T] continues prompt ``prefix_idx`` [R] over its keys and values. Returns the hidden states
+    that predict each response position, [R, T, D] (position 0 from its prompt's last token), and the positions
+    that have a real token and a real predecessor, [R, T]."""
+    pt = jnp.asarray(batch["prompt_tokens"], jnp.int32)
+    pm = jnp.asarray(batch["prompt_mask"], bool)
+    idx = jnp.asarray(batch["prefix_idx"], jnp.int32)
+    pe = jax.lax.stop_gradient(jnp.take(model.embedding_table(), pt, axis=0))  # as rebuild_inputs: no gradient
+    hp, (k, v) = model(inputs_embeds=pe, attention_mask=pm, return_hidden=True, return_kv=True)
+    take = (lambda a: [x[idx] for x in a]) if isinstance(k, list) else (lambda a: jnp.take(a, idx, axis=1))
+    plen = pm.sum(axis=1).astype(jnp.int32)
+    positions = plen[idx][:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    hr = model(inputs_embeds=emb, attention_mask=mask, positions=positions, prefix=(take(k), take(v), pm[idx]),
+               return_hidden=True)
+    last = jnp.take_along_axis(hp, jnp.maximum(plen - 1, 0)[:, None, None], axis=1)  # [U, 1, D]
+    h = jnp.concatenate([last[idx].astype(hr.dtype), hr[:, :-1]], axis=1)
+    valid = mask & jnp.concatenate([(plen[idx] > 0)[:, None], mask[:, :-1]], axis=1)
+    return h, valid

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, make_mesh,
                                      state_shardings, to_host, with_activation_sharding)
-from softgrpo_jax.rl.batching import gather_micro_batches, plan_micro_batches, row_lengths
+from softgrpo_jax.rl.batching import gather_micro_batches, gather_prefix_micro_batches, plan_token_budget
 from softgrpo_jax.rl.logprobs import token_logprobs
 from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
                                        loss_denominator, loss_fn)
@@ -89,13 +89,31 @@ def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndar
     return out
 
 
-def token_budget_groups(batch: dict[str, np.ndarray], max_tokens: int, n_devices: int = 1, *, granule: int = 64
-                        ) -> list[dict[str, np.ndarray]]:
+def token_budget_groups(batch: dict[str, np.ndarray], max_tokens: int, n_devices: int = 1, *, granule: int = 64,
+                        prompt_width: int | None = None) -> list[dict[str, np.ndarray]]:
     """A mini-batch (rows of a ``rollout_to_batch`` batch) as token-budget micro-batches (``rl.batching``): one
     dict per micro-batch shape, arrays ``[n_micro, R, T, ...]``, R divisible by ``n_devices``, T a multiple of
-    ``granule``."""
-    plans = plan_micro_batches(row_lengths(batch), max_tokens, n_devices, granule=granule)
-    return [gather_micro_batches(batch, p) for p in plans]
+    ``granule``. ``prompt_width`` (the batch's prompt columns, ``Rollout.prompt_tokens.shape[1]``): shared
+    prompts where they process fewer token slots (``plan_token_budget``), each distinct prompt of a micro-batch
+    computed once (``gather_prefix_micro_batches``' layout)."""
+    plans = plan_token_budget(batch, max_tokens, n_devices, granule=granule, prompt_width=prompt_width)
+    return [gather_micro_batches(batch, p) if p.prompts is None else
+            gather_prefix_micro_batches(batch, p, prompt_width) for p in plans]
+
+
+def processed_slots(group: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(token slots a ``token_budget_groups`` group processes, real tokens among them): filler rows (no loss) and a
+    micro-batch's repeated prompts count as padding."""
+    mask = np.asarray(group["attention_mask"]).astype(bool)
+    used = np.asarray(group["loss_mask"]).astype(bool).any(-1)  # filler rows score nothing
+    processed, real = mask.size, int((mask & used[..., None]).sum())
+    if "prefix_idx" in group:
+        pm = np.asarray(group["prompt_mask"]).astype(bool)
+        processed += pm.size
+        for m in range(pm.shape[0]):
+            u = np.unique(np.asarray(group["prefix_idx"])[m][used[m]])
+            real += int(pm[m, u].sum())
+    return processed, real
 
 
 # ------------------------------------------------------------------------------------------------------ optimizer
