@@ -71,6 +71,10 @@ CASES = {
         ["--small", "--repeats", "1"],
         [rf"\| fixed rows \| {NUM} \| {NUM} \| {NUM}% \| 1 \|", rf"\| token budget \| {NUM} \| {NUM} \| {NUM}% \|",
          r"the same gradient norm after the same updates .*: ok"]),
+    "bench_shared_prompt": (
+        ["--small", "--repeats", "1", "--prompt", "64", "--budget", "16"],
+        [rf"\| prompt in each row \| {NUM} \| {NUM} \| {NUM} \|", rf"\| shared prompts \| {NUM} \| {NUM} \| {NUM} \|",
+         r"check: the same gradient norm .*: ok"]),
     "bench_rollout_scale": (
         ["--small"],
         [rf"\| static \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|", rf"\| chunked \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",

@@ -126,25 +126,34 @@ def gather_micro_batches(batch: dict[str, np.ndarray], mbs: MicroBatches) -> dic
     # per row: the positions of its real tokens first (stable), then its padding, cut to the bucket
     perm = np.argsort(~mask, axis=1, kind="stable")
     cols = perm[idx][..., :min(mbs.length, T)]  # [n, R, L]
+    out = _gather_fields(batch, idx, mbs.length,
+                         lambda v: np.take_along_axis(v, cols.reshape(cols.shape + (1,) * (v.ndim - 3)), axis=2))
+    # a filler row keeps its source row's values (finite everywhere) but scores nothing
+    out["loss_mask"] = np.where(mbs.filler[..., None], False, out["loss_mask"])
+    # a row's real tokens now come first: those beyond its length are padding wherever the mask says so
+    out["attention_mask"] = out["attention_mask"].astype(bool) & (
+        np.arange(mbs.length)[None, None, :] < row_lengths(batch)[idx][..., None])
+    return out
+
+
+def _gather_fields(batch: dict[str, np.ndarray], idx: np.ndarray, length: int, cut) -> dict[str, np.ndarray]:
+    """Every field of ``batch`` for the rows ``idx`` [n, R]: per-position fields ``[B, T, ...]`` through ``cut``
+    (``[n, R, T, ...]`` -> ``[n, R, <= length, ...]``) and padded at the end to ``length``, per-row ones ``[n, R]``."""
+    B, T = np.asarray(batch["attention_mask"]).shape
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
         if v.ndim >= 2 and v.shape[:2] == (B, T):
-            g = np.take_along_axis(v[idx], cols.reshape(cols.shape + (1,) * (v.ndim - 2)), axis=2)
-            if g.shape[2] < mbs.length:  # a bucket longer than the batch's own layout: pad at the end
+            g = cut(v[idx])
+            if g.shape[2] < length:  # a bucket longer than the batch's own layout: pad at the end
                 pad = [(0, 0)] * g.ndim
-                pad[2] = (0, mbs.length - g.shape[2])
+                pad[2] = (0, length - g.shape[2])
                 g = np.pad(g, pad)
             out[k] = g
         elif v.ndim >= 1 and v.shape[0] == B:
             out[k] = v[idx]
         else:
             raise ValueError(f"batch field {k!r} of shape {v.shape} is neither per row [B] nor per position [B, T]")
-    # a filler row keeps its source row's values (finite everywhere) but scores nothing
-    out["loss_mask"] = np.where(mbs.filler[..., None], False, out["loss_mask"])
-    # a row's real tokens now come first: those beyond its length are padding wherever the mask says so
-    out["attention_mask"] = out["attention_mask"].astype(bool) & (
-        np.arange(mbs.length)[None, None, :] < row_lengths(batch)[idx][..., None])
     return out
 
 
@@ -289,21 +298,8 @@ def gather_prefix_micro_batches(batch: dict[str, np.ndarray], mbs: MicroBatches,
     mask = np.asarray(batch["attention_mask"]).astype(bool)
     B, T = mask.shape
     idx = mbs.rows
-    L, W = mbs.length, T - prompt_width
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.ndim >= 2 and v.shape[:2] == (B, T):
-            g = v[idx][:, :, prompt_width:prompt_width + L]
-            if W < L:
-                pad = [(0, 0)] * g.ndim
-                pad[2] = (0, L - W)
-                g = np.pad(g, pad)
-            out[k] = g
-        elif v.ndim >= 1 and v.shape[0] == B:
-            out[k] = v[idx]
-        else:
-            raise ValueError(f"batch field {k!r} of shape {v.shape} is neither per row [B] nor per position [B, T]")
+    L = mbs.length
+    out = _gather_fields(batch, idx, L, lambda v: v[:, :, prompt_width:prompt_width + L])
     if mask[idx][:, :, prompt_width + L:].any():
         raise ValueError(f"micro-batch length {L} is shorter than a response it holds")
     out["loss_mask"] = np.where(mbs.filler[..., None], False, out["loss_mask"])
