@@ -354,3 +354,21 @@ def test_reader_agrees_with_gguf_package(smol_path):
     for k, f in ref.fields.items():
         if not k.startswith("GGUF."):
             assert ours.get(k) == f.contents(), k
+
+
+def test_embedded_tokenizer_cache_key_follows_content_not_mtime(tmp_path):
+    """The embedded model's tokenizer cache is keyed by the GGUF's content: a reinstalled copy (new modification
+    time) finds the same cache entry, a changed file another."""
+    from softgrpo_jax.checkpoint.embedded import _tokenizer_cache_path
+
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    a.write_bytes(data)
+    b.write_bytes(data)
+    os.utime(b, ns=(1, 1))
+    assert _tokenizer_cache_path(str(a)) == _tokenizer_cache_path(str(b))
+    b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the last byte changed
+    assert _tokenizer_cache_path(str(a)) != _tokenizer_cache_path(str(b))

@@ -59,9 +59,15 @@ def smollm2_gguf_path() -> str:
 def _tokenizer_cache_path(gguf_path: str) -> str:
     import transformers
 
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{os.path.basename(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
-                         .encode()).hexdigest()[:16]
+    # keyed by content (size, first and last MiB), not modification time: reinstalling the same package (a new
+    # virtual environment, a clean clone's set-up) finds the tokenizer it cached before instead of adding a copy
+    size = os.path.getsize(gguf_path)
+    h = hashlib.sha256(f"{os.path.basename(gguf_path)}|{size}|{transformers.__version__}|".encode())
+    with open(gguf_path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    key = h.hexdigest()[:16]
     return os.path.join(cache_dir(), f"smollm2-135m-instruct-tokenizer-{key}")
 
 
