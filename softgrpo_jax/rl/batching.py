@@ -270,7 +270,7 @@ def plan_token_budget(batch: dict[str, np.ndarray], max_tokens: int, n_devices: 
     (each micro-batch counting ``overhead_share`` of the budget, as the plans do): shared prompts win where prompts
     weigh against the responses, rows where the responses' lengths matter more than their prompts. (The margin:
     a shared micro-batch costs more per slot on XLA:CPU, two passes and no fused attention; a SmolLM2 update over
-    4 prompts x 8 rows with 1.33x fewer slots ran 1.06x faster, with 2.9x fewer 2.3x faster.)"""
+    4 prompts x 8 rows with 1.33x fewer slots ran 1.02x faster, with 2.9x fewer 2.26x faster.)"""
     rows = plan_micro_batches(row_lengths(batch), max_tokens, n_devices, granule=granule,
                               overhead_share=overhead_share)
     if not prompt_width:
