@@ -1,7 +1,6 @@
 """Trainer: learning on a toy reward (GRPO and SofT-GRPO), exact micro-batch accumulation, sharded == unsharded
 update, the reference stays frozen, and an interrupted run resumes to the uninterrupted run's metrics."""
 
-import json
 import os
 
 import jax

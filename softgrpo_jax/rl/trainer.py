@@ -18,10 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
-import time
 from typing import Any, Callable
 
 import jax
@@ -31,13 +29,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, make_mesh,
-                                     state_shardings, to_host, with_activation_sharding)
+from softgrpo_jax.distributed import (BATCH_AXES, fit_spec, host_to_global, is_main_process, state_shardings,
+                                     to_host, with_activation_sharding)
 from softgrpo_jax.rl.batching import gather_micro_batches, gather_prefix_micro_batches, plan_token_budget
 from softgrpo_jax.rl.logprobs import token_logprobs
-from softgrpo_jax.rl.objective import (LossConfig, accumulate_terms, finalize_metrics, group_advantages,
-                                       loss_denominator, loss_fn)
-from softgrpo_jax.sampling import Rollout, RolloutEngine, bucket_length
+from softgrpo_jax.rl.objective import LossConfig, accumulate_terms, finalize_metrics, loss_denominator, loss_fn
+from softgrpo_jax.sampling import Rollout, bucket_length
 from softgrpo_jax.xla_options import compiler_options, mesh_backend
 
 BATCH_FIELDS = ("tokens", "attention_mask", "topk_ids", "topk_ytil", "soft_mask", "loss_mask", "advantages", "tau",
