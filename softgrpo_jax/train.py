@@ -315,11 +315,10 @@ class Run:
         first_on_policy = rl.old_logprobs == "auto" and rl.ppo_epochs == 1
         if first_on_policy and n_mini > 1:
             batch["on_policy"] = np.arange(batch["tokens"].shape[0]) < mini_rows
-        real = int(batch["attention_mask"].sum())
-        self._shared_micro = self._all_micro = 0
+        real, shared = int(batch["attention_mask"].sum()), 0.0
         if rl.max_tokens_per_micro_batch > 0:
-            minis, processed, real = self._token_budget_minis(batch, n_mini, mini_rows, first_on_policy,
-                                                              r.prompt_tokens.shape[1] if self.share_prompt else None)
+            minis, (processed, real, shared) = self._token_budget_minis(
+                batch, n_mini, mini_rows, first_on_policy, r.prompt_tokens.shape[1] if self.share_prompt else None)
             t3 = time.time()
             upd = [self.policy.update_groups(groups, den) for _ in range(rl.ppo_epochs) for groups, den in minis]
         else:
@@ -370,7 +369,7 @@ class Run:
             # the share of the update's token slots that hold no real token
             "train_padding_fraction": 1.0 - real / max(processed, 1),
             # the share of token-budget micro-batches that computed each prompt once (rl.share_prompt)
-            "train_shared_prompt_fraction": self._shared_micro / max(self._all_micro, 1),
+            "train_shared_prompt_fraction": shared,
         })
         return metrics
 
@@ -378,19 +377,20 @@ class Run:
                             prompt_width: int | None = None):
         """Each mini-batch as token-budget micro-batches (``rl.max_tokens_per_micro_batch`` per device; shared
         prompts with ``prompt_width``), with their old (none for the first mini-batch when ``first_on_policy``) and
-        reference log-probs (all before any update) and the mini-batch's loss denominator; and the token slots they
-        process, and the real tokens among them."""
+        reference log-probs (all before any update) and the mini-batch's loss denominator; and (the token slots they
+        process, the real tokens among them, the share of micro-batches with shared prompts)."""
         rl = self.cfg.rl
         n_dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        minis, processed, real, pending = [], 0, 0, []
+        minis, pending = [], []
+        processed = real = n_shared = n_micro = 0
         for m in range(n_mini):
             rows = {k: v[m * mini_rows:(m + 1) * mini_rows] for k, v in batch.items()}
             groups = []
             for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp, prompt_width=prompt_width):
                 p, r = processed_slots(g)
                 processed, real = processed + p, real + r
-                self._shared_micro += int("prefix_idx" in g) * g["tokens"].shape[0]
-                self._all_micro += g["tokens"].shape[0]
+                n_micro += g["tokens"].shape[0]
+                n_shared += g["tokens"].shape[0] if "prefix_idx" in g else 0
                 mb = self.policy.put(g)
                 if first_on_policy and m == 0:  # placeholders when later mini-batches have old log-probs
                     old = None if n_mini == 1 else self.policy.put(np.zeros(g["tokens"].shape, np.float32))
@@ -401,7 +401,7 @@ class Run:
                 pending.append((old, ref))
             minis.append((groups, loss_denominator(jax.numpy.asarray(rows["loss_mask"]), self.policy.loss_cfg)))
         jax.block_until_ready(pending)
-        return minis, processed, real
+        return minis, (processed, real, n_shared / max(n_micro, 1))
 
     # ---------------------------------------------------------------------------------------------- eval
     def eval_benchmarks(self) -> dict[str, list[dict]]:
