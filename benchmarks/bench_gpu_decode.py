@@ -15,7 +15,9 @@ For each batch size it reports
 - transformers ``generate(do_sample=True, top_k=5, top_p=0.95, min_new_tokens=256)`` with sdpa attention;
 - model-bandwidth utilisation: (weights read per step + the valid KV cache read per step, averaged over the steps)
   / step time / the copy bandwidth measured in the same run;
-- the soft/discrete step-time ratio.
+- the soft/discrete step-time ratio;
+- with ``--projections fused,separate`` (the default), discrete decoding once more with the 7 separate weight GEMMs
+  per layer instead of the engine's fused q/k/v and gate/up (4), and the step-time ratio of the two.
 
 Checks (the run fails loudly if one fails): our prefill logits match transformers' on the same weights (bf16
 tolerance); rollouts are finite, all steps are taken, Gumbel rows are soft at every step with mixture weights that sum
@@ -44,13 +46,15 @@ from softgrpo_jax.sampling.step import MODES  # noqa: E402
 
 
 def run_engine(model, prompts: np.ndarray, mode: str, steps: int, embed_impl: str, reps: int, layout: str = "auto",
-               attention: str = "xla"):
+               attention: str = "xla", fuse: bool = True):
     """(prefill s, decode s, buffers, state) of the engine's two jitted programs, best of ``reps`` timed runs;
-    ``attention``: the decode attention ("pallas": each row's own context, the cache rounded up to 256 slots)."""
+    ``attention``: the decode attention ("pallas": each row's own context, the cache rounded up to 256 slots);
+    ``fuse``: the engine's fused q / k / v and gate / up weights (where it makes a decode copy of the weights)."""
     B, Pn = prompts.shape
     cfg = SamplingConfig(mode=mode, max_topk=5, temperature=1.0, top_k=5, top_p=0.95, tau=0.1, max_new_tokens=steps)
     # the weights as RolloutEngine.generate decodes them (model dtype; layer scan on GPU, per-layer on CPU)
-    mcfg, params = RolloutEngine(model, cfg, pad_id=0, embed_impl=embed_impl, layout=layout).decode_params(model)
+    mcfg, params = RolloutEngine(model, cfg, pad_id=0, embed_impl=embed_impl, layout=layout,
+                                 fuse_projections=fuse).decode_params(model)
     toks = jnp.asarray(prompts)
     mask = jnp.ones_like(toks, dtype=bool)
     modes = jnp.full((B,), MODES[mode], jnp.int32)
@@ -133,6 +137,10 @@ def main():
     ap.add_argument("--attentions", default=None,
                     help="decode attentions for the discrete rows: xla (every cache slot), pallas (each row's own "
                          "context; interpret mode off GPU). Default: xla,pallas on a GPU, xla elsewhere")
+    ap.add_argument("--projections", default="fused,separate",
+                    help="decode weights: fused (q/k/v and gate/up as one GEMM each, the engine's default where it "
+                         "copies the weights: per_layer or a cast) and/or separate (7 GEMMs per layer; timed for the "
+                         "discrete rows of the first layout and attention only)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     a = ap.parse_args()
     small = a.small
@@ -181,31 +189,39 @@ def main():
     ok = True
     for B in batches:
         prompts = rng.integers(1, cfg.vocab_size, size=(B, Pn), dtype=np.int32)
-        steps_s = {}
+        steps_s, by_proj = {}, {}
         ours = []
         kv = kv_per_tok * B * (Pn + (steps + 1) / 2)  # valid cache read per step, averaged over the steps
         layouts = a.layouts.split(",")
         modes = a.modes.split(",")
         attentions = (a.attentions or ("xla,pallas" if on_gpu else "xla")).split(",")
         variants = []
+        projections = a.projections.split(",")
+        fuse0 = projections[0] == "fused"
+        # the other projections under per_layer where timed (the engine fuses where it copies the weights:
+        # per-layer, or a cast; a bf16 model under the scan decodes its own weights, separate either way)
+        alt = "per_layer" if "per_layer" in layouts else layouts[0]
         for li, layout in enumerate(layouts):
             if "discrete" in modes:
-                variants += [("discrete", "xla", layout, att) for att in attentions]
+                variants += [("discrete", "xla", layout, att, fuse0) for att in attentions]
+                if layout == alt and len(projections) > 1:
+                    variants.append(("discrete", "xla", layout, attentions[0], not fuse0))
             if "gumbel" in modes:  # every embedding path under the first layout, the backend's default under others
-                variants += [("gumbel", i, layout, attentions[0]) for i in (impls if li == 0 else impls[-1:])]
-        for mode, impl, layout, att in variants:
+                variants += [("gumbel", i, layout, attentions[0], fuse0) for i in (impls if li == 0 else impls[-1:])]
+        for mode, impl, layout, att, fuse in variants:
             label = mode + (f" ({impl} embed)" if mode == "gumbel" else "") + (f", {layout}" if len(layouts) > 1
                                                                                else "")
             label += ", pallas attention" if att == "pallas" else ""
+            label += ", separate projections" if not fuse else ""
             try:
-                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps, layout, att)
+                t_pre, t_dec, buf, logits0 = run_engine(model, prompts, mode, steps, impl, reps, layout, att, fuse)
                 check_rollout(buf, mode, steps)
             except Exception as e:  # noqa: BLE001 - report the variant as failed, go on
                 print(f"# {label} B={B} failed: {type(e).__name__}: {str(e)[:400]}", file=sys.stderr)
                 rows.append(dict(batch=B, variant=f"ours {label}", prefill_ms="FAILED"))
                 ok = ok and impl != "xla"
                 continue
-            if mode == "discrete" and tm is not None and layout == layouts[0]:
+            if mode == "discrete" and tm is not None and layout == layouts[0] and fuse == fuse0:
                 ref = torch_logits(tm, prompts, tdev)
                 got = np.asarray(jax.device_get(logits0), np.float32)
                 err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6)
@@ -215,7 +231,9 @@ def main():
                     ok = False
                     print(f"# CHECK FAILED: logits differ from transformers ({err:.2e})", file=sys.stderr)
             step = t_dec / steps
-            steps_s[(mode, layout)] = steps_s.get((mode, layout), []) + [(label, step)]
+            if fuse == fuse0:
+                steps_s[(mode, layout)] = steps_s.get((mode, layout), []) + [(label, step)]
+            by_proj[(mode, layout, att, fuse)] = step
             row = dict(batch=B, variant=f"ours {label}", prefill_ms=f"{t_pre * 1e3:.1f}", step_ms=f"{step * 1e3:.3f}",
                        tps=B * steps / (t_pre + t_dec), mbu=(wbytes + kv) / step / ceiling)
             rows.append(row)
@@ -232,6 +250,11 @@ def main():
             print(f"B={B} transformers: {t / steps * 1e3:.3f} ms/step (incl. prefill), {tps_t:,.0f} tok/s", flush=True)
             for row in ours:
                 row["vs"] = f"{row['tps'] / tps_t:.1f}x"
+        for (mode, layout, att, fuse), s_ in by_proj.items():
+            if fuse and (mode, layout, att, False) in by_proj:
+                rows.append(dict(batch=B, variant=f"fused / separate projections step-time ratio, {mode}, {layout}, "
+                                                  f"{att} attention",
+                                 step_ms=f"{s_ / by_proj[(mode, layout, att, False)]:.3f}"))
         for (mode, layout), entries in steps_s.items():
             if mode == "gumbel" and ("discrete", layout) in steps_s:
                 base = steps_s[("discrete", layout)][0][1]

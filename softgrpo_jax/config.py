@@ -83,6 +83,9 @@ def base_config() -> ConfigDict:
         #   enough, finished rows leave the batch between chunks, one prefill per prompt; static: one loop over the
         #   whole budget for every row (the reference; the same rollouts)
         chunk_steps=128,
+        fuse_projections=True,  # decode with each layer's q / k / v weights as one GEMM and gate / up as one
+        #   (4 weight GEMMs per layer instead of 7), in the engine's own decode copy of the weights, without
+        #   tensor parallelism; the same rollouts
     ))
     c.rl = ConfigDict(dict(
         algorithm="softgrpo",  # softgrpo | grpo (the baseline: discrete rollouts, same trainer)
@@ -417,6 +420,8 @@ def validate_config(cfg: ConfigDict) -> None:
     one_of("rollout.schedule", ("chunked", "static"))
     num_check("rollout.chunk_steps", lambda v: isinstance(v, int) and v >= 1, ">= 1 (an integer)")
     one_of("rollout.dtype", ("",) + _FLOAT_DTYPES)
+    need(isinstance(cfg.rollout.fuse_projections, bool),
+         f"rollout.fuse_projections={cfg.rollout.fuse_projections!r} must be true or false")
     need(isinstance(cfg.rollout.think_end, str) and cfg.rollout.think_end != "",
          "rollout.think_end is empty; give the text that closes the thinking block (e.g. </think>)")
     # rl
@@ -523,7 +528,8 @@ def eval_sampling_config(e: ConfigDict, r: ConfigDict):
 def engine_options(r: ConfigDict) -> dict:
     """The ``RolloutEngine.for_tokenizer`` keywords that a config's ``rollout`` section sets (besides sampling)."""
     return dict(think_end=r.think_end, embed_impl=r.embed_impl, dtype=r.dtype or None, layout=r.layout,
-                attention=r.attention, schedule=r.schedule, chunk_steps=r.chunk_steps)
+                attention=r.attention, schedule=r.schedule, chunk_steps=r.chunk_steps,
+                fuse_projections=bool(r.fuse_projections))
 
 
 def loss_config(rl: ConfigDict, noise: str = "gumbel"):

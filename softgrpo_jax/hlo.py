@@ -1,4 +1,5 @@
-"""Reading compiled XLA programs: which collectives run inside a loop (per decode step, not once per call)."""
+"""Reading compiled XLA programs: which collectives (or other instructions) run inside a loop (per decode step, not
+once per call)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def _callees(line: str) -> list[str]:
 def collectives_in_loops(hlo: str) -> list[tuple[str, str]]:
     """(collective, instruction line) for every collective that a ``while`` body runs, directly or through the
     computations it calls (fusions, nested loops, conditionals)."""
+    return ops_in_loops(hlo, _OP)
+
+
+def ops_in_loops(hlo: str, op: re.Pattern | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(opcode, instruction line) for every instruction of the opcodes ``op`` (names, or a pattern whose group 1
+    is the opcode) that a ``while`` body runs, directly or through the computations it calls: per step, not once
+    per call (e.g. ``("dot",)``: the GEMMs of a decode step)."""
+    if not isinstance(op, re.Pattern):
+        op = re.compile(r"=\s*[^=]*?\s(" + "|".join(re.escape(c) for c in op) + r")\(")
     comps = computations(hlo)
     bodies = [m.group(1).lstrip("%") for lines in comps.values() for line in lines
               for m in re.finditer(r"body=%?([\w.\-]+)", line)]
@@ -49,7 +59,7 @@ def collectives_in_loops(hlo: str) -> list[tuple[str, str]]:
             continue
         seen.add(c)
         for line in comps[c]:
-            m = _OP.search(line)
+            m = op.search(line)
             if m:
                 found.append((m.group(1), line.strip()))
             stack += _callees(line)

@@ -288,6 +288,7 @@ def test_a_mistyped_config_path_is_not_a_bundled_config(tmp_path, capsys):
     (["--config.rollout.mode=hard", "--config.rollout.top_p=0"], ["rollout.mode='hard'", "rollout.top_p=0"]),
     (["--config.data.train=gsm9k"], ["data.train='gsm9k'"]),
     (["--config.rl.kl_type=k9"], ["kl_type"]),
+    (["--config.rollout.fuse_projections=maybe"], ["rollout.fuse_projections", "expected a bool"]),
     (["--config.rl.grup_size=2"], ["unknown config key 'rl.grup_size'", "Did you mean rl.group_size"]),
 ])
 def test_settings_fail_before_loading_and_leave_no_folder(tmp_path, capsys, overrides, must):

@@ -536,6 +536,54 @@ def test_no_collectives_in_the_decode_loop_with_pallas_attention(model, attentio
         assert found == [], (shape, found[:3])
 
 
+def _decode_loop_dots(eng, model):
+    """The dot instructions one compiled decode step (the loop body) runs, single device, 6 Gumbel steps."""
+    from softgrpo_jax.hlo import ops_in_loops
+    from softgrpo_jax.sampling.engine import decode, prefill
+
+    cfg = eng.cfg
+    mcfg, params = eng.decode_params(model)
+    toks, mask = eng.prepare_prompts(PROMPTS * 2)
+    modes = jnp.full(toks.shape[0], 2, jnp.int32)
+    keys = jax.random.split(jax.random.key(0), toks.shape[0])
+    logits0, cache = prefill(mcfg, params, jnp.asarray(toks), jnp.asarray(mask), cache_len=toks.shape[1] + 6)
+    hlo = decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
+                       steps=6, embed_impl="auto", mesh=None, attention=eng.attention).compile().as_text()
+    return len(ops_in_loops(hlo, ("dot",)))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_projections_same_rollouts_fewer_gemms(tmp_path, family):
+    """The decode copy of the weights with q / k / v fused into one GEMM and gate / up into another: the same
+    rollouts as the separate weights (float32 per-layer: every token and mixture weight; bf16 under the layer
+    scan: every token), and the compiled decode step runs 3 fewer dots per layer (7 weight GEMMs -> 4; read from
+    its HLO). Qwen2 has
+    q / k / v biases (fused too), Llama none. On a tensor-parallel mesh the engine keeps the weights separate."""
+    make_hf_model(str(tmp_path), family, seed=6)
+    model = load_pretrained(str(tmp_path))
+    L = model.config.num_layers
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=8, top_k=5, top_p=0.9)
+    for layout, dtype in (("per_layer", None), ("scan", "bfloat16")):
+        out, dots = {}, {}
+        for fuse in (False, True):
+            eng = RolloutEngine(model, cfg, pad_id=0, layout=layout, dtype=dtype, fuse_projections=fuse)
+            layers = eng.decode_params(model)[1]["layers"]
+            keys = set(layers[0] if isinstance(layers, list) else layers)
+            assert ("wqkv" in keys and "w_gate_up" in keys and "wq" not in keys and "w_up" not in keys) == fuse
+            assert ("bqkv" in keys) == (fuse and family == "qwen2")
+            out[fuse] = eng.generate(PROMPTS, jax.random.key(4), n=2)
+            dots[fuse] = _decode_loop_dots(eng, model)
+        a, b = out[False], out[True]
+        np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+        np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
+        if dtype is None:
+            np.testing.assert_allclose(np.asarray(b.topk_ytil), np.asarray(a.topk_ytil), rtol=1e-5, atol=1e-5)
+        # per-layer: every layer's dots in the step's program; scan: one layer body, run L times
+        assert dots[False] - dots[True] == 3 * (L if layout == "per_layer" else 1), (layout, dots)
+    eng = RolloutEngine(model, cfg, pad_id=0, mesh=make_mesh((2, 2, 2)), fuse_projections=True)
+    assert not eng.fuse
+
+
 def test_chunked_schedule_on_meshes(model):
     """On 8-device meshes the chunked schedule (short chunks, rows ending at many steps: each device regroups its
     own live rows) gives the unsharded static schedule's rollout; the regrouping keeps rows on their device (no

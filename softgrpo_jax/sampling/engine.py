@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global, to_host
 from softgrpo_jax.models.config import ModelConfig
-from softgrpo_jax.models.transformer import forward, init_cache, unstack_layers
+from softgrpo_jax.models.transformer import forward, fuse_projections, init_cache, unstack_layers
 from softgrpo_jax.ops import soft_embed
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, step
 from softgrpo_jax.xla_options import jit as xla_jit
@@ -109,12 +109,15 @@ def resolve_layout(layout: str, platform: str) -> bool:
     return platform in ("cpu", "gpu") if layout == "auto" else layout == "per_layer"
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "per_layer"))
-def _prepare(params, *, dtype, per_layer: bool):
-    """The weights the engine decodes with: cast to the rollout dtype, the layer stack split when per-layer."""
+@functools.partial(jax.jit, static_argnames=("dtype", "per_layer", "fuse"))
+def _prepare(params, *, dtype, per_layer: bool, fuse: bool = False):
+    """The weights the engine decodes with: cast to the rollout dtype, the layer stack split when per-layer, the
+    projections that read the same input fused when ``fuse`` (``models.transformer.fuse_projections``)."""
     if per_layer:
-        return unstack_layers(params, dtype)
-    return jax.tree.map(lambda a: a.astype(dtype), params)
+        params = unstack_layers(params, dtype)
+    else:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return fuse_projections(params) if fuse else params
 
 
 def _batch_axes(mesh) -> tuple:
@@ -462,7 +465,7 @@ class RolloutEngine:
     def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
                  embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto", attention: str = "auto",
-                 schedule: str = "chunked", chunk_steps: int = 128):
+                 schedule: str = "chunked", chunk_steps: int = 128, fuse_projections: bool = True):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
@@ -472,7 +475,10 @@ class RolloutEngine:
         platform, for tests) or "auto" (pallas on GPU, xla elsewhere). ``schedule``: "chunked" (the decode runs ``chunk_steps`` steps
         at a time over a cache just long enough for them; between chunks finished rows leave the batch and the
         n rows of a prompt share one prefill) or "static" (one loop over a cache of the whole budget, every row
-        computed until the last one ends: the reference; the same tokens)."""
+        computed until the last one ends: the reference; the same tokens). ``fuse_projections``: decode with each
+        layer's query / key / value weights as one GEMM and gate / up as one (4 weight GEMMs per layer instead of
+        7), where the engine makes its own copy of the weights (per-layer layout or a cast to the rollout dtype)
+        and the mesh has no tensor parallelism."""
         self.model = model
         try:
             ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
@@ -498,6 +504,7 @@ class RolloutEngine:
         self.schedule = schedule
         self.chunk_steps = int(chunk_steps)
         self._prepared = None
+        self.fuse = bool(fuse_projections) and (mesh is None or mesh.shape.get("tensor", 1) == 1)
         self.cfg = cfg
         self.think_end_ids = tuple(int(t) for t in think_end_ids)
         self.stop_ids = tuple(int(t) for t in stop_ids)
@@ -530,7 +537,7 @@ class RolloutEngine:
             if cached is not None and cached[0] == dtype and len(cached[1]) == len(leaves) and all(
                     a is b for a, b in zip(cached[1], leaves)):
                 return mcfg, cached[2]  # the same weights as last call (e.g. evaluation batches)
-            params = _prepare(params, dtype=dtype, per_layer=self.per_layer)
+            params = _prepare(params, dtype=dtype, per_layer=self.per_layer, fuse=self.fuse)
             params = decode_layout(params, self.mesh, kv_bytes=kv_bytes)
             # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout)
             self._prepared = (dtype, leaves, params) if self.per_layer else None
