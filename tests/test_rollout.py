@@ -584,6 +584,39 @@ def test_fused_projections_same_rollouts_fewer_gemms(tmp_path, family):
     assert not eng.fuse
 
 
+def test_fused_projections_gather_fewer_weights_per_step(model):
+    """A model decoding with its FSDP shards (too large to replicate: ``decode_layout`` keeps them) under the layer
+    scan all-gathers each layer's weights inside the decode loop, every step: with fused projections 4 weight
+    matrices per layer instead of 7 (read from the compiled loop body on an 8-device FSDP mesh)."""
+    from collections import Counter
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from softgrpo_jax.distributed import BATCH_AXES, fit_spec
+    from softgrpo_jax.hlo import collectives_in_loops
+    from softgrpo_jax.sampling import engine as E
+
+    mesh = make_mesh((1, 8, 1))
+    ms = load_pretrained_like(model, mesh)
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, fit_spec(a.shape, P(BATCH_AXES), mesh)))  # noqa: E731
+    gathers = {}
+    for fuse in (False, True):
+        eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, layout="scan", dtype="bfloat16", fuse_projections=fuse)
+        assert eng.fuse == fuse
+        mcfg = ms.config.replace(dtype="bfloat16", param_dtype="bfloat16")
+        params = E._prepare(ms.param_tree(), dtype=jnp.bfloat16, per_layer=False, fuse=fuse)
+        params = E.decode_layout(params, mesh, budget_bytes=1)  # no room for a replicated copy
+        toks, mask = (put(a) for a in eng.prepare_prompts(PROMPTS * 2))
+        modes = put(np.full(toks.shape[0], 2, np.int32))
+        keys = jax.random.split(jax.random.key(0), toks.shape[0])
+        logits0, cache = E.prefill(mcfg, params, toks, mask, cache_len=toks.shape[1] + 6, mesh=mesh)
+        hlo = E.decode.lower(mcfg, params, logits0, cache, modes, keys, cfg=cfg, end_ids=(), stop_ids=(), pad_id=0,
+                             steps=6, embed_impl="auto", mesh=mesh, attention=eng.attention).compile().as_text()
+        gathers[fuse] = Counter(op for op, _ in collectives_in_loops(hlo))["all-gather"]
+    assert gathers[False] - gathers[True] == 3, gathers  # one layer body: 7 sharded weights -> 4
+
+
 def test_chunked_schedule_on_meshes(model):
     """On 8-device meshes the chunked schedule (short chunks, rows ending at many steps: each device regroups its
     own live rows) gives the unsharded static schedule's rollout; the regrouping keeps rows on their device (no
