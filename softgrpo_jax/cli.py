@@ -270,7 +270,8 @@ def cmd_plan(args, overrides):
                                    f" --xla_force_host_platform_device_count={n}").strip()
         jax.config.update("jax_platforms", "cpu")
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip()) if args.phases else None
-    spec = plan_lib.spec_from_config(cfg, mesh_shape=mesh, device_memory_gb=mem, phases=phases)
+    spec = plan_lib.spec_from_config(cfg, mesh_shape=mesh, device_memory_gb=mem, phases=phases,
+                                     platform=plan_lib.device_platform(args.device))
     res = plan_lib.plan(spec, log=lambda m: print(f"  compiled {m}", file=sys.stderr, flush=True))
     print(plan_lib.format_plan(res))
     if args.json:

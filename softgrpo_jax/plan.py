@@ -32,13 +32,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import AXES, BATCH_AXES, fit_spec, make_mesh
 from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
-from softgrpo_jax.models.transformer import Transformer, init_cache
+from softgrpo_jax.models.transformer import FUSED, Transformer, init_cache
 from softgrpo_jax.ops.tuning import accelerator_paths
 
 GiB = 1024 ** 3
@@ -73,6 +72,13 @@ PRESET_ALIASES = {
 
 # Usable memory per device, GiB (what the runtime reports as its limit is a little lower).
 DEVICES = {"h100": 80, "h200": 141, "a100": 80, "a100-40g": 40, "v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+
+
+def device_platform(device: str | None) -> str | None:
+    """"gpu" or "tpu" for a :data:`DEVICES` name (None: not known)."""
+    if not device:
+        return None
+    return "tpu" if device.startswith("v") else "gpu"
 
 
 class PlanError(ValueError):
@@ -130,6 +136,9 @@ class PlanSpec:
     group_size: int = 8  # rows per prompt: the chunked schedule prefills each prompt once
     schedule: str = "chunked"  # the rollout engine's (rollout.schedule)
     chunk_steps: int = 128
+    rollout_layout: str = "auto"  # the engine's (rollout.layout): auto is per-layer on GPU, the layer scan on TPU
+    platform: str = "tpu"  # "gpu" | "tpu": where the plan's run decodes (rollout.layout auto)
+    fuse_projections: bool = True  # the engine's fused q/k/v and gate/up in its decode copy (rollout.*)
     sampling: Any = None  # a SamplingConfig; None: the SofT-GRPO training rollout defaults
     loss: Any = None  # a LossConfig; None: defaults with logprob_chunk_size
 
@@ -143,8 +152,11 @@ class PlanSpec:
         return self.prompt_bucket + min(self.max_new_tokens, bucket(self.max_new_tokens))
 
 
-def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, phases=None) -> PlanSpec:
-    """A PlanSpec from a run's ml-collections config (``softgrpo train --config ...``)."""
+def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, phases=None,
+                     platform: str | None = None) -> PlanSpec:
+    """A PlanSpec from a run's ml-collections config (``softgrpo train --config ...``); ``platform`` ("gpu" |
+    "tpu", None: not known, planned as TPU's) picks the decode layout the engine takes there
+    (``rollout.layout``)."""
     from softgrpo_jax.config import loss_config, sampling_config
 
     mc = cfg.model
@@ -164,6 +176,8 @@ def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, ph
                     logprob_chunk_size=rl.logprob_chunk_size or None, use_kl_loss=rl.use_kl_loss,
                     device_memory_gb=device_memory_gb, sampling=samp, group_size=rl.group_size,
                     schedule=cfg.rollout.schedule, chunk_steps=cfg.rollout.chunk_steps,
+                    rollout_layout=cfg.rollout.layout, platform=platform or "tpu",
+                    fuse_projections=bool(cfg.rollout.fuse_projections),
                     loss=loss_config(rl, noise=cfg.rollout.noise), **kw)
 
 
@@ -171,6 +185,37 @@ def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, ph
 def _sds(shape, dtype, mesh, spec=None) -> jax.ShapeDtypeStruct:
     spec = P() if spec is None else fit_spec(shape, spec, mesh)
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _abstract_cache(dcfg, B: int, S: int, mesh, per_layer: bool) -> dict:
+    """The engine's KV cache for ``B`` rows of ``S`` slots as sharded ``ShapeDtypeStruct`` s: rows over the batch
+    axes, KV heads over ``tensor``; stacked [L, B, Hkv, S, hd] or per-layer lists."""
+    cache = jax.eval_shape(lambda: init_cache(dcfg, B, S, per_layer=per_layer))
+    kv = P(BATCH_AXES, "tensor", None, None) if per_layer else P(None, BATCH_AXES, "tensor", None, None)
+    return {k: (jax.tree.map(lambda a: _sds(a.shape, a.dtype, mesh, kv), v) if k in ("k", "v") else
+                _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh)) for k, v in cache.items()}
+
+
+def _decode_tree(ptree, mesh, *, per_layer: bool, fuse: bool):
+    """The abstract weights (stacked ``ShapeDtypeStruct`` s with shardings) as the engine's decode copy holds them:
+    split per layer, each weight keeping its own split of the stack's sharding, and with ``fuse`` the fused
+    projections (``models.transformer.fuse_projections``: the parts' sharding, the output dims summed)."""
+    layers = ptree["layers"]
+    n = next(iter(layers.values())).shape[0]
+
+    def one(drop: bool):
+        out = {}
+        for k, a in layers.items():
+            spec = tuple(a.sharding.spec) + (None,) * (len(a.shape) - len(a.sharding.spec))
+            out[k] = _sds(a.shape[1:], a.dtype, mesh, P(*spec[1:])) if drop else a
+        for name, parts in FUSED.items() if fuse else ():
+            if all(k in out for k in parts):
+                xs = [out.pop(k) for k in parts]
+                shape = xs[0].shape[:-1] + (sum(x.shape[-1] for x in xs),)
+                out[name] = _sds(shape, xs[0].dtype, mesh, xs[0].sharding.spec)
+        return out
+
+    return {**ptree, "layers": [one(True) for _ in range(n)] if per_layer else one(False)}
 
 
 def _batch(shape, dtype, mesh, lead: int = 0):
@@ -249,8 +294,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
 
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
-    from softgrpo_jax.sampling.engine import (_batch_axes, _reshape_batch, decode, decode_weight_sharding, init_state,
-                                              prefill, replicated_weights_fit)
+    from softgrpo_jax.sampling.engine import (_reshape_batch, decode, decode_per_layer, decode_weight_sharding,
+                                              init_state, prefill, replicated_weights_fit, sharded_over_batch)
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)
@@ -322,8 +367,9 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
             f"{m['outputs'] / GiB:.2f}, aliased {m['aliased'] / GiB:.2f}, temp {m['temporaries'] / GiB:.2f}) + "
             f"resident {sum(resident_extra.values()) / GiB:.2f} = {m['peak'] / GiB:.2f} GiB  [{t:.0f} s]")
 
-    # the rollout as the engine runs it on the accelerator: a layer scan, weights in the compute dtype, laid out for
-    # decoding (replicated over the batch axes where that copy fits), the Pallas decode attention's cache granule
+    # the rollout as the engine runs it on the accelerator: weights in the compute dtype, per layer (GPU) or
+    # stacked (TPU), q/k/v and gate/up fused, laid out for decoding (replicated over the batch axes where that
+    # copy fits), the Pallas decode attention's cache granule
     chunked = spec.schedule == "chunked"
     C = min(spec.chunk_steps, L)
     granule = 256
@@ -332,21 +378,25 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, cfg.jnp_dtype, sharding=a.sharding),
                          nnx.to_pure_dict(params))
     w_bytes = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(ptree))
-    cache = jax.eval_shape(lambda: init_cache(dcfg, B, cache_len))
-    cache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
-                 _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh)) for k, v in cache.items()}
-    b_kv = per_device_bytes((cache["k"], cache["v"]))
-    # the engine's rule, with what the run holds beside the rollout (the policy, its reference and optimizer state)
-    replicated = bool(_batch_axes(mesh)) and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
-                                                                    b_kv + b_params + b_ref + b_opt)
+    b_kv = per_device_bytes(tuple(_abstract_cache(dcfg, B, cache_len, mesh, False)[k] for k in ("k", "v")))
+    # the engine's rules, with what the run holds beside the rollout (the policy, its reference and optimizer
+    # state): replicated decode weights where they fit, the layout that goes with them
+    sharded = sharded_over_batch(ptree, mesh)
+    replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"], b_kv + b_params + b_ref + b_opt)
+    per_layer = decode_per_layer(spec.rollout_layout, spec.platform, sharded and not replicated)
+    fuse = spec.fuse_projections and mesh.shape["tensor"] == 1 and (per_layer or cfg.param_dtype != cfg.dtype)
+    ptree = _decode_tree(ptree, mesh, per_layer=per_layer, fuse=fuse)
+    cache = _abstract_cache(dcfg, B, cache_len, mesh, per_layer)
     if replicated:
         ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=decode_weight_sharding(
             a.sharding, mesh)), ptree)
     # the policy's own weights stay resident beside the engine's copy (a cast or re-laid-out one)
-    b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated) else 0
+    b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated or per_layer) else 0
     out["rollout"] = dict(schedule=spec.schedule, chunk_steps=C if chunked else L, cache_slots=cache_len,
                           kv_cache=b_kv,
                           decode_weights="replicated over the batch axes" if replicated else "as trained (FSDP)",
+                          decode_layout=("per_layer" if per_layer else "scan") + (", fused projections" if fuse
+                                                                                   else ""),
                           decode_weights_bytes=per_device_bytes(ptree))
     n_prefill = B // spec.group_size if chunked and B % (spec.group_size * n_dp) == 0 else B
     tokens = _batch((n_prefill, Pn), i32, mesh)
@@ -360,10 +410,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         # each prompt's prefill copied to its rows: the prompts' cache in, the whole batch's out
         t0 = time.time()
         S0 = -(-(Pn + C) // granule) * granule
-        pcache = jax.eval_shape(lambda: init_cache(dcfg, n_prefill, S0))
-        pcache = {k: (_sds(v.shape, v.dtype, mesh, P(None, BATCH_AXES, "tensor", None, None)) if k in ("k", "v") else
-                      _batch(v.shape, v.dtype, mesh) if v.ndim else _sds(v.shape, v.dtype, mesh))
-                  for k, v in pcache.items()}
+        pcache = _abstract_cache(dcfg, n_prefill, S0, mesh, per_layer)
         rg = _reshape_batch.lower(pcache, _batch((n_prefill, cfg.vocab_size), f32, mesh), None, new_len=cache_len,
                                   mesh=mesh, repeat=B // n_prefill).compile()
         record("regroup", rg, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
@@ -423,7 +470,8 @@ def format_plan(res: dict) -> str:
     if ro:
         lines.append(f"rollout: {ro['schedule']} schedule ({ro['chunk_steps']} steps per program), KV cache "
                      f"{ro['cache_slots']} slots per row = {ro['kv_cache'] / div:.2f} {unit} per device; decode "
-                     f"weights {ro['decode_weights']}, {ro['decode_weights_bytes'] / div:.2f} {unit} per device")
+                     f"weights {ro['decode_weights']}, {ro['decode_weights_bytes'] / div:.2f} {unit} per device "
+                     f"({ro.get('decode_layout', 'scan')})")
     lines += [
         "",
         f"per device, {unit}:",
@@ -444,6 +492,7 @@ def format_plan(res: dict) -> str:
 
 
 __all__ = ["PRESETS", "DEVICES", "PlanSpec", "PlanError", "model_config", "spec_from_config", "plan", "format_plan",
+           "device_platform",
            "abstract_params", "abstract_opt_state", "per_device_bytes", "AXES"]
 
 
@@ -477,7 +526,8 @@ def matrix(configs=MATRIX_CONFIGS, rows=MATRIX, overrides=(), log=print) -> list
             if n > len(devs):
                 log(f"skip {label} {mesh_shape}: needs {n} devices, have {len(devs)}")
                 continue
-            spec = spec_from_config(cfg, mesh_shape=mesh_shape, device_memory_gb=DEVICES[dev])
+            spec = spec_from_config(cfg, mesh_shape=mesh_shape, device_memory_gb=DEVICES[dev],
+                                    platform=device_platform(dev))
             t0 = time.time()
             try:
                 res = plan(spec, devices=devs[:n])

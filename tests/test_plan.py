@@ -70,6 +70,30 @@ def test_plan_tiny_on_8_devices():
     tight = P.plan(P.PlanSpec(**{**spec.__dict__, "device_memory_gb": 1e-5, "phases": ("decode",)}))
     assert not tight["fits"] and set(tight["phases"]) == {"decode"} and "DOES NOT FIT" in P.format_plan(tight)
     assert tight["rollout"]["decode_weights"].startswith("as trained")
+    # TPU (the default platform): the layer scan; the tensor axis (2) keeps the projections separate
+    assert ro["decode_layout"] == "scan" and tight["rollout"]["decode_layout"] == "scan"
+
+
+def test_plan_takes_the_engines_decode_layout():
+    """On GPU the engine decodes per layer with fused projections where its weights are replicated for decoding,
+    and with the layer scan where they stay FSDP shards (per-layer weights' gathers would be hoisted out of the
+    loop: every layer's weights at once). The plan compiles what the engine runs: the per-layer program's prefill
+    and decode (with a per-layer cache) compile and count the same KV cache."""
+    spec = P.PlanSpec(model=TINY, mesh_shape=(1, 8, 1), rollout_rows=16, prompt_len=10, max_new_tokens=24,
+                      micro_batch_size=1, mini_batch_rows=8, logprob_chunk_size=16, device_memory_gb=1.0,
+                      phases=("prefill", "decode"), platform="gpu")
+    gpu = P.plan(spec)
+    tight = P.plan(P.PlanSpec(**{**spec.__dict__, "device_memory_gb": 1e-5}))
+    tpu = P.plan(P.PlanSpec(**{**spec.__dict__, "platform": "tpu"}))
+    assert gpu["rollout"]["decode_weights"].startswith("replicated")
+    assert gpu["rollout"]["decode_layout"] == "per_layer, fused projections"
+    assert tight["rollout"]["decode_weights"].startswith("as trained")
+    assert tight["rollout"]["decode_layout"] == "scan, fused projections"  # bf16 compute of float32 weights: a copy
+    assert tpu["rollout"]["decode_layout"] == "scan, fused projections"
+    assert gpu["rollout"]["kv_cache"] == tpu["rollout"]["kv_cache"] > 0
+    assert gpu["phases"]["decode"]["aliased"] >= gpu["rollout"]["kv_cache"]  # the per-layer cache, donated
+    assert "(per_layer, fused projections)" in P.format_plan(gpu)
+    assert P.device_platform("h100") == "gpu" and P.device_platform("v5e") == "tpu" and P.device_platform(None) is None
 
 
 def test_plan_rejects_indivisible_batch():

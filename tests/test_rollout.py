@@ -617,6 +617,29 @@ def test_fused_projections_gather_fewer_weights_per_step(model):
     assert gathers[False] - gathers[True] == 3, gathers  # one layer body: 7 sharded weights -> 4
 
 
+def test_fsdp_kept_decode_weights_take_the_layer_scan(model, monkeypatch):
+    """Where a replicated decode copy would not fit (simulated: the engine's memory rule says no), layout "auto"
+    decodes from the FSDP shards under the layer scan: per-layer weights' gathers do not depend on the step and
+    XLA hoists them out of the loop, every layer's gathered weights at once (test_plan). The rollouts equal one
+    device's; an explicit "per_layer" stays per-layer."""
+    from softgrpo_jax.sampling import engine as E
+
+    mesh = make_mesh((1, 8, 1))
+    ms = load_pretrained_like(model, mesh)
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    ref = RolloutEngine(model, cfg, pad_id=0).generate(PROMPTS * 2, jax.random.key(3))
+    assert RolloutEngine(ms, cfg, pad_id=0, mesh=mesh).decode_params(ms)[1]["layers"].__class__ is list
+    monkeypatch.setattr(E, "replicate_decode_weights", lambda *a, **k: False)
+    eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh)
+    layers = eng.decode_params(ms)[1]["layers"]
+    assert isinstance(layers, dict) and "fsdp" in str(layers["w_down"].sharding.spec)
+    r = eng.generate(PROMPTS * 2, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(r.topk_ytil), np.asarray(ref.topk_ytil), rtol=1e-5, atol=1e-5)
+    explicit = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, layout="per_layer")
+    assert isinstance(explicit.decode_params(ms)[1]["layers"], list)
+
+
 def test_chunked_schedule_on_meshes(model):
     """On 8-device meshes the chunked schedule (short chunks, rows ending at many steps: each device regroups its
     own live rows) gives the unsharded static schedule's rollout; the regrouping keeps rows on their device (no
