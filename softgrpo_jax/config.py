@@ -75,7 +75,8 @@ def base_config() -> ConfigDict:
         embed_impl="auto",
         dtype="",  # weights + activations while decoding; "" = model.compute_dtype ("bfloat16": bf16 rollouts and
         #            evals of a float32 policy, as the original's sglang rollouts; 1.8x faster decoding on this CPU)
-        layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU)
+        layout="auto",  # auto | scan | per_layer: how the decoder runs its layers (auto: per_layer on CPU and GPU,
+        #   except for weights that stay FSDP shards while decoding: the layer scan)
         attention="auto",  # auto | xla | pallas: decode attention over the KV cache (pallas: each row's own context
         #   only, JAX's Pallas GPU decode kernel on GPU, the project's Pallas TPU kernel on TPU, not yet run on a
         #   TPU; auto: pallas on GPU, xla elsewhere)

@@ -494,7 +494,8 @@ class RolloutEngine:
                  schedule: str = "chunked", chunk_steps: int = 128, fuse_projections: bool = True):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
-        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere).
+        "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere and for
+        weights that stay FSDP shards while decoding: :func:`decode_per_layer`).
         ``attention``: how a decode step attends over the KV cache: "xla" (every slot of the cache), "pallas"
         (each row's own context only: JAX's Pallas GPU decode-attention kernel on GPU, the project's Pallas TPU
         kernel on TPU, not yet measured there; "pallas_gpu" / "pallas_tpu" force one, interpreted off its
