@@ -620,8 +620,8 @@ def test_fused_projections_gather_fewer_weights_per_step(model):
 def test_fsdp_kept_decode_weights_take_the_layer_scan(model, monkeypatch):
     """Where a replicated decode copy would not fit (simulated: the engine's memory rule says no), layout "auto"
     decodes from the FSDP shards under the layer scan: per-layer weights' gathers do not depend on the step and
-    XLA may hoist them out of the loop (XLA:CPU does), every layer's gathered weights at once (test_plan). The rollouts equal one
-    device's; an explicit "per_layer" stays per-layer."""
+    XLA may hoist them out of the loop (XLA:CPU does), every layer's gathered weights at once (test_plan). The
+    rollouts equal one device's; an explicit "per_layer" stays per-layer."""
     from softgrpo_jax.sampling import engine as E
 
     mesh = make_mesh((1, 8, 1))
