@@ -382,7 +382,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     # the engine's rules, with what the run holds beside the rollout (the policy, its reference and optimizer
     # state): replicated decode weights where they fit, the layout that goes with them
     sharded = sharded_over_batch(ptree, mesh)
-    replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"], b_kv + b_params + b_ref + b_opt)
+    replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
+                                                    b_kv + b_params + b_ref + b_opt)
     per_layer = decode_per_layer(spec.rollout_layout, spec.platform, sharded and not replicated)
     fuse = spec.fuse_projections and mesh.shape["tensor"] == 1 and (per_layer or cfg.param_dtype != cfg.dtype)
     ptree = _decode_tree(ptree, mesh, per_layer=per_layer, fuse=fuse)
