@@ -87,6 +87,9 @@ def base_config() -> ConfigDict:
         fuse_projections=True,  # decode with each layer's q / k / v weights as one GEMM and gate / up as one
         #   (4 weight GEMMs per layer instead of 7), in the engine's own decode copy of the weights, without
         #   tensor parallelism; the same rollouts
+        max_rows_per_device=0,  # decode at most this many rows per batch device at a time, the prompts split into
+        #   waves (the same rollouts); 0: only where the weights would otherwise decode from their FSDP shards, a
+        #   copy replicated over the batch axes not fitting beside every row's KV cache (up to 4 waves)
     ))
     c.rl = ConfigDict(dict(
         algorithm="softgrpo",  # softgrpo | grpo (the baseline: discrete rollouts, same trainer)
@@ -420,6 +423,7 @@ def validate_config(cfg: ConfigDict) -> None:
     one_of("rollout.attention", ("auto", "xla", "pallas"))
     one_of("rollout.schedule", ("chunked", "static"))
     num_check("rollout.chunk_steps", lambda v: isinstance(v, int) and v >= 1, ">= 1 (an integer)")
+    num_check("rollout.max_rows_per_device", lambda v: isinstance(v, int) and v >= 0, ">= 0 (an integer; 0: automatic)")
     one_of("rollout.dtype", ("",) + _FLOAT_DTYPES)
     need(isinstance(cfg.rollout.fuse_projections, bool),
          f"rollout.fuse_projections={cfg.rollout.fuse_projections!r} must be true or false")
@@ -530,7 +534,7 @@ def engine_options(r: ConfigDict) -> dict:
     """The ``RolloutEngine.for_tokenizer`` keywords that a config's ``rollout`` section sets (besides sampling)."""
     return dict(think_end=r.think_end, embed_impl=r.embed_impl, dtype=r.dtype or None, layout=r.layout,
                 attention=r.attention, schedule=r.schedule, chunk_steps=r.chunk_steps,
-                fuse_projections=bool(r.fuse_projections))
+                fuse_projections=bool(r.fuse_projections), max_rows_per_device=r.max_rows_per_device)
 
 
 def loss_config(rl: ConfigDict, noise: str = "gumbel"):

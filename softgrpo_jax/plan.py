@@ -139,6 +139,7 @@ class PlanSpec:
     rollout_layout: str = "auto"  # the engine's (rollout.layout): auto is per-layer on GPU, the layer scan on TPU
     platform: str = "tpu"  # "gpu" | "tpu": where the plan's run decodes (rollout.layout auto)
     fuse_projections: bool = True  # the engine's fused q/k/v and gate/up in its decode copy (rollout.*)
+    max_rows_per_device: int = 0  # the engine's waves (rollout.max_rows_per_device; 0: its automatic rule)
     sampling: Any = None  # a SamplingConfig; None: the SofT-GRPO training rollout defaults
     loss: Any = None  # a LossConfig; None: defaults with logprob_chunk_size
 
@@ -178,6 +179,7 @@ def spec_from_config(cfg, *, mesh_shape=None, device_memory_gb: float = 80.0, ph
                     schedule=cfg.rollout.schedule, chunk_steps=cfg.rollout.chunk_steps,
                     rollout_layout=cfg.rollout.layout, platform=platform or "tpu",
                     fuse_projections=bool(cfg.rollout.fuse_projections),
+                    max_rows_per_device=cfg.rollout.max_rows_per_device,
                     loss=loss_config(rl, noise=cfg.rollout.noise), **kw)
 
 
@@ -295,7 +297,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
     from softgrpo_jax.sampling.engine import (_reshape_batch, decode, decode_per_layer, decode_weight_sharding,
-                                              init_state, prefill, replicated_weights_fit, sharded_over_batch)
+                                              init_state, prefill, replicated_weights_fit, rollout_waves,
+                                              sharded_over_batch)
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)
@@ -384,22 +387,38 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     sharded = sharded_over_batch(ptree, mesh)
     replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
                                                     b_kv + b_params + b_ref + b_opt)
+    # waves: a share of the prompts at a time where that lets the weights replicate (rollout.max_rows_per_device)
+    rows_pd, Bw = -(-B // n_dp), B
+    if spec.max_rows_per_device:
+        waves = -(-rows_pd // spec.max_rows_per_device)
+    else:
+        waves = rollout_waves(w_bytes, rows_pd, b_kv // rows_pd, mesh, out["device_memory"],
+                              b_params + b_ref + b_opt, sharded=sharded)
+    if waves > 1:  # the engine's split: whole groups, a multiple of the batch devices where that keeps the count
+        n_prompts = B // spec.group_size
+        per = -(-n_prompts // waves)
+        if n_prompts % n_dp == 0 and -(-n_prompts // (-(-per // n_dp) * n_dp)) == waves:
+            per = -(-per // n_dp) * n_dp
+        Bw = per * spec.group_size  # the largest wave's rows: the decode's shapes below
+        b_kv = per_device_bytes(tuple(_abstract_cache(dcfg, Bw, cache_len, mesh, False)[k] for k in ("k", "v")))
+        replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
+                                                        b_kv + b_params + b_ref + b_opt)
     per_layer = decode_per_layer(spec.rollout_layout, spec.platform, sharded and not replicated)
     fuse = spec.fuse_projections and mesh.shape["tensor"] == 1 and (per_layer or cfg.param_dtype != cfg.dtype)
     ptree = _decode_tree(ptree, mesh, per_layer=per_layer, fuse=fuse)
-    cache = _abstract_cache(dcfg, B, cache_len, mesh, per_layer)
+    cache = _abstract_cache(dcfg, Bw, cache_len, mesh, per_layer)
     if replicated:
         ptree = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=decode_weight_sharding(
             a.sharding, mesh)), ptree)
     # the policy's own weights stay resident beside the engine's copy (a cast or re-laid-out one)
     b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated or per_layer) else 0
     out["rollout"] = dict(schedule=spec.schedule, chunk_steps=C if chunked else L, cache_slots=cache_len,
-                          kv_cache=b_kv,
+                          kv_cache=b_kv, waves=waves, rows_per_wave=Bw,
                           decode_weights="replicated over the batch axes" if replicated else "as trained (FSDP)",
                           decode_layout=("per_layer" if per_layer else "scan") + (", fused projections" if fuse
                                                                                    else ""),
                           decode_weights_bytes=per_device_bytes(ptree))
-    n_prefill = B // spec.group_size if chunked and B % (spec.group_size * n_dp) == 0 else B
+    n_prefill = Bw // spec.group_size if chunked and Bw % (spec.group_size * n_dp) == 0 else Bw
     tokens = _batch((n_prefill, Pn), i32, mesh)
     pmask = _batch((n_prefill, Pn), bool, mesh)
     if "prefill" in spec.phases:
@@ -407,19 +426,19 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         prefill_c = prefill.lower(dcfg, ptree, tokens, pmask, cache_len=-(-(Pn + C) // granule) * granule
                                   if chunked else cache_len, mesh=mesh).compile()
         record("prefill", prefill_c, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
-    if "decode" in spec.phases and chunked and n_prefill != B:
+    if "decode" in spec.phases and chunked and n_prefill != Bw:
         # each prompt's prefill copied to its rows: the prompts' cache in, the whole batch's out
         t0 = time.time()
         S0 = -(-(Pn + C) // granule) * granule
         pcache = _abstract_cache(dcfg, n_prefill, S0, mesh, per_layer)
         rg = _reshape_batch.lower(pcache, _batch((n_prefill, cfg.vocab_size), f32, mesh), None, new_len=cache_len,
-                                  mesh=mesh, repeat=B // n_prefill).compile()
+                                  mesh=mesh, repeat=Bw // n_prefill).compile()
         record("regroup", rg, dict(params=b_master, ref_params=b_ref, opt_state=b_opt), time.time() - t0)
     if "decode" in spec.phases:
         t0 = time.time()
-        logits0 = _batch((B, cfg.vocab_size), f32, mesh)
-        modes = _batch((B,), i32, mesh)
-        keys = _batch((B,), jax.random.key(0).dtype, mesh)
+        logits0 = _batch((Bw, cfg.vocab_size), f32, mesh)
+        modes = _batch((Bw,), i32, mesh)
+        keys = _batch((Bw,), jax.random.key(0).dtype, mesh)
         kw = dict(cfg=samp, end_ids=(1, 2), stop_ids=(0,), pad_id=0, embed_impl=spec.embed_impl, mesh=mesh)
         resident = dict(params=b_master, ref_params=b_ref, opt_state=b_opt, prompt_batch=per_device_bytes(
             (tokens, pmask)))
@@ -469,7 +488,9 @@ def format_plan(res: dict) -> str:
     ]
     ro = res.get("rollout")
     if ro:
-        lines.append(f"rollout: {ro['schedule']} schedule ({ro['chunk_steps']} steps per program), KV cache "
+        waves = ro.get("waves", 1)
+        lines.append(f"rollout: {ro['schedule']} schedule ({ro['chunk_steps']} steps per program), "
+                     + (f"{waves} waves of up to {ro['rows_per_wave']} rows, " if waves > 1 else "") + "KV cache "
                      f"{ro['cache_slots']} slots per row = {ro['kv_cache'] / div:.2f} {unit} per device; decode "
                      f"weights {ro['decode_weights']}, {ro['decode_weights_bytes'] / div:.2f} {unit} per device "
                      f"({ro.get('decode_layout', 'scan')})")

@@ -93,6 +93,12 @@ def test_plan_takes_the_engines_decode_layout():
     assert gpu["rollout"]["kv_cache"] == tpu["rollout"]["kv_cache"] > 0
     assert gpu["phases"]["decode"]["aliased"] >= gpu["rollout"]["kv_cache"]  # the per-layer cache, donated
     assert "(per_layer, fused projections)" in P.format_plan(gpu)
+    # waves (rollout.max_rows_per_device): half the rows at a time, half the cache, the same layout
+    waves = P.plan(P.PlanSpec(**{**spec.__dict__, "max_rows_per_device": 1}))
+    assert (waves["rollout"]["waves"], waves["rollout"]["rows_per_wave"], gpu["rollout"]["waves"]) == (2, 8, 1)
+    assert waves["rollout"]["kv_cache"] == gpu["rollout"]["kv_cache"] // 2
+    assert waves["phases"]["decode"]["arguments"] < gpu["phases"]["decode"]["arguments"]
+    assert "2 waves of up to 8 rows" in P.format_plan(waves)
     assert P.device_platform("h100") == "gpu" and P.device_platform("v5e") == "tpu" and P.device_platform(None) is None
 
 

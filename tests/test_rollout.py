@@ -640,6 +640,63 @@ def test_fsdp_kept_decode_weights_take_the_layer_scan(model, monkeypatch):
     assert isinstance(explicit.decode_params(ms)[1]["layers"], list)
 
 
+def test_rollout_waves_rule():
+    """rollout_waves: one wave where the weights are not FSDP-split or their replicated copy fits beside every
+    row's cache (60% of the memory), else the fewest waves (up to 4) whose rows' cache leaves it room, else one
+    (decoding from the shards)."""
+    from softgrpo_jax.sampling.engine import rollout_waves
+
+    mesh = make_mesh((1, 8, 1))
+    gib = 1 << 30
+    # weights 10 GiB, 8 rows per device of 1 GiB cache each, 5 GiB already in use; 60% of the budget for all of it
+    w = lambda budget, **kw: rollout_waves(10 * gib, 8, gib, mesh, int(budget / 0.6) + 64, 5 * gib, **kw)  # noqa: E731
+    assert w(23 * gib) == 1  # 10 + 8 + 5 fits
+    assert w(19 * gib) == 2 and w(17 * gib) == 4 and w(16.9 * gib) == 1  # 4 rows; 2 rows; not even 2: the shards
+    assert w(19 * gib, sharded=False) == 1 and rollout_waves(10 * gib, 8, gib, mesh, None) == 1  # unknown memory
+    assert rollout_waves(10 * gib, 8, gib, make_mesh((1, 4, 2)), int(12 / 0.6 * gib), 0) == 2  # tensor halves w
+
+
+def test_waves_give_the_same_rollouts(model, monkeypatch):
+    """A rollout decoded in waves of prompts (max_rows_per_device, or the automatic rule where the replicated
+    decode weights would not fit beside every row's cache: simulated here with a device memory the rule sees) is
+    the one-call rollout: the same tokens, top-K ids and noise, lengths and finish reasons for every row, laid out
+    as one call lays them out (prompts left-padded to the widest bucket, steps to the longest budget), and the
+    work counters summed. The waves' prompts differ in length and their budgets in range, so every padding shows."""
+    from softgrpo_jax.sampling import engine as E
+
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [4, 5]] * 4 + [[11], [12, 13, 14]] * 4
+    budgets = [6, 1, 2, 5] * 4 + [2, 3, 1, 2] * 4
+    modes = ["gumbel", "discrete", "soft", "gumbel"] * 8
+    key = jax.random.key(7)
+    cfg = SamplingConfig(mode="gumbel", max_new_tokens=6)
+    mesh = make_mesh((1, 8, 1))
+    ms = load_pretrained_like(model, mesh)
+    ref = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh).generate(prompts, key, n=2, modes=modes,
+                                                                max_new_tokens=budgets)
+    two = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh, max_rows_per_device=2)
+    assert two.waves(ms, 32, 64) == 2
+    # automatic: a device whose 60% holds the replicated weights and half the rows' cache, not all of it
+    eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh)
+    w = E.weight_bytes(ms.param_tree(), ms.config.dtype)
+    row = eng._kv_bytes_per_row(ms, eng._cache_len(32, 6))
+    monkeypatch.setattr(E, "device_memory", lambda mesh: (int((w + 3 * row) / 0.6), 0))
+    assert eng.waves(ms, 32, eng._cache_len(32, 6)) == 2
+    for r in (two.generate(prompts, key, n=2, modes=modes, max_new_tokens=budgets),
+              eng.generate(prompts, key, n=2, modes=modes, max_new_tokens=budgets)):
+        for f in ("prompt_tokens", "prompt_mask", "tokens", "response_mask", "topk_ids", "topk_kept", "topk_clamped",
+                  "soft_mask", "lengths", "think_lengths", "finish_reason", "modes", "tau"):
+            a, b = getattr(r, f), getattr(ref, f)
+            assert a.shape == b.shape, f
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f)
+        for f in ("topk_ytil", "weights", "logprobs"):
+            np.testing.assert_allclose(np.asarray(getattr(r, f)), np.asarray(getattr(ref, f)), atol=1e-5, err_msg=f)
+        assert r.stats.row_steps_useful == ref.stats.row_steps_useful
+        assert r.stats.kv_slots_valid == ref.stats.kv_slots_valid
+        assert r.stats.steps > ref.stats.steps  # two waves' decodes, one after the other
+    with pytest.raises(ValueError, match="max_rows_per_device"):
+        RolloutEngine(ms, cfg, max_rows_per_device=-1)
+
+
 def test_chunked_schedule_on_meshes(model):
     """On 8-device meshes the chunked schedule (short chunks, rows ending at many steps: each device regroups its
     own live rows) gives the unsharded static schedule's rollout; the regrouping keeps rows on their device (no

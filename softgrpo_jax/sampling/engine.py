@@ -165,6 +165,32 @@ def sharded_over_batch(params, mesh) -> bool:
         ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in jax.tree.leaves(params))
 
 
+def device_memory(mesh) -> tuple[int | None, int]:
+    """(memory limit, bytes in use) of this process's own device on ``mesh`` ((None, 0) where the platform reports
+    nothing, as XLA:CPU). With several processes, the tightest: the smallest limit and the most in use over all of
+    them, so that every process decides the decode layout and the waves alike (the same programs)."""
+    dev = None if mesh is None else next((d for d in mesh.devices.flat if d.process_index == jax.process_index()),
+                                         None)
+    try:
+        stats = (dev.memory_stats() if dev is not None else None) or {}
+    except jax.errors.JaxRuntimeError:
+        stats = {}
+    limit, in_use = stats.get("bytes_limit"), int(stats.get("bytes_in_use", 0))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        g = np.asarray(multihost_utils.process_allgather(np.asarray([-1 if limit is None else limit, in_use],
+                                                                    np.int64))).reshape(-1, 2)
+        limit = None if (g[:, 0] < 0).any() else int(g[:, 0].min())
+        in_use = int(g[:, 1].max())
+    return limit, in_use
+
+
+def weight_bytes(params, dtype=None) -> int:
+    """The bytes of ``params`` (arrays or ``ShapeDtypeStruct`` s) held in ``dtype`` (default their own)."""
+    return sum(math.prod(a.shape) * jnp.dtype(dtype or a.dtype).itemsize for a in jax.tree.leaves(params))
+
+
 def replicate_decode_weights(params, mesh, budget_bytes: int | None = None, kv_bytes: int = 0, dtype=None) -> bool:
     """Whether :func:`decode_layout` replicates ``params`` over the batch axes: they are split over one, and the
     replicated copy (in ``dtype``, default their own), the KV cache (``kv_bytes`` per device) and what the device
@@ -173,15 +199,33 @@ def replicate_decode_weights(params, mesh, budget_bytes: int | None = None, kv_b
     if not sharded_over_batch(params, mesh):
         return False
     in_use = 0
-    if budget_bytes is None:  # this process's own device (another process's reports nothing here)
-        dev = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), None)
-        try:
-            stats = (dev.memory_stats() if dev is not None else None) or {}
-        except jax.errors.JaxRuntimeError:
-            stats = {}
-        budget_bytes, in_use = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
-    nbytes = sum(a.size * jnp.dtype(dtype or a.dtype).itemsize for a in jax.tree.leaves(params))
-    return replicated_weights_fit(nbytes, mesh, budget_bytes, kv_bytes + in_use)
+    if budget_bytes is None:
+        budget_bytes, in_use = device_memory(mesh)
+    return replicated_weights_fit(weight_bytes(params, dtype), mesh, budget_bytes, kv_bytes + in_use)
+
+
+MAX_WAVES = 4  # beyond this many, a rollout decodes from the FSDP shards in one wave (each wave pays its own tail)
+
+
+def rollout_waves(w_bytes: int, rows_per_device: int, kv_bytes_per_row: int, mesh, budget_bytes: int | None,
+                  in_use: int = 0, sharded: bool = True, max_waves: int = MAX_WAVES) -> int:
+    """How many waves a rollout's rows decode in, one after the other (``RolloutEngine(max_rows_per_device=0)``):
+    1 where the weights are not split over a batch axis (``sharded``) or their replicated copy fits beside every
+    row's KV cache (:func:`replicated_weights_fit`); else the fewest, up to ``max_waves``, whose share of the rows
+    leaves room for it; 1 again where none does (the weights then decode from their FSDP shards).
+
+    Why: decoding from FSDP shards gathers every layer's weights at every step, about 5.6 GB per device and step
+    for Llama-3.2-3B on 8 devices (~12 ms over 450 GB/s links) and 13 GB for a 7B, against 2-5 ms for the step's
+    own weight reads; a wave with replicated weights reads them locally, and two waves of half the rows cost
+    about what one wave of all the rows would (bytes per row-step), plus a second tail (an estimate from bytes:
+    not measured on a GPU)."""
+    if not sharded or rows_per_device <= 1:
+        return 1
+    for k in range(1, max_waves + 1):
+        rows = -(-rows_per_device // k)
+        if replicated_weights_fit(w_bytes, mesh, budget_bytes, rows * kv_bytes_per_row + in_use):
+            return k
+    return 1
 
 
 def decode_layout(params, mesh, budget_bytes: int | None = None, kv_bytes: int = 0, replicate: bool | None = None):
@@ -408,6 +452,48 @@ def _full_buffers(B: int, steps: int, K: int, pad_id: int, mesh=None):
     return out
 
 
+_LEFT_PADDED = ("prompt_tokens", "prompt_mask")
+
+
+@functools.partial(jax.jit, static_argnames=("width", "steps", "pad_id", "mesh"))
+def _concat_fields(parts, *, width: int, steps: int, pad_id: int, mesh=None):
+    """Each field of the ``parts`` (dicts of a Rollout's arrays) concatenated over rows: prompts left-padded to
+    ``width`` columns, per-step fields right-padded to ``steps`` (pad_id tokens, zeros / False elsewhere)."""
+    out = {}
+    for name in parts[0]:
+        arrs = []
+        for f in parts:
+            a = f[name]
+            if a.ndim >= 2:
+                left = name in _LEFT_PADDED
+                widths = [(0, 0)] * a.ndim
+                widths[1] = (width - a.shape[1], 0) if left else (0, steps - a.shape[1])
+                a = jnp.pad(a, widths, constant_values=pad_id if name in ("prompt_tokens", "tokens") else 0)
+            arrs.append(a)
+        x = jnp.concatenate(arrs, 0)
+        out[name] = x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.shape))
+    return out
+
+
+def concat_rollouts(parts: Sequence["Rollout"], pad_id: int, mesh=None) -> "Rollout":
+    """The rollouts of consecutive row ranges (the waves of one ``generate`` call) as one, laid out as one call
+    would lay them out: prompts left-padded to the widest, responses right-padded to the longest budget; work
+    counters summed."""
+    if len(parts) == 1:
+        return parts[0]
+    names = [f.name for f in dataclasses.fields(Rollout) if f.name != "stats"]
+    present = [k for k in names if all(getattr(r, k) is not None for r in parts)]
+    fields = _concat_fields(tuple({k: getattr(r, k) for k in present} for r in parts),
+                            width=max(r.prompt_tokens.shape[1] for r in parts),
+                            steps=max(r.tokens.shape[1] for r in parts),
+                            pad_id=int(pad_id), mesh=mesh)
+    stats = None
+    if all(r.stats is not None for r in parts):
+        stats = RolloutStats(*(sum(getattr(r.stats, f.name) for r in parts)
+                               for f in dataclasses.fields(RolloutStats)))
+    return Rollout(**{k: fields.get(k) for k in names}, stats=stats)
+
+
 def _batch_axis(path) -> int:
     """The batch axis of a leaf of ``(cache, rest)``: 1 for a stacked cache's k / v [L, B, ...], else 0 (a
     per-layer cache's k / v [B, ...], the mask, positions and every array of ``rest``)."""
@@ -491,7 +577,8 @@ class RolloutEngine:
     def __init__(self, model: nnx.Module, cfg: SamplingConfig, *, think_end_ids: Sequence[int] = (),
                  stop_ids: Sequence[int] = (), pad_id: int = 0, mesh=None, min_bucket: int = 16,
                  embed_impl: str = "auto", dtype: str | None = None, layout: str = "auto", attention: str = "auto",
-                 schedule: str = "chunked", chunk_steps: int = 128, fuse_projections: bool = True):
+                 schedule: str = "chunked", chunk_steps: int = 128, fuse_projections: bool = True,
+                 max_rows_per_device: int = 0):
         """``dtype``: the weights' and activations' dtype while decoding (None: the model's compute dtype; e.g.
         "bfloat16" for bf16 rollouts of a float32 policy). ``layout``: "scan" (the layer stack under lax.scan),
         "per_layer" (per-layer weights, unrolled) or "auto" (per-layer on CPU and GPU, scan elsewhere and for
@@ -505,7 +592,9 @@ class RolloutEngine:
         computed until the last one ends: the reference; the same tokens). ``fuse_projections``: decode with each
         layer's query / key / value weights as one GEMM and gate / up as one (4 weight GEMMs per layer instead of
         7), where the engine makes its own copy of the weights (per-layer layout or a cast to the rollout dtype)
-        and the mesh has no tensor parallelism."""
+        and the mesh has no tensor parallelism. ``max_rows_per_device``: decode at most this many rows per batch
+        device at a time, the rollout's prompts split into waves run one after the other (the same rollouts); 0:
+        only where the weights would otherwise decode from their FSDP shards (:func:`rollout_waves`)."""
         self.model = model
         try:
             ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
@@ -531,6 +620,9 @@ class RolloutEngine:
             raise ValueError(f"rollout chunk_steps must be >= 1, got {chunk_steps!r}")
         self.schedule = schedule
         self.chunk_steps = int(chunk_steps)
+        if int(max_rows_per_device) < 0:
+            raise ValueError(f"rollout max_rows_per_device must be >= 0 (0: automatic), got {max_rows_per_device!r}")
+        self.max_rows_per_device = int(max_rows_per_device)
         self._prepared = None
         self.fuse = bool(fuse_projections) and (mesh is None or mesh.shape.get("tensor", 1) == 1)
         self.cfg = cfg
@@ -602,23 +694,13 @@ class RolloutEngine:
         """
         model = model or self.model
         cfg = self.cfg
-        toks, mask = self.prepare_prompts(prompts, n)
-        B = toks.shape[0]
+        toks, _ = self.prepare_prompts(prompts, 1)  # (validates them)
+        B = toks.shape[0] * n
         budgets = np.asarray(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int64)
         if budgets.ndim == 0:
             budgets = np.full(B, budgets)
         if budgets.shape != (B,) or (budgets < 1).any():
             raise ValueError(f"max_new_tokens: one budget >= 1, or one per row ({B} rows), got {max_new_tokens!r}")
-        steps = int(budgets.max())
-        cache_len = toks.shape[1] + steps
-        if self.attention != "xla":  # whole kernel blocks: 16 splits of 16 slots (GPU), 128-slot blocks (TPU)
-            cache_len = -(-cache_len // 256) * 256
-        mc = model.config
-        d = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
-        tp = 1 if self.mesh is None else self.mesh.shape.get("tensor", 1)
-        kv_bytes = (-(-B // d) * cache_len * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim
-                    * jnp.dtype(self.dtype or mc.dtype).itemsize // tp)
-        mcfg, params = self.decode_params(model, kv_bytes=kv_bytes)
         if modes is None:
             modes = [MODES[cfg.mode]] * B
         elif isinstance(modes, str):
@@ -626,6 +708,58 @@ class RolloutEngine:
         modes_np = np.asarray([MODES[m] if isinstance(m, str) else int(m) for m in modes], np.int32)
         if modes_np.shape != (B,):
             raise ValueError(f"need one mode per row ({B} rows), got {modes_np.shape}")
+        waves = self.waves(model, B, self._cache_len(toks.shape[1], int(budgets.max())))
+        if waves == 1:
+            return self._generate(prompts, key, n, modes_np, budgets, model, row_offset)
+        # prompts per wave: whole groups, a multiple of the batch devices where that divides (one prefill per
+        # prompt on each device)
+        d = self._batch_devices()
+        per = -(-len(prompts) // waves)
+        if len(prompts) % d == 0 and -(-len(prompts) // (-(-per // d) * d)) == waves:
+            per = -(-per // d) * d
+        parts = [self._generate(prompts[i:i + per], key, n, modes_np[i * n:(i + per) * n],
+                                budgets[i * n:(i + per) * n], model, row_offset + i * n)
+                 for i in range(0, len(prompts), per)]
+        return concat_rollouts(parts, self.pad_id, self.mesh)
+
+    def _batch_devices(self) -> int:
+        return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in _batch_axes(self.mesh))
+
+    def _cache_len(self, prompt_width: int, steps: int) -> int:
+        """The KV cache slots a row of a rollout holds at most (the static schedule's cache)."""
+        cache_len = prompt_width + steps
+        if self.attention != "xla":  # whole kernel blocks: 16 splits of 16 slots (GPU), 128-slot blocks (TPU)
+            cache_len = -(-cache_len // 256) * 256
+        return cache_len
+
+    def _kv_bytes_per_row(self, model, cache_len: int) -> int:
+        mc = model.config
+        tp = 1 if self.mesh is None else self.mesh.shape.get("tensor", 1)
+        return (cache_len * 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim
+                * jnp.dtype(self.dtype or mc.dtype).itemsize // tp)
+
+    def waves(self, model, rows: int, cache_len: int) -> int:
+        """How many waves ``rows`` rows of up to ``cache_len`` cache slots decode in: ``max_rows_per_device``'s
+        share where it is set, else :func:`rollout_waves` (1 on a platform that reports no memory, as XLA:CPU)."""
+        per_device = -(-rows // self._batch_devices())
+        if self.max_rows_per_device:
+            return -(-per_device // self.max_rows_per_device)
+        params = model.param_tree()
+        budget, in_use = device_memory(self.mesh)
+        dtype = self.dtype or model.config.dtype
+        return rollout_waves(weight_bytes(params, dtype), per_device, self._kv_bytes_per_row(model, cache_len),
+                             self.mesh, budget, in_use, sharded=sharded_over_batch(params, self.mesh))
+
+    def _generate(self, prompts, key, n: int, modes_np: np.ndarray, budgets: np.ndarray, model, row_offset: int
+                  ) -> Rollout:
+        """:meth:`generate` for one wave: every row decoded at once."""
+        cfg = self.cfg
+        toks, mask = self.prepare_prompts(prompts, n)
+        B = toks.shape[0]
+        steps = int(budgets.max())
+        cache_len = self._cache_len(toks.shape[1], steps)
+        kv_bytes = -(-B // self._batch_devices()) * self._kv_bytes_per_row(model, cache_len)
+        mcfg, params = self.decode_params(model, kv_bytes=kv_bytes)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B) + row_offset)
         ragged = bool((budgets != steps).any())
         args = [toks, mask, modes_np, row_keys] + ([budgets.astype(np.int32)] if ragged else [])
