@@ -656,14 +656,15 @@ class RolloutEngine:
         replicate = replicate_decode_weights(params, self.mesh, kv_bytes=kv_bytes, dtype=dtype)
         per_layer = decode_per_layer(*self._layout, sharded_over_batch(params, self.mesh) and not replicate)
         if per_layer or any(a.dtype != dtype for a in leaves):
-            cached = self._prepared
-            if cached is not None and cached[0] == (dtype, per_layer) and len(cached[1]) == len(leaves) and all(
+            cached, key = self._prepared, (dtype, per_layer, replicate)
+            if cached is not None and cached[0] == key and len(cached[1]) == len(leaves) and all(
                     a is b for a, b in zip(cached[1], leaves)):
                 return mcfg, cached[2]  # the same weights as last call (e.g. evaluation batches)
             params = _prepare(params, dtype=dtype, per_layer=per_layer, fuse=self.fuse)
             params = decode_layout(params, self.mesh, replicate=replicate)
-            # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout)
-            self._prepared = ((dtype, per_layer), leaves, params) if per_layer else None
+            # keep the prepared copy for the next call only where it is cheap to hold (CPU's per-layer layout; on an
+            # accelerator it would sit in device memory through the update, which its plan does not count)
+            self._prepared = (key, leaves, params) if per_layer and self._layout[1] == "cpu" else None
             return mcfg, params
         return mcfg, decode_layout(params, self.mesh, replicate=replicate)
 
