@@ -176,7 +176,7 @@ def device_memory(mesh) -> tuple[int | None, int]:
     except jax.errors.JaxRuntimeError:
         stats = {}
     limit, in_use = stats.get("bytes_limit"), int(stats.get("bytes_in_use", 0))
-    if jax.process_count() > 1:
+    if mesh is not None and jax.process_count() > 1:  # (every process decodes on a mesh, none without one)
         from jax.experimental import multihost_utils
 
         g = np.asarray(multihost_utils.process_allgather(np.asarray([-1 if limit is None else limit, in_use],
@@ -692,6 +692,8 @@ class RolloutEngine:
         config's), one budget for every row, or one per row (a row stops at its own budget, finish reason
         "length"). ``row_offset`` shifts the global row index that keys the noise (for a process holding a shard
         of a larger batch). The returned Rollout's ``stats`` count the decode's work (:class:`RolloutStats`).
+        Where the rows decode in waves (:meth:`waves`), the prompts go in consecutive groups of whole prompts, and
+        the result is laid out as one call would lay it out (:func:`concat_rollouts`): the same rollouts.
         """
         model = model or self.model
         cfg = self.cfg
