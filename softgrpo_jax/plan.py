@@ -414,7 +414,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     b_master = b_params if (cfg.param_dtype != cfg.dtype or replicated or per_layer) else 0
     out["rollout"] = dict(schedule=spec.schedule, chunk_steps=C if chunked else L, cache_slots=cache_len,
                           kv_cache=b_kv, waves=waves, rows_per_wave=Bw,
-                          decode_weights="replicated over the batch axes" if replicated else "as trained (FSDP)",
+                          decode_weights="replicated over the batch axes" if replicated else
+                          "as trained (FSDP)" if sharded else "as trained (not split over the batch axes)",
                           decode_layout=("per_layer" if per_layer else "scan") + (", fused projections" if fuse
                                                                                    else ""),
                           decode_weights_bytes=per_device_bytes(ptree))
