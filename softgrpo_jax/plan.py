@@ -298,7 +298,7 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
     from softgrpo_jax.sampling.engine import (_reshape_batch, decode, decode_per_layer, decode_weight_sharding,
                                               init_state, prefill, replicated_weights_fit, rollout_waves,
-                                              sharded_over_batch)
+                                              sharded_over_batch, wave_prompts)
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)
@@ -395,11 +395,8 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
         waves = rollout_waves(w_bytes, rows_pd, b_kv // rows_pd, mesh, out["device_memory"],
                               b_params + b_ref + b_opt, sharded=sharded)
     if waves > 1:  # the engine's split: whole groups, a multiple of the batch devices where that keeps the count
-        n_prompts = B // spec.group_size
-        per = -(-n_prompts // waves)
-        if n_prompts % n_dp == 0 and -(-n_prompts // (-(-per // n_dp) * n_dp)) == waves:
-            per = -(-per // n_dp) * n_dp
-        Bw = per * spec.group_size  # the largest wave's rows: the decode's shapes below
+        # the largest wave's rows: the decode's shapes below
+        Bw = wave_prompts(B // spec.group_size, waves, n_dp) * spec.group_size
         b_kv = per_device_bytes(tuple(_abstract_cache(dcfg, Bw, cache_len, mesh, False)[k] for k in ("k", "v")))
         replicated = sharded and replicated_weights_fit(w_bytes, mesh, out["device_memory"],
                                                         b_kv + b_params + b_ref + b_opt)

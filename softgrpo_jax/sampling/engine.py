@@ -207,6 +207,15 @@ def replicate_decode_weights(params, mesh, budget_bytes: int | None = None, kv_b
 MAX_WAVES = 4  # beyond this many, a rollout decodes from the FSDP shards in one wave (each wave pays its own tail)
 
 
+def wave_prompts(n_prompts: int, waves: int, devices: int) -> int:
+    """Prompts per wave: whole prompts, a multiple of the batch devices where that keeps the number of waves (each
+    device then prefills its own prompts once)."""
+    per = -(-n_prompts // waves)
+    if n_prompts % devices == 0 and -(-n_prompts // (-(-per // devices) * devices)) == waves:
+        per = -(-per // devices) * devices
+    return per
+
+
 def rollout_waves(w_bytes: int, rows_per_device: int, kv_bytes_per_row: int, mesh, budget_bytes: int | None,
                   in_use: int = 0, sharded: bool = True, max_waves: int = MAX_WAVES) -> int:
     """How many waves a rollout's rows decode in, one after the other (``RolloutEngine(max_rows_per_device=0)``):
@@ -716,10 +725,7 @@ class RolloutEngine:
             return self._generate(prompts, key, n, modes_np, budgets, model, row_offset)
         # prompts per wave: whole groups, a multiple of the batch devices where that divides (one prefill per
         # prompt on each device)
-        d = self._batch_devices()
-        per = -(-len(prompts) // waves)
-        if len(prompts) % d == 0 and -(-len(prompts) // (-(-per // d) * d)) == waves:
-            per = -(-per // d) * d
+        per = wave_prompts(len(prompts), waves, self._batch_devices())
         parts = [self._generate(prompts[i:i + per], key, n, modes_np[i * n:(i + per) * n],
                                 budgets[i * n:(i + per) * n], model, row_offset + i * n)
                  for i in range(0, len(prompts), per)]
