@@ -279,9 +279,18 @@ def test_kernels_lower_for_cuda_and_tpu(d):
     tau_rows = jax.ShapeDtypeStruct((n,), jnp.float32)
     tau_one = jax.ShapeDtypeStruct((1,), jnp.float32)
     disc = jax.ShapeDtypeStruct((n,), jnp.bool_)
-    cuda = functools.partial(jax.export.export, platforms=["cuda"],
-                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
-                                 pallas_gpu.CUSTOM_CALL_TARGET)])
+    export_cuda = functools.partial(jax.export.export, platforms=["cuda"],
+                                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+                                        pallas_gpu.CUSTOM_CALL_TARGET)])
+
+    def cuda(fn):
+        # jax >= 0.11 reads the GPU generation for Triton from the device; with none here, name an abstract H100
+        def lower(*args):
+            mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+                device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
+            with jax.sharding.use_abstract_mesh(mesh):
+                return export_cuda(fn)(*args)
+        return lower
     tpu = functools.partial(jax.export.export, platforms=["tpu"])
     for mod, export, marker in ((pallas_gpu, cuda, pallas_gpu.CUSTOM_CALL_TARGET),
                                 (pallas_tpu, tpu, "tpu_custom_call")):
