@@ -3,6 +3,7 @@ once per call)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter",
@@ -69,3 +70,37 @@ def ops_in_loops(hlo: str, op: re.Pattern | tuple[str, ...]) -> list[tuple[str, 
 def collectives(hlo: str) -> list[tuple[str, str]]:
     """(collective, instruction line) for every collective anywhere in the program."""
     return [(m.group(1), line.strip()) for line in hlo.splitlines() if (m := _OP.search(line))]
+
+
+_ENTRY = re.compile(r"^ENTRY\s+%?([\w.\-]+)")
+_PARAM = re.compile(r"^\s*%([\w.\-]+)\s*=\s*bf16\[[\d,]*\]\S*\s+parameter\(")
+_UPCAST = re.compile(r"^\s*%([\w.\-]+)\s*=\s*f32\[([\d,]*)\]\S*\s+(convert|fusion)\(%([\w.\-]+)\)(.*)$")
+
+
+def argument_upcasts(hlo: str) -> int:
+    """Bytes of the float32 copies that the program's entry computation makes of whole bfloat16 arguments (a
+    ``convert``, or a fusion that is only one). XLA:CPU runs a bf16 dot on float32 operands, and a loop-invariant
+    operand's convert is hoisted out of the loop: a decode loop over bf16 weights then holds a float32 copy of all
+    of them. GPU and TPU read bf16 operands in the dot itself, so a plan compiled on CPU for them leaves these out."""
+    entry = next((m.group(1) for line in hlo.splitlines() if (m := _ENTRY.match(line))), None)
+    comps = computations(hlo)
+    if entry not in comps:
+        return 0
+    params = {m.group(1) for line in comps[entry] if (m := _PARAM.match(line))}
+
+    def only_convert(name: str) -> bool:
+        body = [line.strip() for line in comps.get(name, []) if line.strip()]
+        return len(body) == 2 and "parameter(0)" in body[0] and body[1].startswith("ROOT") and " convert(" in body[1]
+
+    total = 0
+    for line in comps[entry]:
+        m = _UPCAST.match(line)
+        if not m or m.group(4) not in params:
+            continue
+        if m.group(3) == "fusion":
+            callee = re.search(r"calls=%?([\w.\-]+)", m.group(5))
+            if not callee or not only_convert(callee.group(1)):
+                continue
+        dims = [int(d) for d in m.group(2).split(",") if d]
+        total += 4 * math.prod(dims)
+    return total

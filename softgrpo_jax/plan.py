@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import AXES, BATCH_AXES, fit_spec, make_mesh
+from softgrpo_jax.hlo import argument_upcasts
 from softgrpo_jax.models.config import ModelConfig, resolve_compute_dtype
 from softgrpo_jax.models.transformer import FUSED, Transformer, init_cache
 from softgrpo_jax.ops.tuning import accelerator_paths
@@ -265,7 +266,10 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def _memory(compiled) -> dict[str, int]:
+def _memory(compiled, *, on_cpu: bool = False) -> dict[str, int]:
+    """Per-device bytes of a compiled program. ``on_cpu``: compiled by XLA:CPU standing in for an accelerator; its
+    float32 copies of whole bf16 arguments (``hlo.argument_upcasts``: how XLA:CPU runs bf16 dots) are left out of
+    the temporaries and reported as ``cpu_upcasts``."""
     ma = compiled.memory_analysis()
     if ma is None:
         raise PlanError("this backend gives no memory analysis")
@@ -275,6 +279,8 @@ def _memory(compiled) -> dict[str, int]:
     d = dict(arguments=g("argument_size_in_bytes"), outputs=g("output_size_in_bytes"),
              aliased=g("alias_size_in_bytes"), temporaries=g("temp_size_in_bytes"),
              code=g("generated_code_size_in_bytes"))
+    d["cpu_upcasts"] = min(argument_upcasts(compiled.as_text()), d["temporaries"]) if on_cpu else 0
+    d["temporaries"] -= d["cpu_upcasts"]
     d["program"] = d["arguments"] + d["outputs"] - d["aliased"] + d["temporaries"]
     return d
 
@@ -361,13 +367,14 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
     b_all_mb, b_all_lp = per_device_bytes(all_mb), per_device_bytes(all_lp)
 
     def record(name, compiled, resident_extra: dict[str, int], t):
-        m = _memory(compiled)
+        m = _memory(compiled, on_cpu=out["platform"] == "cpu")
         m["resident_besides"] = dict(resident_extra)
         m["peak"] = m["program"] + sum(resident_extra.values())
         m["compile_s"] = round(t, 1)
         out["phases"][name] = m
+        up = f", CPU-only upcasts {m['cpu_upcasts'] / GiB:.2f} left out" if m["cpu_upcasts"] else ""
         log(f"{name}: program {m['program'] / GiB:.2f} GiB (args {m['arguments'] / GiB:.2f}, out "
-            f"{m['outputs'] / GiB:.2f}, aliased {m['aliased'] / GiB:.2f}, temp {m['temporaries'] / GiB:.2f}) + "
+            f"{m['outputs'] / GiB:.2f}, aliased {m['aliased'] / GiB:.2f}, temp {m['temporaries'] / GiB:.2f}{up}) + "
             f"resident {sum(resident_extra.values()) / GiB:.2f} = {m['peak'] / GiB:.2f} GiB  [{t:.0f} s]")
 
     # the rollout as the engine runs it on the accelerator: weights in the compute dtype, per layer (GPU) or
@@ -508,6 +515,10 @@ def format_plan(res: dict) -> str:
     if res["platform"] == "cpu":
         lines.append("(compiled for simulated CPU devices: GSPMD partitioning as on the accelerator; the CPU "
                      "compiler's buffer assignment stands in for the accelerator's, so treat it as an estimate)")
+        up = {n: p["cpu_upcasts"] for n, p in res["phases"].items() if p.get("cpu_upcasts")}
+        if up:
+            lines.append("(left out of temp: XLA:CPU's float32 copies of bf16 arguments for its dots, which GPU and "
+                         "TPU read in bf16: " + ", ".join(f"{n} {b / GiB:.2f} GiB" for n, b in up.items()) + ")")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -72,6 +73,24 @@ def test_plan_tiny_on_8_devices():
     assert tight["rollout"]["decode_weights"].startswith("as trained")
     # TPU (the default platform): the layer scan; the tensor axis (2) keeps the projections separate
     assert ro["decode_layout"] == "scan" and tight["rollout"]["decode_layout"] == "scan"
+    # XLA:CPU's float32 copies of the bf16 decode weights (hoisted out of the loop for its dots) are not the
+    # accelerator's: left out of temp, said; the update's arguments are float32, nothing to leave out there
+    up = res["phases"]["decode"]["cpu_upcasts"]
+    assert 0 < up <= 2 * ro["decode_weights_bytes"] and res["phases"]["update"]["cpu_upcasts"] == 0
+    assert f"decode {up / 2**30:.2f} GiB" in text and "left out of temp" in text
+
+
+def test_argument_upcasts_reads_float32_copies_of_bf16_arguments():
+    """hlo.argument_upcasts: a loop's bf16 dot against a bf16 argument on XLA:CPU (upcast, hoisted out of the
+    loop) counts the float32 copy of that argument; a float32 argument has none."""
+    from softgrpo_jax import hlo
+
+    x = jnp.ones((8, 256), jnp.bfloat16)
+    loop = jax.jit(lambda w, x: jax.lax.fori_loop(0, 3, lambda i, x: (x @ w)[:, :256].astype(x.dtype), x))
+    w = jnp.ones((256, 512), jnp.bfloat16)
+    assert hlo.argument_upcasts(loop.lower(w, x).compile().as_text()) == 4 * w.size
+    w32 = w.astype(jnp.float32)
+    assert hlo.argument_upcasts(loop.lower(w32, x.astype(jnp.float32)).compile().as_text()) == 0
 
 
 def test_plan_takes_the_engines_decode_layout():
