@@ -15,7 +15,10 @@ rollout, the whole step's micro-batches and log-probs during the updates, and so
 On a machine without the accelerator, the mesh is simulated with CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``softgrpo plan`` sets itself): the partitioning
 (GSPMD) is the accelerator's, but the CPU compiler's fusion and buffer assignment stand in for the GPU's or TPU's,
-so the figures are estimates of the accelerator's (the temporaries above all). Run it on the real devices
+so the figures are estimates of the accelerator's (the temporaries above all). One CPU artefact is taken out:
+XLA:CPU runs bf16 dots on float32 copies of their operands, and hoists the copies of loop-invariant weights out of
+the decode loop (a float32 copy of every weight, up to 26 GiB per device for a 7B under the layer scan), which GPUs
+and TPUs never make; ``hlo.argument_upcasts`` finds them and the plan reports them apart. Run it on the real devices
 (``--local-devices``) for the compiler's own numbers.
 
 Importable without ml_collections (``softgrpo_jax.config`` is only used by :func:`spec_from_config`).

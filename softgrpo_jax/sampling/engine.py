@@ -115,7 +115,7 @@ def decode_per_layer(layout: str, platform: str, keeps_shards: bool) -> bool:
     "auto" takes the layer scan, whose loop gathers one layer's weights at a time. Per-layer weights' gathers do not
     depend on the step, and XLA may hoist them out of the decode loop (XLA:CPU does): every layer's gathered weights
     held at once, the replicated copy that did not fit (Llama-3.2-3B's rollout at 512 x 9,216 in one wave on 8 x 80
-    GB: 82.7 GiB per device against the scan's 74.5, ``softgrpo plan``)."""
+    GB: 81.9 GiB per device against the scan's 73.2, ``softgrpo plan``)."""
     if layout == "auto" and keeps_shards:
         return False
     return resolve_layout(layout, platform)
