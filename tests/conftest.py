@@ -8,17 +8,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# a persistent compilation cache for the test run (its pytest-xdist workers and the softgrpo commands they start),
-# in a temporary folder, never the user's: tests that build the same programs again (resumed runs, seeds, a second
-# process, the same tiny model in another worker) read them back instead of compiling them. The controller makes
-# it and removes it; workers inherit it through the environment. Set, not setdefault, as below.
-_JAX_CACHE = os.environ.get("SOFTGRPO_TEST_JAX_CACHE", "")
-if not (_JAX_CACHE and os.environ.get("PYTEST_XDIST_WORKER") and os.path.isdir(_JAX_CACHE)):
-    _JAX_CACHE = tempfile.mkdtemp(prefix="softgrpo-test-jax-cache-")
-    os.environ["SOFTGRPO_TEST_JAX_CACHE"] = _JAX_CACHE
-    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+# a persistent compilation cache per test process (and the softgrpo commands it starts), in a temporary folder,
+# never the user's: tests that build the same programs again (resumed runs, seeds, a second process) read them back
+# instead of compiling them. Set, not setdefault, as below.
+_JAX_CACHE = tempfile.mkdtemp(prefix="softgrpo-test-jax-cache-")
 os.environ["SOFTGRPO_COMPILATION_CACHE"] = _JAX_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the test models' programs compile fast
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 # each test process (pytest-xdist worker) prepares its TFDS data sets in its own folder: no build races
 # (set, not setdefault: xdist workers inherit the controller's environment)
 os.environ["SOFTGRPO_DATA_DIR"] = tempfile.mkdtemp(prefix="softgrpo-test-data-")
