@@ -1,5 +1,5 @@
 """Reading compiled XLA programs: which collectives (or other instructions) run inside a loop (per decode step, not
-once per call)."""
+once per call); the float32 copies XLA:CPU makes of bf16 arguments."""
 
 from __future__ import annotations
 
@@ -79,9 +79,10 @@ _UPCAST = re.compile(r"^\s*%([\w.\-]+)\s*=\s*f32\[([\d,]*)\]\S*\s+(convert|fusio
 
 def argument_upcasts(hlo: str) -> int:
     """Bytes of the float32 copies that the program's entry computation makes of whole bfloat16 arguments (a
-    ``convert``, or a fusion that is only one). XLA:CPU (jax 0.10) runs a bf16 dot on float32 operands, and a loop-invariant
-    operand's convert is hoisted out of the loop: a decode loop over bf16 weights then holds a float32 copy of all
-    of them. GPU and TPU read bf16 operands in the dot itself, so a plan compiled on CPU for them leaves these out."""
+    ``convert``, or a fusion that is only one). XLA:CPU (jax 0.10) runs a bf16 dot on float32 operands, and a
+    loop-invariant operand's convert is hoisted out of the loop: a decode loop over bf16 weights then holds a
+    float32 copy of all of them. GPU and TPU read bf16 operands in the dot itself, so a plan compiled on CPU for
+    them leaves these out."""
     entry = next((m.group(1) for line in hlo.splitlines() if (m := _ENTRY.match(line))), None)
     comps = computations(hlo)
     if entry not in comps:
