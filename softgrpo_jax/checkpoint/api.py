@@ -19,6 +19,31 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def is_train_checkpoint(path: str) -> bool:
+    """A step folder the trainer wrote (``<output_dir>/checkpoints/<step>``: orbax items params, opt_state, meta)."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta", "metadata"))
+            and os.path.isdir(os.path.join(path, "params")))
+
+
+def train_checkpoint_base(path: str) -> str:
+    """The model a training checkpoint's run started from (its ``model.path``): where its architecture and
+    tokenizer come from. A relative path is read as the run read it, from the current folder."""
+    from softgrpo_jax.checkpoint.hf import read_json_object
+
+    where = os.path.join(path, "meta", "metadata")
+    meta = read_json_object(where, "the run's metadata")
+    cfg = meta.get("config")
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    base = model.get("path") if isinstance(model, dict) else None
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{where}: names no model.path, so the architecture of the checkpoint's weights is "
+                              f"unknown; give model.path of a run's kept step (<output_dir>/checkpoints/<step>)")
+    if base not in EMBEDDED_ALIASES and not os.path.exists(base):
+        raise CheckpointError(f"{path}: a checkpoint of a run that started from {base!r}, which is not here (from "
+                              f"{os.getcwd()}); run from the folder that run was started in, or put that model back")
+    return base
+
+
 def detect_format(path: str) -> str:
     if path in EMBEDDED_ALIASES:
         return "embedded"
@@ -32,12 +57,16 @@ def detect_format(path: str) -> str:
             return "orbax"
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
-    raise CheckpointError(f"{path}: not a Hugging Face directory (config.json + safetensors), a GGUF file or an "
-                          f"orbax model checkpoint (softgrpo_model.json)")
+        if is_train_checkpoint(path):
+            return "train"
+    raise CheckpointError(f"{path}: not a Hugging Face directory (config.json + safetensors), a GGUF file, an "
+                          f"orbax model checkpoint (softgrpo_model.json) or a training checkpoint "
+                          f"(<output_dir>/checkpoints/<step>)")
 
 
 def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
-    """Load a model from a Hugging Face directory, a llama.cpp ``.gguf`` file or an orbax checkpoint.
+    """Load a model from a Hugging Face directory, a llama.cpp ``.gguf`` file, an orbax checkpoint or one step of a
+    training run (``<output_dir>/checkpoints/<step>``: the run's starting model with that step's weights).
 
     ``dtype`` is the parameter dtype (default float32), ``compute_dtype`` the activation dtype (default: ``dtype``;
     ``"auto"``: bfloat16 on accelerators and on CPUs with bf16 units, else float32: ``resolve_compute_dtype``),
@@ -50,6 +79,11 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
         return load_hf(path, **kw)
     if fmt == "orbax":
         return load_orbax(path, **kw)
+    if fmt == "train":  # the starting model's architecture, then the step's weights over it
+        from softgrpo_jax.checkpoint.orbax_io import restore_params_into
+
+        model = load_pretrained(train_checkpoint_base(path), **kw)
+        return restore_params_into(model, os.path.join(path, "params"), mesh=mesh)
     if fmt == "gguf":
         from softgrpo_jax.checkpoint.gguf import load_gguf
 
@@ -63,6 +97,8 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
 def load_tokenizer(path: str):
     """The tokenizer that goes with a model path (HF directory, GGUF file, orbax checkpoint with tokenizer files)."""
     fmt = detect_format(path)
+    if fmt == "train":
+        return load_tokenizer(train_checkpoint_base(path))
     if fmt == "embedded":
         from softgrpo_jax.checkpoint.embedded import smollm2_tokenizer
 
