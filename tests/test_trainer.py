@@ -275,21 +275,30 @@ def test_presets_load(name):
         assert cfg.rollout.tau == 0.1
 
 
-def test_demo_config_is_the_same_on_every_cpu(tmp_path, monkeypatch):
+def test_demo_config_is_one_recipe_on_every_cpu(tmp_path, monkeypatch):
     """The demo is one recipe (bf16, remat, token-budget micro-batches) whatever the CPU, an ISA cap included: its
-    float32 runs on CPUs without bf16 units did not learn (benchmarks/RESULTS.md); the smoke setting keeps fixed rows."""
+    float32 runs on CPUs without bf16 units did not learn (benchmarks/RESULTS.md); the smoke setting keeps fixed rows.
+    Only its length differs: 12 steps where a CPU without bf16 units (or XLA's AVX2 cap) makes a step ~2x dearer, 24
+    elsewhere, and 24 whenever JAX computes on an accelerator, whatever the host CPU."""
     import softgrpo_jax.models.config as mc
 
-    info, real = tmp_path / "cpuinfo", mc.cpu_flags
-    info.write_text("flags\t\t: fpu avx avx2 fma avx512f avx512_vnni avx512_bf16\n")
-    monkeypatch.setattr(mc, "cpu_flags", lambda *a, **k: real(str(info)))
-    seen = []
-    for xla_flags in ("", "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2"):
-        monkeypatch.setenv("XLA_FLAGS", xla_flags)
-        c = get_config("configs/demo_smollm2.py")
-        seen.append((c.model.compute_dtype, c.model.remat, c.rl.train_batch_size, c.rl.max_tokens_per_micro_batch))
-    assert seen == [("bfloat16", True, 4, 4096)] * 2
+    real = mc.cpu_flags
+    for cpu, plain in (("avx512_bf16", 24), ("", 12)):
+        info = tmp_path / f"cpuinfo{cpu}"
+        info.write_text(f"flags\t\t: fpu avx avx2 fma avx512f avx512_vnni {cpu}\n")
+        monkeypatch.setattr(mc, "cpu_flags", lambda *a, _i=str(info), **k: real(_i, **k))
+        seen = []
+        for platforms, xla_flags in (("cpu", ""), ("cpu", "--xla_force_host_platform_device_count=8 "
+                                                           "--xla_cpu_max_isa=AVX2"), ("cuda", "")):
+            monkeypatch.setenv("JAX_PLATFORMS", platforms)
+            monkeypatch.setenv("XLA_FLAGS", xla_flags)
+            c = get_config("configs/demo_smollm2.py")
+            seen.append((c.model.compute_dtype, c.model.remat, c.rl.train_batch_size,
+                         c.rl.max_tokens_per_micro_batch, c.trainer.total_steps))
+            assert get_config("configs/demo_smollm2.py", ["--config.trainer.total_steps=5"]).trainer.total_steps == 5
+        assert seen == [("bfloat16", True, 4, 4096, n) for n in (plain, 12, 24)], (cpu, seen)
     # ("auto" would have parted them: bf16 natively, float32 under the cap)
+    info = tmp_path / "cpuinfoavx512_bf16"
     assert [mc.resolve_compute_dtype("auto", backend="cpu", flags=real(str(info), xla_flags=f))
             for f in ("", "--xla_cpu_max_isa=AVX2")] == ["bfloat16", "float32"]
     assert get_config("configs/demo_smollm2_smoke.py").rl.max_tokens_per_micro_batch == 0
@@ -355,6 +364,49 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
     with pytest.raises(ValueError, match="does not match"):
         Run(_run_cfg(other, str(tmp_path / "cut"), 3)).train()
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "3"]
+
+
+def test_a_training_checkpoint_loads_as_a_model(tmp_path, capsys):
+    """Every step a run kept is a model: load_pretrained / softgrpo eval / softgrpo convert take
+    <output_dir>/checkpoints/<step>, the run's starting model with that step's weights, which equal the run's own
+    Hugging Face export of the same step."""
+    import shutil
+
+    from softgrpo_jax import load_tokenizer
+    from softgrpo_jax.checkpoint import CheckpointError
+    from softgrpo_jax.checkpoint.api import detect_format
+    from softgrpo_jax.cli import main
+    from softgrpo_jax.train import Run
+
+    def weights(path):
+        leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(load_pretrained(path), nnx.Param)))
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves[0]}
+
+    mdir = make_tiny_smollm_dir(str(tmp_path / "m"))
+    out = tmp_path / "run"
+    Run(_run_cfg(mdir, str(out), 2, ["--config.trainer.export_hf=true"]), reward_fn=_letter_reward).train()
+    first, last = str(out / "checkpoints" / "1"), str(out / "checkpoints" / "2")
+    assert detect_format(last) == "train"
+    base, step1, step2, export = weights(mdir), weights(first), weights(last), weights(str(out / "hf_export"))
+    assert step2.keys() == export.keys() == base.keys()
+    for k in export:
+        np.testing.assert_array_equal(step2[k], export[k], err_msg=k)
+    assert any(not np.array_equal(base[k], step1[k]) for k in base)  # a trained step, not the starting model
+    assert any(not np.array_equal(step1[k], step2[k]) for k in base)
+    assert load_tokenizer(last).encode("12 + 7 =") == load_tokenizer(mdir).encode("12 + 7 =")
+    assert main(["convert", last, str(tmp_path / "hf1")]) == 0
+    converted = weights(str(tmp_path / "hf1"))
+    for k in export:
+        np.testing.assert_array_equal(converted[k], step2[k], err_msg=k)
+    # the run's starting model moved away: one line naming it, nothing written
+    shutil.move(mdir, str(tmp_path / "moved"))
+    with pytest.raises(CheckpointError, match="started from"):
+        load_pretrained(first)
+    capsys.readouterr()
+    assert main(["convert", first, str(tmp_path / "hf2")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("softgrpo: error:") and "started from" in err and "\n" not in err, err
+    assert not (tmp_path / "hf2").exists()
 
 
 @pytest.mark.parametrize("extra", [(), ("--config.rl.max_tokens_per_micro_batch=256",)], ids=["rows", "tokens"])
