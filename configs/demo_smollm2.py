@@ -14,11 +14,8 @@ bf16 run of this recipe did: on a Zen 4 0.266 -> 0.536 (13.1 min) and, under the
 (21.4 min). On a CPU without bf16 units (or under the cap) the demo runs its first 12 steps instead of 24, which fit
 20 minutes on 2 cores of a Zen 3 (AVX2 only) and learned there. benchmarks/RESULTS.md has the runs."""
 
-import importlib.metadata
-import importlib.util
-import os
-
 from softgrpo_jax.config import base_config
+from softgrpo_jax.distributed import runs_on_cpu
 from softgrpo_jax.models.config import resolve_compute_dtype
 
 STEPS = 24
@@ -27,20 +24,10 @@ STEPS_WITHOUT_BF16_UNITS = 12  # on a 2-core Zen 3 (AVX2) a step costs ~2x a Zen
 #   held-out pass@1 had moved 0.255 -> 0.510 there (14 steps took 19.9 min; benchmarks/RESULTS.md).
 
 
-def _jax_runs_on_cpu() -> bool:
-    """Whether JAX will compute on the CPU, judged without starting a backend (the command line reads its config
-    before it joins a multi-host runtime): the first of JAX_PLATFORMS when set, else whether no accelerator plugin
-    (JAX's "jax_plugins" entry points, or libtpu) is installed."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        return platforms.split(",")[0] == "cpu"
-    return not (list(importlib.metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("libtpu"))
-
-
 def steps_here() -> int:
     """24 steps; 12 on a CPU without bf16 units (AVX2 only, or XLA_FLAGS=--xla_cpu_max_isa=AVX2): what fits 20
     minutes on 2 cores of either kind."""
-    slow = _jax_runs_on_cpu() and resolve_compute_dtype("auto", backend="cpu") == "float32"
+    slow = runs_on_cpu() and resolve_compute_dtype("auto", backend="cpu") == "float32"
     return STEPS_WITHOUT_BF16_UNITS if slow else STEPS
 
 

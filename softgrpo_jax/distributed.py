@@ -235,6 +235,23 @@ def _on_tpu_vm() -> bool:
     return has_libtpu and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def runs_on_cpu(environ=None) -> bool:
+    """Whether JAX will compute on the CPU, judged without starting a backend (the command line reads its config
+    before it joins a multi-host runtime): the first of ``JAX_PLATFORMS`` when set; else neither a TPU VM nor a GPU
+    (a JAX plugin installed, through JAX's "jax_plugins" entry points, and an NVIDIA or AMD device node present)."""
+    import glob
+    import importlib.metadata
+
+    env = os.environ if environ is None else environ
+    platforms = env.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    if _on_tpu_vm():
+        return False
+    gpu_plugin = bool(list(importlib.metadata.entry_points(group="jax_plugins")))
+    return not (gpu_plugin and bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/kfd")))
+
+
 def _int_env(name: str, env) -> int | None:
     v = env.get(name)
     if v in (None, ""):

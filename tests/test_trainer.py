@@ -297,6 +297,10 @@ def test_demo_config_is_one_recipe_on_every_cpu(tmp_path, monkeypatch):
                          c.rl.max_tokens_per_micro_batch, c.trainer.total_steps))
             assert get_config("configs/demo_smollm2.py", ["--config.trainer.total_steps=5"]).trainer.total_steps == 5
         assert seen == [("bfloat16", True, 4, 4096, n) for n in (plain, 12, 24)], (cpu, seen)
+    from softgrpo_jax.distributed import runs_on_cpu
+
+    assert runs_on_cpu({"JAX_PLATFORMS": "cpu"}) and not runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert runs_on_cpu({}) == (jax.default_backend() == "cpu")  # unset: judged from plugins and device nodes
     # ("auto" would have parted them: bf16 natively, float32 under the cap)
     info = tmp_path / "cpuinfoavx512_bf16"
     assert [mc.resolve_compute_dtype("auto", backend="cpu", flags=real(str(info), xla_flags=f))

@@ -36,8 +36,8 @@ def train_checkpoint_base(path: str) -> str:
     model = cfg.get("model") if isinstance(cfg, dict) else None
     base = model.get("path") if isinstance(model, dict) else None
     if not isinstance(base, str) or not base:
-        raise CheckpointError(f"{where}: names no model.path, so the architecture of the checkpoint's weights is "
-                              f"unknown; give model.path of a run's kept step (<output_dir>/checkpoints/<step>)")
+        raise CheckpointError(f"{where}: names no model.path (the model the run started from), so the architecture "
+                              f"of these weights is unknown; load a step that this project's trainer wrote")
     if base not in EMBEDDED_ALIASES and not os.path.exists(base):
         raise CheckpointError(f"{path}: a checkpoint of a run that started from {base!r}, which is not here (from "
                               f"{os.getcwd()}); run from the folder that run was started in, or put that model back")
@@ -95,7 +95,8 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
 
 
 def load_tokenizer(path: str):
-    """The tokenizer that goes with a model path (HF directory, GGUF file, orbax checkpoint with tokenizer files)."""
+    """The tokenizer that goes with a model path (HF directory, GGUF file, orbax checkpoint with tokenizer files, or a
+    run's kept step: its starting model's)."""
     fmt = detect_format(path)
     if fmt == "train":
         return load_tokenizer(train_checkpoint_base(path))
