@@ -73,6 +73,9 @@ def test_smollm2_config(smol):
                                                                                                  3, 64)
     assert (c.vocab_size, c.intermediate_size, c.tie_word_embeddings, c.rope_theta) == (49152, 1536, True, 1e5)
     assert (c.bos_token_id, c.eos_token_id) == (1, (2,))
+    from softgrpo_jax.checkpoint.api import model_config
+
+    assert model_config("smollm2") == c  # from the header alone
 
 
 def test_smollm2_weights_bit_identical_to_transformers(smol, smol_torch):
@@ -279,6 +282,12 @@ def test_dtype_compute_dtype_and_mesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(bf.layers.wq[...]), np.asarray(f32.layers.wq[...]).astype(jnp.bfloat16))
     mesh = make_mesh((2, 2, 2))
     sh = load_gguf(path, mesh=mesh)
+    # the config alone, from the header (what `softgrpo plan` and a kept step's loader read)
+    from softgrpo_jax import plan
+    from softgrpo_jax.checkpoint.api import model_config
+
+    assert model_config(path, dtype="bfloat16", compute_dtype="float32") == bf.config
+    assert plan.model_config(path, compute_dtype="float32") == f32.config.replace(scan_layers=True, remat=False)
     assert sh.layers.w_up[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     ids = jnp.asarray(np.arange(16).reshape(2, 8) % TINY["qwen2"]["V"])
     np.testing.assert_allclose(np.asarray(sh(ids)), np.asarray(f32(ids)), atol=1e-4, rtol=1e-5)  # sharded reductions reorder float32 sums

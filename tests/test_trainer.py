@@ -402,6 +402,19 @@ def test_a_training_checkpoint_loads_as_a_model(tmp_path, capsys):
     converted = weights(str(tmp_path / "hf1"))
     for k in export:
         np.testing.assert_array_equal(converted[k], step2[k], err_msg=k)
+    # of the starting model only its config and tokenizer are read (at 7B its weights are the dearest read): a step
+    # still loads with them gone, and `softgrpo plan` reads the same architecture from the step as from the model
+    from softgrpo_jax import plan as plan_lib
+    from softgrpo_jax.checkpoint.api import model_config
+
+    assert plan_lib.model_config(last) == plan_lib.model_config(mdir)
+    for f in os.listdir(mdir):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(mdir, f))
+    again = weights(last)
+    for k in export:
+        np.testing.assert_array_equal(again[k], step2[k], err_msg=k)
+    assert model_config(last, compute_dtype="float32") == load_pretrained(last, compute_dtype="float32").config
     # the run's starting model moved away: one line naming it, nothing written
     shutil.move(mdir, str(tmp_path / "moved"))
     with pytest.raises(CheckpointError, match="started from"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from softgrpo_jax.checkpoint.atomic import check_destination  # noqa: F401 - re-exported
-from softgrpo_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
+from softgrpo_jax.checkpoint.hf import CheckpointError, hf_model_config, load_hf, save_hf
 from softgrpo_jax.checkpoint.orbax_io import is_orbax_model, load_orbax, save_orbax
+from softgrpo_jax.models.config import ModelConfig
 from softgrpo_jax.models.transformer import Transformer
 
 EMBEDDED_ALIASES = ("smollm2", "smollm2-135m", "embedded")
@@ -79,11 +80,11 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
         return load_hf(path, **kw)
     if fmt == "orbax":
         return load_orbax(path, **kw)
-    if fmt == "train":  # the starting model's architecture, then the step's weights over it
-        from softgrpo_jax.checkpoint.orbax_io import restore_params_into
+    if fmt == "train":  # the starting model's architecture (its weights are not read), the step's weights
+        from softgrpo_jax.checkpoint.orbax_io import restore_model
 
-        model = load_pretrained(train_checkpoint_base(path), **kw)
-        return restore_params_into(model, os.path.join(path, "params"), mesh=mesh)
+        cfg = model_config(train_checkpoint_base(path), dtype=dtype, compute_dtype=compute_dtype, **overrides)
+        return restore_model(cfg, os.path.join(path, "params"), mesh=mesh)
     if fmt == "gguf":
         from softgrpo_jax.checkpoint.gguf import load_gguf
 
@@ -92,6 +93,28 @@ def load_pretrained(path: str, *, dtype=None, compute_dtype=None, mesh=None, **o
     from softgrpo_jax.checkpoint.gguf import load_gguf
 
     return load_gguf(smollm2_gguf_path(), **kw)
+
+
+def model_config(path: str, *, dtype=None, compute_dtype=None, **overrides) -> ModelConfig:
+    """The ModelConfig ``load_pretrained(path, ...)`` would build, read from the metadata alone (no weight is
+    read): config.json, the GGUF header, softgrpo_model.json, or a kept step's starting model."""
+    fmt = detect_format(path)
+    kw = dict(dtype=dtype, compute_dtype=compute_dtype, **overrides)
+    if fmt == "hf":
+        return hf_model_config(path, **kw)
+    if fmt == "orbax":
+        from softgrpo_jax.checkpoint.orbax_io import orbax_model_config
+
+        return orbax_model_config(path, **kw)
+    if fmt == "train":
+        return model_config(train_checkpoint_base(path), **kw)
+    from softgrpo_jax.checkpoint.gguf import gguf_model_config
+
+    if fmt == "gguf":
+        return gguf_model_config(path, **kw)
+    from softgrpo_jax.checkpoint.embedded import smollm2_gguf_path
+
+    return gguf_model_config(smollm2_gguf_path(), **kw)
 
 
 def load_tokenizer(path: str):

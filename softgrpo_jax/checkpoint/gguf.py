@@ -370,12 +370,19 @@ def load_gguf(path: str | os.PathLike, *, dtype=None, compute_dtype=None, mesh=N
     """
     path = os.fspath(path)
     reader = open_gguf(path)
+    cfg = gguf_model_config(path, dtype=dtype, compute_dtype=compute_dtype, reader=reader, **overrides)
+    return assemble(cfg, iter_gguf_tensors(reader, cfg, path), mesh=mesh, source=path)
+
+
+def gguf_model_config(path: str | os.PathLike, *, dtype=None, compute_dtype=None, reader: GGUFFile | None = None,
+                      **overrides) -> ModelConfig:
+    """The ModelConfig ``load_gguf`` builds for ``path``, from the file's metadata alone."""
+    path = os.fspath(path)
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
     overrides.setdefault("dtype", resolve_compute_dtype(compute_dtype) if compute_dtype is not None
                          else overrides.get("param_dtype", "float32"))
-    cfg = config_from_gguf(reader, path, **overrides)
-    return assemble(cfg, iter_gguf_tensors(reader, cfg, path), mesh=mesh, source=path)
+    return config_from_gguf(reader if reader is not None else open_gguf(path), path, **overrides)
 
 
 def gguf_tokenizer(path: str | os.PathLike):

@@ -194,13 +194,17 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, mes
     return nnx.merge(graphdef, state)
 
 
-def load_hf(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
-    hf = read_hf_config(path)
+def hf_model_config(path: str, *, dtype=None, compute_dtype=None, **overrides) -> ModelConfig:
+    """The ModelConfig ``load_hf`` builds for ``path``, from its config.json alone."""
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
     overrides.setdefault("dtype", resolve_compute_dtype(compute_dtype) if compute_dtype else overrides.get(
         "param_dtype", "float32"))
-    cfg = config_from_hf(hf, os.path.join(path, "config.json"), **overrides)
+    return config_from_hf(read_hf_config(path), os.path.join(path, "config.json"), **overrides)
+
+
+def load_hf(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
+    cfg = hf_model_config(path, dtype=dtype, compute_dtype=compute_dtype, **overrides)
     return assemble(cfg, iter_hf_tensors(path), mesh=mesh, source=path)
 
 

@@ -43,27 +43,33 @@ def save_orbax(model: Transformer, path: str, *, tokenizer=None, overwrite: bool
 
 
 def restore_params_into(model: Transformer, params_dir: str, mesh=None) -> Transformer:
-    """Restore an orbax params PyTree into ``model`` (shapes must match), placed on ``mesh`` if given."""
+    """Restore an orbax params PyTree into ``model`` (shapes must match), placed on ``mesh`` if given. ``model``
+    may be abstract (``nnx.eval_shape``): only its shapes and dtypes are read, so no weight is allocated twice."""
     import orbax.checkpoint as ocp
 
-    state = nnx.state(model, nnx.Param)
+    params = nnx.state(model, nnx.Param)
     if mesh is not None:
-        sh = state_shardings(state, mesh)
+        sh = state_shardings(params, mesh)
         abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                nnx.to_pure_dict(state), nnx.to_pure_dict(sh))
+                                nnx.to_pure_dict(params), nnx.to_pure_dict(sh))
     else:
-        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(os.path.abspath(params_dir), abstract)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{params_dir}: orbax params do not match the model: {e}") from None
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+    nnx.replace_by_pure_dict(params, restored)
+    nnx.update(model, params)
+    left = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+            if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if left:  # an abstract model's variables that are not parameters: nothing to restore them from
+        raise CheckpointError(f"{params_dir}: no values for {left[:3]}")
     return model
 
 
-def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
+def orbax_model_config(path: str, *, dtype=None, compute_dtype=None, **overrides) -> ModelConfig:
+    """The ModelConfig ``load_orbax`` builds for ``path``: the saved config with the overrides."""
     from softgrpo_jax.checkpoint.hf import read_json_object
 
     where = os.path.join(path, MARKER)
@@ -73,17 +79,22 @@ def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overri
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: no usable model config ({type(e).__name__}: {e}); re-export the "
                               f"checkpoint") from None
-    if not os.path.isdir(os.path.join(path, "params")):
-        raise CheckpointError(f"{path}: the params folder is missing; re-export the checkpoint")
     if dtype is not None:
         overrides["param_dtype"] = str(np.dtype(dtype))
     if compute_dtype is not None:
         overrides["dtype"] = resolve_compute_dtype(compute_dtype)
-    cfg = cfg.replace(**overrides)
+    return cfg.replace(**overrides)
+
+
+def restore_model(cfg: ModelConfig, params_dir: str, mesh=None) -> Transformer:
+    """A model of ``cfg`` with its weights read from an orbax params folder, each placed on its sharding as it is
+    read (nothing is allocated before)."""
     model = nnx.eval_shape(lambda: Transformer(cfg, abstract=True))
-    # materialise zeros lazily per leaf, then restore over them
-    graphdef, state = nnx.split(model)
-    for _, var in nnx.to_flat_state(state):
-        var.set_value(jax.numpy.zeros(var.get_value().shape, var.get_value().dtype))
-    model = nnx.merge(graphdef, state)
-    return restore_params_into(model, os.path.join(path, "params"), mesh=mesh)
+    return restore_params_into(model, params_dir, mesh=mesh)
+
+
+def load_orbax(path: str, *, dtype=None, compute_dtype=None, mesh=None, **overrides) -> Transformer:
+    cfg = orbax_model_config(path, dtype=dtype, compute_dtype=compute_dtype, **overrides)
+    if not os.path.isdir(os.path.join(path, "params")):
+        raise CheckpointError(f"{path}: the params folder is missing; re-export the checkpoint")
+    return restore_model(cfg, os.path.join(path, "params"), mesh=mesh)
