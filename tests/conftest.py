@@ -3,8 +3,10 @@ import os
 import shutil
 import tempfile
 
-# 8 simulated CPU devices for mesh tests; must be set before JAX is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated CPU devices for mesh tests, compiled fast (helpers.FAST_COMPILE); set before JAX is imported anywhere
+from helpers import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

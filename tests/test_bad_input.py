@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import make_hf_model, make_tiny_smollm_dir
+from helpers import make_hf_model, make_tiny_smollm_dir, xla_flags
 from softgrpo_jax.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ SMOKE = "demo_smollm2_smoke"  # a bundled config by its bare name
 
 def _env(**extra):
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("SOFTGRPO_DEBUG", None)
     env.update(extra)
     return env

@@ -29,7 +29,9 @@ GROUP = 4
 
 # ------------------------------------------------------------------------------------------------------ worker
 def worker(a):
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
+    from helpers import xla_flags
+
+    os.environ["XLA_FLAGS"] = xla_flags(a.devices)
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 

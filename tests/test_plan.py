@@ -148,8 +148,9 @@ def test_plan_command(tmp_path):
     mdir = str(tmp_path / "m")
     make_hf_model(mdir, "llama", seed=0)
     out = str(tmp_path / "plan.json")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
+    from helpers import FAST_COMPILE
+
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE)  # `plan` sets the simulated device count
     cmd = [sys.executable, "-m", "softgrpo_jax.cli", "plan", "--config", "configs/demo_smollm2_smoke.py",
            "--mesh", "1,4,1", "--device-memory-gb", "2", "--json", out, f"--config.model.path={mdir}",
            "--config.rl.micro_batch_size=1", "--config.data.max_prompt_length=32"]
