@@ -1,8 +1,8 @@
 """Sharding plans: compile a run's programs ahead of time on a mesh, with abstract arrays, and read XLA's memory
 analysis per device against the device's memory.
 
-No weights are read or allocated: the model is built with ``nnx.eval_shape`` from a ``ModelConfig`` (a local HF
-directory's ``config.json``, or one of the built-in :data:`PRESETS` of the seed's models), every input is a
+No weights are read or allocated: the model is built with ``nnx.eval_shape`` from a ``ModelConfig`` (read from a model
+path's metadata, or one of the built-in :data:`PRESETS` of the seed's models), every input is a
 ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``, and the very jitted functions a run uses are lowered and
 compiled: the rollout's prefill and decode loop (``sampling.engine``), the old/reference log-prob pass and the
 optimiser update (``rl.trainer``). ``compiled.memory_analysis()`` then gives, per device, the bytes of the program's
