@@ -100,25 +100,20 @@ def preset_config(name: str) -> dict:
 
 def model_config(path: str, *, param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                  scan_layers: bool = True, remat: bool = False) -> ModelConfig:
-    """A ModelConfig from a local HF directory's config.json; for any other model path ``load_pretrained`` takes (a
-    GGUF file, an orbax export, a run's kept step, the embedded default) from its metadata; else from the preset
-    named by the path's last part (``deepseek-ai/DeepSeek-R1-Distill-Qwen-7B`` -> ``deepseek-r1-distill-qwen-7b``).
+    """A ModelConfig from the metadata of any model path ``load_pretrained`` takes (an HF directory's config.json, a
+    GGUF file, an orbax export, a run's kept step, the embedded default); else from the preset named by the path's
+    last part (``deepseek-ai/DeepSeek-R1-Distill-Qwen-7B`` -> ``deepseek-r1-distill-qwen-7b``).
     No weight is read."""
     from softgrpo_jax.checkpoint.api import EMBEDDED_ALIASES
     from softgrpo_jax.checkpoint.api import model_config as checkpoint_model_config
 
     # a plan is for an accelerator mesh: "auto" is bfloat16 there, whatever this host's CPU
     dtype = resolve_compute_dtype(compute_dtype, backend="gpu")
-    cfg_file = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_file):
-        with open(cfg_file) as f:
-            hf = json.load(f)
-    elif path in EMBEDDED_ALIASES or os.path.exists(path):
+    if path in EMBEDDED_ALIASES or os.path.exists(path):
         return checkpoint_model_config(path, dtype=param_dtype, compute_dtype=dtype, scan_layers=scan_layers,
                                        remat=remat)
-    else:
-        hf = preset_config(path)
-    return ModelConfig.from_hf(hf, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat=remat)
+    return ModelConfig.from_hf(preset_config(path), param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers,
+                               remat=remat)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
