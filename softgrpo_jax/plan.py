@@ -308,9 +308,9 @@ def _plan(spec: PlanSpec, *, mesh=None, devices=None, log=None) -> dict:
 
     from softgrpo_jax.rl.objective import LossConfig
     from softgrpo_jax.rl.trainer import UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
-    from softgrpo_jax.sampling.engine import (_reshape_batch, decode, decode_per_layer, decode_weight_sharding,
-                                              init_state, prefill, replicated_weights_fit, rollout_waves,
-                                              sharded_over_batch, wave_prompts)
+    from softgrpo_jax.sampling.engine import _reshape_batch, decode, init_state, prefill
+    from softgrpo_jax.sampling.layout import (decode_per_layer, decode_weight_sharding, replicated_weights_fit,
+                                              rollout_waves, sharded_over_batch, wave_prompts)
     from softgrpo_jax.sampling.step import SamplingConfig
 
     log = log or (lambda m: None)

@@ -647,7 +647,7 @@ def test_rollout_waves_rule():
     """rollout_waves: one wave where the weights are not FSDP-split or their replicated copy fits beside every
     row's cache (60% of the memory), else the fewest waves (up to 4) whose rows' cache leaves it room, else one
     (decoding from the shards)."""
-    from softgrpo_jax.sampling.engine import rollout_waves
+    from softgrpo_jax.sampling.layout import rollout_waves
 
     mesh = make_mesh((1, 8, 1))
     gib = 1 << 30

@@ -2,11 +2,11 @@
 
 No host round trip per token. Prompts are left-padded into length buckets (1, 1.5, 2, 3, 4, ... x ``min_bucket``) so
 a run compiles a handful of times. The engine decodes with its own copy of the weights in its ``dtype`` (e.g. bf16
-rollouts of a float32 policy) and ``layout`` (per-layer unrolled weights on CPU and GPU, the layer scan elsewhere); the
-prefill attends over the prompt's own slots and computes logits for the last position only. Data parallel: the
-batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``; parameters keep whatever
-sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the same seed gives the same
-rollouts whatever the device count.
+rollouts of a float32 policy) and ``layout`` (per-layer unrolled weights on CPU and GPU, the layer scan elsewhere:
+``sampling/layout.py``); the prefill attends over the prompt's own slots and computes logits for the last position
+only. Data parallel: the batch is split over the mesh's data axes (``data``, ``fsdp``) with ``NamedSharding``;
+parameters keep whatever sharding they have (replicated or FSDP). Noise is keyed per row by its global index, so the
+same seed gives the same rollouts whatever the device count. What a call returns: ``sampling/rollout.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import math
 from typing import Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,65 +24,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from softgrpo_jax.distributed import BATCH_AXES, activation_sharding, fit_spec, host_to_global, to_host
 from softgrpo_jax.models.config import ModelConfig
-from softgrpo_jax.models.transformer import forward, fuse_projections, init_cache, unstack_layers
+from softgrpo_jax.models.transformer import forward, init_cache
 from softgrpo_jax.ops import soft_embed
+from softgrpo_jax.sampling.layout import (_batch_axes, _prepare, decode_layout, decode_per_layer, device_memory,
+                                          replicate_decode_weights, resolve_layout, rollout_waves,
+                                          sharded_over_batch, wave_prompts, weight_bytes)
+from softgrpo_jax.sampling.rollout import (Rollout, RolloutStats, _batch_spec, _empty_buffers, _full_buffers,
+                                           _valid_slots, concat_rollouts)
 from softgrpo_jax.sampling.step import DISCRETE, GUMBEL, MODES, SamplingConfig, step
 from softgrpo_jax.xla_options import jit as xla_jit
-
-FINISH_LENGTH, FINISH_STOP, FINISH_COLD_STOP = 0, 1, 2
-FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_COLD_STOP: "cold_stop"}
-
-
-@flax.struct.dataclass
-class Rollout:
-    """What one generation call produced (B rows, P prompt slots, L = max_new_tokens, K slots).
-
-    Response step j of row b: ``tokens[b, j]`` was emitted; ``topk_ids[b, j]`` / ``topk_ytil[b, j]`` are the K ids and
-    perturbed log-probs stored for it (docs/algorithm.md, "Stored quantities"; one-hot ``[tok, 0, ...]`` and ytil 0 for discrete steps);
-    ``weights[b, j]`` the input mixture of the next step; ``soft_mask`` marks soft steps. ``topk_kept[b, j]`` marks
-    the slots whose token the filters kept (p_hat > 0; the others hold the next-ranked tokens at probability 0) and
-    ``topk_clamped[b, j]`` the slots whose Gumbel noise lies on or beyond the log-density's clip: the trainer
-    renormalises over kept slots only and passes no gradient through clamped ones (docs/algorithm.md, deviations).
-    Both are None in a Rollout built without them (the trainer then uses every slot, and the clip as it falls).
-    """
-
-    prompt_tokens: jax.Array  # [B, P] int32, left-padded with pad_id
-    prompt_mask: jax.Array  # [B, P] bool
-    tokens: jax.Array  # [B, L] int32, right-padded with pad_id
-    response_mask: jax.Array  # [B, L] bool: up to and including the stop token
-    topk_ids: jax.Array  # [B, L, K] int32
-    topk_ytil: jax.Array  # [B, L, K] float32
-    weights: jax.Array  # [B, L, K] float32
-    soft_mask: jax.Array  # [B, L] bool
-    logprobs: jax.Array  # [B, L] float32 rollout log-probs (logging only)
-    lengths: jax.Array  # [B] int32 response lengths
-    think_lengths: jax.Array  # [B] int32 steps up to and including the end of thinking (0 for discrete rows)
-    finish_reason: jax.Array  # [B] int32: 0 length, 1 stop token, 2 cold stop abort
-    modes: jax.Array  # [B] int32 row modes
-    tau: jax.Array  # [B] float32: the tau that rebuilds each row's soft inputs from topk_ytil
-    topk_kept: jax.Array | None = None  # [B, L, K] bool: the filters kept the slot's token (slot 0 at discrete steps)
-    topk_clamped: jax.Array | None = None  # [B, L, K] bool: the slot's noise is on or beyond the clip [-1.5, 3]
-    stats: "RolloutStats | None" = flax.struct.field(pytree_node=False, default=None)
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutStats:
-    """Work counters of one ``generate`` call, summed over its decode steps: row-steps computed (every row of the
-    batch, each step the loop ran) against useful (the rows' response tokens), and KV-cache slots read by decode
-    attention against the slots that held the row's own context."""
-
-    steps: int
-    row_steps_computed: int
-    row_steps_useful: int
-    kv_slots_read: int
-    kv_slots_valid: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def bucket_length(n: int, minimum: int = 16, fine: bool = True) -> int:
@@ -96,161 +45,6 @@ def bucket_length(n: int, minimum: int = 16, fine: bool = True) -> int:
             return half
         b *= 2
     return b
-
-
-def resolve_layout(layout: str, platform: str) -> bool:
-    """``layout`` -> whether the engine runs per-layer (unrolled) weights. ``auto``: per-layer on CPU, where XLA
-    keeps small-batch dots on its fast GEMM path only for whole arrays, and on GPU, where the layer scan's loop
-    costs more than the step's arithmetic at decode sizes (H200, Qwen2.5-1.5B shape: 2.6 vs 4.1 ms per step at
-    batch 1, 2.3 vs 4.4 at batch 64; benchmarks/RESULTS.md); a layer scan elsewhere (TPU: unmeasured; compile time
-    flat in depth)."""
-    if layout not in ("auto", "scan", "per_layer"):
-        raise ValueError(f"layout must be auto, scan or per_layer, got {layout!r}")
-    return platform in ("cpu", "gpu") if layout == "auto" else layout == "per_layer"
-
-
-def decode_per_layer(layout: str, platform: str, keeps_shards: bool) -> bool:
-    """:func:`resolve_layout` for a rollout whose weights are laid out by :func:`decode_layout`: with
-    ``keeps_shards`` (they decode from their FSDP shards, a copy replicated over the batch axes would not fit)
-    "auto" takes the layer scan, whose loop gathers one layer's weights at a time. Per-layer weights' gathers do not
-    depend on the step, and XLA may hoist them out of the decode loop (XLA:CPU does): every layer's gathered weights
-    held at once, the replicated copy that did not fit (Llama-3.2-3B's rollout at 512 x 9,216 in one wave on 8 x 80
-    GB: 81.9 GiB per device against the scan's 73.2, ``softgrpo plan``)."""
-    if layout == "auto" and keeps_shards:
-        return False
-    return resolve_layout(layout, platform)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "per_layer", "fuse"))
-def _prepare(params, *, dtype, per_layer: bool, fuse: bool = False):
-    """The weights the engine decodes with: cast to the rollout dtype, the layer stack split when per-layer, the
-    projections that read the same input fused when ``fuse`` (``models.transformer.fuse_projections``)."""
-    if per_layer:
-        params = unstack_layers(params, dtype)
-    else:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
-    return fuse_projections(params) if fuse else params
-
-
-def _batch_axes(mesh) -> tuple:
-    """The mesh's batch axes that split the batch (size > 1)."""
-    return () if mesh is None else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-
-
-def decode_weight_sharding(sharding, mesh):
-    """A weight's sharding for decoding: its own without the batch axes (tensor-parallel splits kept)."""
-    if not isinstance(sharding, NamedSharding):
-        return sharding
-    axes = _batch_axes(mesh)
-    spec = []
-    for ax in sharding.spec:
-        names = tuple(n for n in (ax if isinstance(ax, tuple) else (ax,)) if n is not None and n not in axes)
-        spec.append(None if not names else names[0] if len(names) == 1 else names)
-    return NamedSharding(mesh, P(*spec))
-
-
-def replicated_weights_fit(weight_bytes: int, mesh, budget_bytes: int | None, other_bytes: int = 0) -> bool:
-    """Whether a decode copy of the weights replicated over the batch axes (split over ``tensor`` only), beside
-    ``other_bytes`` per device (the KV cache, what is already resident), stays within 60% of a device's
-    ``budget_bytes`` (the rest is left to the programs' temporaries); None: unknown, taken to fit."""
-    if budget_bytes is None:
-        return True
-    return weight_bytes / mesh.shape.get("tensor", 1) + other_bytes <= 0.6 * budget_bytes
-
-
-def sharded_over_batch(params, mesh) -> bool:
-    """Whether any weight is split over one of the mesh's batch axes (FSDP)."""
-    axes = _batch_axes(mesh)
-    return bool(axes) and any(isinstance(getattr(a, "sharding", None), NamedSharding) and any(
-        ax in axes for ax in jax.tree.leaves(tuple(a.sharding.spec))) for a in jax.tree.leaves(params))
-
-
-def device_memory(mesh) -> tuple[int | None, int]:
-    """(memory limit, bytes in use) of this process's own device on ``mesh`` ((None, 0) where the platform reports
-    nothing, as XLA:CPU). With several processes, the tightest: the smallest limit and the most in use over all of
-    them, so that every process decides the decode layout and the waves alike (the same programs)."""
-    dev = None if mesh is None else next((d for d in mesh.devices.flat if d.process_index == jax.process_index()),
-                                         None)
-    try:
-        stats = (dev.memory_stats() if dev is not None else None) or {}
-    except jax.errors.JaxRuntimeError:
-        stats = {}
-    limit, in_use = stats.get("bytes_limit"), int(stats.get("bytes_in_use", 0))
-    if mesh is not None and jax.process_count() > 1:  # (every process decodes on a mesh, none without one)
-        from jax.experimental import multihost_utils
-
-        g = np.asarray(multihost_utils.process_allgather(np.asarray([-1 if limit is None else limit, in_use],
-                                                                    np.int64))).reshape(-1, 2)
-        limit = None if (g[:, 0] < 0).any() else int(g[:, 0].min())
-        in_use = int(g[:, 1].max())
-    return limit, in_use
-
-
-def weight_bytes(params, dtype=None) -> int:
-    """The bytes of ``params`` (arrays or ``ShapeDtypeStruct`` s) held in ``dtype`` (default their own)."""
-    return sum(math.prod(a.shape) * jnp.dtype(dtype or a.dtype).itemsize for a in jax.tree.leaves(params))
-
-
-def replicate_decode_weights(params, mesh, budget_bytes: int | None = None, kv_bytes: int = 0, dtype=None) -> bool:
-    """Whether :func:`decode_layout` replicates ``params`` over the batch axes: they are split over one, and the
-    replicated copy (in ``dtype``, default their own), the KV cache (``kv_bytes`` per device) and what the device
-    already holds stay within 60% of ``budget_bytes`` (default: this process's device's memory limit where the
-    platform reports one)."""
-    if not sharded_over_batch(params, mesh):
-        return False
-    in_use = 0
-    if budget_bytes is None:
-        budget_bytes, in_use = device_memory(mesh)
-    return replicated_weights_fit(weight_bytes(params, dtype), mesh, budget_bytes, kv_bytes + in_use)
-
-
-MAX_WAVES = 4  # beyond this many, a rollout decodes from the FSDP shards in one wave (each wave pays its own tail)
-
-
-def wave_prompts(n_prompts: int, waves: int, devices: int) -> int:
-    """Prompts per wave: whole prompts, a multiple of the batch devices where that keeps the number of waves (each
-    device then prefills its own prompts once)."""
-    per = -(-n_prompts // waves)
-    if n_prompts % devices == 0 and -(-n_prompts // (-(-per // devices) * devices)) == waves:
-        per = -(-per // devices) * devices
-    return per
-
-
-def rollout_waves(w_bytes: int, rows_per_device: int, kv_bytes_per_row: int, mesh, budget_bytes: int | None,
-                  in_use: int = 0, sharded: bool = True, max_waves: int = MAX_WAVES) -> int:
-    """How many waves a rollout's rows decode in, one after the other (``RolloutEngine(max_rows_per_device=0)``):
-    1 where the weights are not split over a batch axis (``sharded``) or their replicated copy fits beside every
-    row's KV cache (:func:`replicated_weights_fit`); else the fewest, up to ``max_waves``, whose share of the rows
-    leaves room for it; 1 again where none does (the weights then decode from their FSDP shards).
-
-    Why: decoding from FSDP shards gathers every layer's weights at every step, about 5.6 GB per device and step
-    for Llama-3.2-3B on 8 devices (~12 ms over 450 GB/s links) and 13 GB for a 7B, against 2-5 ms for the step's
-    own weight reads; a wave with replicated weights reads them locally, and two waves of half the rows cost
-    about what one wave of all the rows would (bytes per row-step), plus a second tail (an estimate from bytes:
-    not measured on a GPU)."""
-    if not sharded or rows_per_device <= 1:
-        return 1
-    for k in range(1, max_waves + 1):
-        rows = -(-rows_per_device // k)
-        if replicated_weights_fit(w_bytes, mesh, budget_bytes, rows * kv_bytes_per_row + in_use):
-            return k
-    return 1
-
-
-def decode_layout(params, mesh, budget_bytes: int | None = None, kv_bytes: int = 0, replicate: bool | None = None):
-    """The weights as a decode step wants them on ``mesh``: replicated over the batch axes (FSDP shards gathered
-    once per rollout, not at every step inside the loop), tensor-parallel splits kept, where
-    :func:`replicate_decode_weights` says so (or ``replicate``, decided already); else as they are."""
-    if replicate is None:
-        replicate = replicate_decode_weights(params, mesh, budget_bytes, kv_bytes)
-    if not replicate:
-        return params
-    return jax.tree.map(lambda a: jax.device_put(a, decode_weight_sharding(a.sharding, mesh))
-                        if isinstance(getattr(a, "sharding", None), NamedSharding) else a, params)
-
-
-def _batch_spec(mesh, shape):
-    return NamedSharding(mesh, fit_spec(shape, P(BATCH_AXES, *([None] * (len(shape) - 1))), mesh))
 
 
 def _constrain_cache(cache, mesh):
@@ -435,72 +229,6 @@ def batch_bucket(n: int, minimum: int = 1) -> int:
             if minimum * m >= n:
                 return minimum * m
         b *= 2
-
-
-def _valid_slots(plen: np.ndarray, lengths: np.ndarray) -> int:
-    """KV slots that held a row's own context, summed over its decode steps (its prompt, then the steps so far)."""
-    plen, lengths = plen.astype(np.int64), lengths.astype(np.int64)
-    return int((lengths * plen + lengths * (lengths + 1) // 2).sum())
-
-
-def _empty_buffers(B: int, steps: int, K: int, pad_id: int) -> dict:
-    """A decode's output buffers [B, steps(, K)] before any step."""
-    return dict(tokens=jnp.full((B, steps), pad_id, jnp.int32), mask=jnp.zeros((B, steps), bool),
-                ids=jnp.zeros((B, steps, K), jnp.int32), ytil=jnp.zeros((B, steps, K), jnp.float32),
-                weights=jnp.zeros((B, steps, K), jnp.float32), kept=jnp.zeros((B, steps, K), bool),
-                clamped=jnp.zeros((B, steps, K), bool), soft=jnp.zeros((B, steps), bool),
-                logprob=jnp.zeros((B, steps), jnp.float32))
-
-
-@functools.partial(jax.jit, static_argnames=("B", "steps", "K", "pad_id", "mesh"))
-def _full_buffers(B: int, steps: int, K: int, pad_id: int, mesh=None):
-    """The rollout's empty buffers that the chunks write into, split over the batch axes."""
-    out = _empty_buffers(B, steps, K, pad_id)
-    if mesh is not None:
-        out = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, _batch_spec(mesh, a.shape)), out)
-    return out
-
-
-_LEFT_PADDED = ("prompt_tokens", "prompt_mask")
-
-
-@functools.partial(jax.jit, static_argnames=("width", "steps", "pad_id", "mesh"))
-def _concat_fields(parts, *, width: int, steps: int, pad_id: int, mesh=None):
-    """Each field of the ``parts`` (dicts of a Rollout's arrays) concatenated over rows: prompts left-padded to
-    ``width`` columns, per-step fields right-padded to ``steps`` (pad_id tokens, zeros / False elsewhere)."""
-    out = {}
-    for name in parts[0]:
-        arrs = []
-        for f in parts:
-            a = f[name]
-            if a.ndim >= 2:
-                left = name in _LEFT_PADDED
-                widths = [(0, 0)] * a.ndim
-                widths[1] = (width - a.shape[1], 0) if left else (0, steps - a.shape[1])
-                a = jnp.pad(a, widths, constant_values=pad_id if name in ("prompt_tokens", "tokens") else 0)
-            arrs.append(a)
-        x = jnp.concatenate(arrs, 0)
-        out[name] = x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.shape))
-    return out
-
-
-def concat_rollouts(parts: Sequence["Rollout"], pad_id: int, mesh=None) -> "Rollout":
-    """The rollouts of consecutive row ranges (the waves of one ``generate`` call) as one, laid out as one call
-    would lay them out: prompts left-padded to the widest, responses right-padded to the longest budget; work
-    counters summed."""
-    if len(parts) == 1:
-        return parts[0]
-    names = [f.name for f in dataclasses.fields(Rollout) if f.name != "stats"]
-    present = [k for k in names if all(getattr(r, k) is not None for r in parts)]
-    fields = _concat_fields(tuple({k: getattr(r, k) for k in present} for r in parts),
-                            width=max(r.prompt_tokens.shape[1] for r in parts),
-                            steps=max(r.tokens.shape[1] for r in parts),
-                            pad_id=int(pad_id), mesh=mesh)
-    stats = None
-    if all(r.stats is not None for r in parts):
-        stats = RolloutStats(*(sum(getattr(r.stats, f.name) for r in parts)
-                               for f in dataclasses.fields(RolloutStats)))
-    return Rollout(**{k: fields.get(k) for k in names}, stats=stats)
 
 
 def _batch_axis(path) -> int:
