@@ -186,6 +186,43 @@ def test_pool_survives_a_killed_worker(pool):
     assert pool.processes[0] is not proc and len(pool.processes) == 2  # the dead worker was replaced
 
 
+def test_ctrl_c_does_not_kill_a_check_in_flight():
+    """A terminal's Ctrl-C reaches the whole process group; the trainer finishes its step on it, so the workers must
+    finish the checks they hold instead of dying (which would score them 0 and count errors)."""
+    import os
+    import signal
+
+    with R.ScoringPool(1, timeout_s=30.0) as p:
+        p.run("sleep", [(0.0,)])  # started and ready
+        pid = p.processes[0].pid
+
+        def interrupt():
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+
+        t = threading.Thread(target=interrupt)
+        t.start()
+        got = p.run("sleep", [(1.5,)], default="lost")
+        t.join()
+        assert got == [None] and p.stats.errors == 0 and p.stats.restarts == 0, (got, p.stats)
+        assert p.processes[0].pid == pid and p.processes[0].poll() is None
+
+
+def test_timeouts_do_not_count_as_start_up_failures():
+    """Replacing timed-out workers is routine (a verifier that hangs); only workers that die before they are ready,
+    many in a row, mean a broken environment."""
+    from softgrpo_jax.errors import UserError
+    from softgrpo_jax.rewards.pool import RewardWorkerError
+
+    with R.ScoringPool(1, timeout_s=0.2) as p:  # 1 worker: 4 start-up deaths in a row are an error
+        assert p.run("sleep", [(5.0,)] * 6, default=-1) == [-1] * 6
+        assert p.stats.timeouts == 6 and p.stats.restarts == 6
+        p.processes[0].kill()  # the replacement dies while it starts: replaced again, no error
+        assert p.run("sleep", [(0.0,)] * 2, default=-1) == [None, None]
+    assert issubclass(RewardWorkerError, UserError)  # the command line's one-line error
+
+
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="workers"):
         R.ScoringPool(0)

@@ -19,11 +19,16 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from softgrpo_jax.errors import UserError
 from softgrpo_jax.rewards.worker import _recv, _send
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
+
+
+class RewardWorkerError(UserError, RuntimeError):
+    """The reward workers cannot start (math-verify missing, a broken environment): the command line's one line."""
 
 
 class _Worker:
@@ -97,6 +102,7 @@ class ScoringPool:
         self._lock = threading.Lock()
         self._workers: list[_Worker] = [_Worker(memory_limit_mb) for _ in range(workers)]
         self.stats = PoolStats()
+        self._start_failures = 0  # workers that died before they were ready, since one last became ready
         self._closed = False
         atexit.register(self.close)
 
@@ -158,7 +164,7 @@ class ScoringPool:
                             pending.appendleft(t)
                             self._replace(i)
                     elif not w.ready and now - w.started > self.start_timeout_s:
-                        raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f}s "
+                        raise RewardWorkerError(f"reward worker did not start within {self.start_timeout_s:.0f}s "
                                            f"(command: {sys.executable} -m softgrpo_jax.rewards --worker); "
                                            "is math-verify installed in this environment?")
                 waiting = {w.fd: (i, w) for i, w in enumerate(self._workers) if (w.task is not None or not w.ready)}
@@ -179,13 +185,17 @@ class ScoringPool:
                         if w.task is not None:
                             self.stats.errors += 1
                             self._note(f"worker died on task {w.task[0]}")
-                        elif not w.ready and self.stats.restarts > 4 * self.n + 8:
-                            raise RuntimeError("reward workers keep dying at start-up; run "
-                                               f"'{sys.executable} -m softgrpo_jax.rewards --worker' to see why")
+                        elif not w.ready:  # (replacements of timed-out workers do not count)
+                            self._start_failures += 1
+                            if self._start_failures > 2 * self.n + 2:
+                                raise RewardWorkerError(
+                                    f"reward workers keep dying at start-up ({self._start_failures} in a row); run "
+                                    f"'{sys.executable} -m softgrpo_jax.rewards --worker' to see why")
                         self._replace(i)
                         continue
                     if not w.ready:
                         w.ready = True
+                        self._start_failures = 0
                         continue
                     task_id, ok, value = msg
                     if w.task is None or task_id != w.task[0]:

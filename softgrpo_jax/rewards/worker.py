@@ -44,9 +44,14 @@ def _recv(fd: int):
 
 
 def _worker_main() -> None:  # pragma: no cover - runs in the worker process
+    import signal
+
+    # a terminal's Ctrl-C (and a scheduler's SIGTERM) reaches the whole process group: the parent stops gracefully
+    # and still needs the checks in flight; the worker ends when the parent closes its input or dies (below)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     try:  # die with the parent even while stuck in a C-level computation (Linux)
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:
