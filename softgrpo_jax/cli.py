@@ -117,6 +117,10 @@ def cmd_eval(args, overrides):
                                timeout_s=cfg.reward.timeout_s, progress=pbar.update)
     out = os.path.join(os.path.abspath(cfg.trainer.output_dir), "eval")
     ks = [k for k in cfg.eval.ks if k <= cfg.eval.n_samples] or [1]
+    from softgrpo_jax.distributed import is_main_process
+
+    if not is_main_process():  # every process holds the same results; one writes them
+        return 0
     summaries = evaluation.write_reports(out, res, ks=ks, config={"model": cfg.model.path, "mode": cfg.eval.mode},
                                          title=cfg.name)
     print(evaluation.markdown_table(summaries))
@@ -230,7 +234,7 @@ def cmd_convert(args, overrides):
 
     fmt = detect_format(args.src)
     src = args.src
-    check_destination(args.dst, overwrite=args.overwrite)  # before the (slow) load
+    check_destination(args.dst, overwrite=args.overwrite, source=args.src)  # before the (slow) load
     model = load_pretrained(src, dtype=args.dtype)
     tok = None
     try:

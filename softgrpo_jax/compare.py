@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from softgrpo_jax.compare_report import (ARM_LABELS, aggregate, correct_strings, ks_for, markdown,  # noqa: F401
                                          mean_std, paired_differences, plot, policy_summary, t_critical,
                                          write_report)
+from softgrpo_jax.config import flatten
 
 # arm -> (rl.algorithm, rollout.mode); None: the config's rollout.mode (the soft mode SofT-GRPO trains with)
 ARMS: dict[str, tuple[str, str | None]] = {"grpo": ("grpo", "discrete"), "softgrpo": ("softgrpo", None)}
@@ -66,14 +67,6 @@ _BASE_KEYS = ("model.", "data.reasoning_gym.", "data.eval", "data.prompt_style",
 # configs
 # ------------------------------------------------------------------------------------------------------------------
 
-def flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _plain(cfg) -> dict:

@@ -144,6 +144,8 @@ def base_config() -> ConfigDict:
         log_every=1,
         tensorboard=True,
         progress=True,
+        resume_changed=False,  # resume a run although settings that shape what it learns differ from its
+        #   checkpoint's (config.RESUME_MAY_CHANGE lists those that may change freely); default: refuse, naming them
         compilation_cache="auto",  # JAX's persistent compilation cache, so a resumed or repeated run skips most
         #   compiling: auto = $SOFTGRPO_COMPILATION_CACHE if set, else the project cache folder's jax/ (see
         #   checkpoint.embedded.cache_dir); or a folder; "" or "off" = no cache
@@ -328,6 +330,50 @@ def get_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
     return cfg
 
 
+def flatten(d, prefix: str = "") -> dict:
+    """A nested mapping (a config as JSON) as ``{"a.b": value}``; tuples as lists, as JSON has them."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# settings a run may change when it resumes from a checkpoint: where and how it computes (micro-batching, kernels,
+# decode schedules and layouts, the mesh: the same results by design), what it logs, evaluates and exports, and for
+# how many steps it runs. Every other setting shapes what the run learns.
+RESUME_MAY_CHANGE = (
+    "name", "model.remat", "model.attention", "data.data_dir", "data.manual_dir", "data.eval", "data.eval_limit",
+    "rollout.embed_impl", "rollout.layout", "rollout.attention", "rollout.schedule", "rollout.chunk_steps",
+    "rollout.fuse_projections", "rollout.max_rows_per_device", "rl.micro_batch_size",
+    "rl.max_tokens_per_micro_batch", "rl.share_prompt", "rl.old_logprobs", "rl.logprob_chunk_size",
+    "reward.workers", "reward.timeout_s", "trainer.output_dir", "trainer.total_steps", "trainer.save_every",
+    "trainer.keep_checkpoints", "trainer.eval_every", "trainer.eval_before", "trainer.export_hf", "trainer.mesh",
+    "trainer.log_every", "trainer.tensorboard", "trainer.progress", "trainer.resume_changed",
+    "trainer.compilation_cache", "eval.", "compare.",
+)
+_PATH_KEYS = ("model.path", "ref_model.path")
+
+
+def resume_differences(saved: dict, cfg: ConfigDict) -> list[str]:
+    """The settings, present in both, in which ``cfg`` differs from ``saved`` (the config a checkpoint stores, as
+    JSON), other than :data:`RESUME_MAY_CHANGE`; model paths are the same where they name the same folder."""
+    import json
+
+    a, b = flatten(saved), flatten(json.loads(cfg.to_json_best_effort()))
+    out = []
+    for k in sorted(set(a) & set(b)):
+        if k.startswith(RESUME_MAY_CHANGE) or a[k] == b[k]:
+            continue
+        if k in _PATH_KEYS and isinstance(a[k], str) and isinstance(b[k], str) and a[k] and b[k] \
+                and os.path.realpath(a[k]) == os.path.realpath(b[k]):
+            continue
+        out.append(k)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------- checks
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -393,12 +439,16 @@ def validate_config(cfg: ConfigDict) -> None:
     int_at_least("data.reasoning_gym.train_size", 1)
     int_at_least("data.reasoning_gym.test_size", 1)
     tasks = cfg.data.reasoning_gym.tasks
-    if isinstance(tasks, str) and tasks.strip()[:1] in ("(", "["):
+    if isinstance(tasks, str) and tasks.strip():
+        from softgrpo_jax.data.reasoning_gym_data import parse_tasks, task_problems
+
         try:
-            ast.literal_eval(tasks.strip())
+            problems = task_problems(parse_tasks(tasks))
         except (ValueError, SyntaxError) as e:
-            bad.append(f"data.reasoning_gym.tasks is not a Python literal ({e}); give comma-separated task names "
-                       "or ((name, weight, ((key, value), ...)), ...)")
+            problems = [f"not a Python literal ({e})"]
+        if problems:
+            bad.append(f"data.reasoning_gym.tasks: {'; '.join(problems)}; give comma-separated task names or "
+                       "((name, weight, ((key, value), ...)), ...)")
     # rollout
     from softgrpo_jax.sampling.step import MODES as ROLLOUT_MODES
 
@@ -445,6 +495,10 @@ def validate_config(cfg: ConfigDict) -> None:
              f"{rl.group_size}) does not split into micro-batches of rl.micro_batch_size={rl.micro_batch_size}")
     one_of("rl.old_logprobs", ("auto", "recompute"))
     num_check("rl.train_temperature", lambda v: v > 0, "> 0")
+    if rl.train_temperature != cfg.rollout.temperature:  # (the original's trainer takes the rollout's)
+        bad.append(f"rl.train_temperature={rl.train_temperature} differs from rollout.temperature="
+                   f"{cfg.rollout.temperature}: the loss would score the rollouts under another policy than the one "
+                   "that sampled them (a soft step's implied noise would not be the noise drawn); set both alike")
     try:  # the loss's own checks (clip ratios, kl_type, loss_agg_mode)
         loss_config(cfg.rl, noise=cfg.rollout.noise)
     except (ValueError, TypeError) as e:

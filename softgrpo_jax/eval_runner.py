@@ -60,9 +60,10 @@ def score_samples(problems: Sequence[dict], samples: Sequence[dict], *, benchmar
     if scorer == "math_verify_eval":
         fmt = BENCHMARK_GOLD_FORMAT.get(benchmark.split(":")[0], "latex")
         sc = rewards.eval_score_batch(texts, golds, gold_format=fmt, workers=workers, timeout_s=timeout_s)
-        correct, answers = sc.correct, sc.answers
+        correct, answers, unverified = sc.correct, sc.answers, sc.unverified
     else:
-        correct = rewards.score_batch(texts, golds, mode=scorer, workers=workers, timeout_s=timeout_s) > 0.5
+        rew, unverified = rewards.score_rows(texts, golds, mode=scorer, workers=workers, timeout_s=timeout_s)
+        correct = rew > 0.5
         ext = rewards.extract_lenient_answer if scorer == "math_verify_lenient" else rewards.extract_boxed_answer
         answers = [ext(t) for t in texts]
     out, k = [], 0
@@ -70,6 +71,7 @@ def score_samples(problems: Sequence[dict], samples: Sequence[dict], *, benchmar
         n = len(s["texts"])
         out.append(dict(id=p.get("id"), question=p.get("question"), gold=str(p["answer"]),
                         correct=[bool(c) for c in correct[k:k + n]], answers=list(answers[k:k + n]),
+                        unverified=int(np.sum(unverified[k:k + n])),
                         response_tokens=s["response_tokens"], thinking_tokens=s["thinking_tokens"],
                         soft_steps=s["soft_steps"], sample_text=s["texts"][0] if s["texts"] else ""))
         k += n

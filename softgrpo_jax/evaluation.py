@@ -3,7 +3,7 @@
 Per-benchmark results are a list of per-problem records (JSON-friendly):
 
 ``{"id": str, "gold": str, "correct": [bool] * n, "answers": [str | None] * n,
-   "response_tokens": [int] * n, "thinking_tokens": [int] * n}``
+   "response_tokens": [int] * n, "thinking_tokens": [int] * n, "unverified": int}``
 
 ``answers`` (canonical answers from :func:`softgrpo_jax.rewards.eval_score_batch`, used for maj@k) and the length
 lists are optional.  ``n`` (samples per problem; the seed uses 32) may differ between problems.
@@ -18,6 +18,8 @@ Metrics (docs/algorithm.md, "Evaluation"):
 * ``maj@k``: majority vote over the first k samples' answers (no answer = no vote; ties go to the answer seen first);
   correct when the winning answer's samples are; reported for ``k <= min n``.
 * ``mean_response_tokens`` / ``mean_thinking_tokens``: over all samples.
+* ``unverified``: samples whose check did not finish (past the time limit, or the checker crashed), scored wrong;
+  where the records carry an ``unverified`` count.
 
 Reports: per-benchmark JSON, a markdown table, a PNG of pass@k against k.  Every write is atomic.
 """
@@ -176,6 +178,8 @@ def summarize(results: Sequence[Mapping], *, ks: Sequence[int] = DEFAULT_KS) -> 
     out["ks"] = [int(k) for k in ks]
     out["mean_response_tokens"] = _mean_of_lists(results, "response_tokens")
     out["mean_thinking_tokens"] = _mean_of_lists(results, "thinking_tokens")
+    if all("unverified" in r for r in results):  # samples whose check did not finish (scored wrong)
+        out["unverified"] = int(sum(r["unverified"] for r in results))
     return out
 
 
@@ -258,7 +262,9 @@ def markdown_table(summaries: Mapping[str, Mapping], *, ks: Sequence[int] | None
     cols = (["pass@1"] + [f"pass@{k}" for k in ks]
             + [f"unbiased_pass@{k}" for k in ks if any(f"unbiased_pass@{k}" in s for s in summaries.values())]
             + [f"maj@{k}" for k in maj_ks])
-    head = ["benchmark", "problems", "samples"] + cols + ["response tokens", "thinking tokens"]
+    unverified = any(s.get("unverified") for s in summaries.values())
+    head = ["benchmark", "problems", "samples"] + cols + ["response tokens", "thinking tokens"] + (
+        ["unverified"] if unverified else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, s in summaries.items():
         n_samples = s.get("n_samples")
@@ -268,6 +274,8 @@ def markdown_table(summaries: Mapping[str, Mapping], *, ks: Sequence[int] | None
         for key in ("mean_response_tokens", "mean_thinking_tokens"):
             v = s.get(key)
             cells.append("-" if v is None else f"{v:.0f}")
+        if unverified:  # the verifier timed out or crashed on these samples, which count as wrong
+            cells.append(str(s.get("unverified", "-")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -22,8 +23,9 @@ from softgrpo_jax.config import engine_options, eval_sampling_config, loss_confi
 from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
-from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState, make_optimizer,
-                                     processed_slots, rollout_to_batch, split_micro, token_budget_groups)
+from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState,
+                                     UnreadableCheckpoint, make_optimizer, processed_slots, rollout_to_batch,
+                                     split_micro, token_budget_groups)
 from softgrpo_jax.sampling import RolloutEngine
 
 
@@ -123,14 +125,10 @@ def enable_compilation_cache(setting: str) -> str | None:
 def _rg_kwargs(cfg: ConfigDict) -> dict:
     rg = cfg.data.reasoning_gym
     kw: dict[str, Any] = dict(train_size=rg.train_size, test_size=rg.test_size, seed=rg.seed)
-    if rg.tasks:
-        text = rg.tasks.strip()
-        if text[0] in "([":  # a Python literal: ((name, weight, ((key, value), ...)), ...)
-            import ast
+    if rg.tasks.strip():
+        from softgrpo_jax.data.reasoning_gym_data import parse_tasks
 
-            kw["tasks"] = tuple(ast.literal_eval(text))
-        else:  # comma-separated task names, equal weights, default settings
-            kw["tasks"] = tuple(t.strip() for t in text.split(",") if t.strip())
+        kw["tasks"] = parse_tasks(rg.tasks)
     return kw
 
 
@@ -168,6 +166,50 @@ def batch_for_step(problems: list[dict], step: int, batch_size: int, seed: int, 
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(n, seed, epoch, shuffle)
     return [problems[i] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
+@contextlib.contextmanager
+def _output_lock(out: str, where: str):
+    """Hold ``out/.softgrpo.lock`` (an advisory lock, process 0 of a run) while a run writes the folder: a second
+    run started on the same folder would save over the first's checkpoints (orbax's temporary folder of a step is
+    the same name) and interleave the metrics."""
+    if not is_main_process():
+        yield
+        return
+    import fcntl
+
+    from softgrpo_jax.checkpoint import CheckpointError
+
+    f = open(os.path.join(out, ".softgrpo.lock"), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise CheckpointError(f"{where} is in use by another run ({holder or 'another process'}); wait for it "
+                                  f"to end, or choose another output folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # (closing releases the lock)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file (lines cut by a kill, and anything but objects, skipped)."""
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -289,12 +331,15 @@ class Run:
         all_golds = [str(p["answer"]) for p in problems for _ in range(rl.group_size)]
         golds = [all_golds[b] for b in rows]
         workers = cfg.reward.workers if cfg.reward.workers > 0 else None
+        unverified = np.zeros(len(rows), np.float32)
         if self.reward_fn is not None:
             rew = np.asarray(self.reward_fn(texts, golds), np.float32)
         else:
-            rew = rewards.score_batch(texts, golds, mode=cfg.reward.mode, workers=workers,
-                                      timeout_s=cfg.reward.timeout_s)
-        rew = allgather_rows(np.asarray(rew, np.float32), rows, toks.shape[0])
+            rew, unv = rewards.score_rows(texts, golds, mode=cfg.reward.mode, workers=workers,
+                                          timeout_s=cfg.reward.timeout_s)
+            unverified = unv.astype(np.float32)
+        both = allgather_rows(np.stack([np.asarray(rew, np.float32), unverified], 1), rows, toks.shape[0])
+        rew, unverified = both[:, 0], both[:, 1]
         finish = to_host(r.finish_reason)
         truncated = finish == 0
         if cfg.reward.on_truncation == "zero":
@@ -355,6 +400,8 @@ class Run:
             "soft_steps": float(soft.mean()),
             "finished_fraction": float((finish == 1).mean()),
             "truncated_fraction": float(truncated.mean()),
+            # responses whose reward check did not finish (past reward.timeout_s, or the checker crashed): reward 0
+            "reward_unverified": int(unverified.sum()),
             "advantage_abs_mean": float(np.abs(adv).mean()),
             "rollout_logprob_mean": float((rlp * rmask).sum() / max(rmask.sum(), 1)),
         }
@@ -456,24 +503,97 @@ class Run:
                                   f"{kept}; run the same command again to resume") from e
 
     def maybe_resume(self) -> int:
+        """The step to start from: the latest checkpoint's, once it is known to belong to this run (the same
+        settings, ``config.resume_differences``) and to be readable; else 0. Refuses, in one line, a checkpoint
+        of other settings, one past ``trainer.total_steps``, and a damaged one (naming the earlier kept step)."""
+        from softgrpo_jax.checkpoint import CheckpointError
+        from softgrpo_jax.config import flatten, resume_differences
+        from softgrpo_jax.errors import one_line
+
+        where = f"trainer.output_dir={self.cfg.trainer.output_dir!r}"
         latest = self.ckpt.latest_step()
         if latest is None:
+            self._start_without_checkpoint(where)
             return 0
-        try:
-            params, opt, meta = self.ckpt.restore(latest, self.policy.params, self.policy.opt_state)
-        except ValueError as e:
-            from softgrpo_jax.checkpoint import CheckpointError
+        earlier = [s for s in self.ckpt.all_steps() if s < latest]
 
+        def damaged(why: str) -> CheckpointError:
+            fix = (f"move {self.ckpt.dir}/{latest} out of {self.ckpt.dir} to resume from step {earlier[-1]}"
+                   if earlier else "choose a new output folder")
+            return CheckpointError(f"the checkpoint of step {latest} in {self.ckpt.dir} cannot be read "
+                                   f"({why[:300]}); {fix}")
+
+        missing = self.ckpt.missing_items(latest)
+        if missing:
+            raise damaged(f"its {', '.join(missing)} is missing")
+        try:
+            meta = self.ckpt.read_meta(latest)
+        except Exception as e:  # noqa: BLE001 - orbax raises plain Exceptions for unreadable data
+            raise damaged(one_line(e)) from None
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        diff = resume_differences(saved, self.cfg) if isinstance(saved, dict) else []
+        if diff:
+            a, b = flatten(saved), flatten(json.loads(self.cfg.to_json_best_effort()))
+            shown = "; ".join(f"{k} {a[k]!r} -> {b[k]!r}" for k in diff[:4]) + (
+                f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+            if not self.cfg.trainer.resume_changed:
+                raise CheckpointError(f"{where} holds a run (step {latest}) made with other settings: {shown}; "
+                                      f"run it with its own settings, choose a new output folder, or set "
+                                      f"trainer.resume_changed=true to go on with the new ones")
+            log(f"note: resuming step {latest} with changed settings (trainer.resume_changed): {shown}")
+        if latest > self.total_steps:
+            raise CheckpointError(f"{where} holds step {latest}, past trainer.total_steps={self.total_steps}: "
+                                  f"raise trainer.total_steps to continue that run, or choose a new output folder")
+        try:
+            with _quiet_background_tracebacks():
+                try:
+                    params, opt, meta = self.ckpt.restore(latest, self.policy.params, self.policy.opt_state)
+                except Exception:
+                    gc.collect()  # orbax's failed reads log as their asyncio tasks are collected: inside the filter
+                    raise
+        except UnreadableCheckpoint as e:  # a truncated or corrupt array file
+            raise damaged(one_line(e)) from None
+        except ValueError as e:
             msg = " ".join(str(e).split())[:400]
-            raise CheckpointError(f"{msg}; the run in trainer.output_dir={self.cfg.trainer.output_dir!r} was made "
-                                  f"with another model or optimizer: choose a new output folder") from None
+            raise CheckpointError(f"{msg}; the run in {where} was made with another model or optimizer: choose a "
+                                  f"new output folder") from None
         self.policy.params, self.policy.opt_state = params, opt
         log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
         return int(latest)
 
+    def _start_without_checkpoint(self, where: str) -> None:
+        """A folder without checkpoints may still hold an earlier start's metrics (a run stopped before its first
+        checkpoint): they are kept beside, not overwritten. A finished run whose checkpoints were removed is
+        refused: training again would replace its export."""
+        from softgrpo_jax.checkpoint import CheckpointError
+
+        path = os.path.join(self.out, "metrics.jsonl")
+        steps = 0
+        if os.path.isfile(path):
+            steps = sum(1 for r in _read_jsonl(path) if r.get("kind", "train") == "train")
+        if not steps:
+            return
+        export = os.path.join(self.out, "hf_export")
+        if os.path.isdir(export) and os.listdir(export):
+            raise CheckpointError(f"{where} holds a trained run ({steps} steps in metrics.jsonl, its export in "
+                                  f"{export}) but no checkpoint to resume from; choose a new output folder, or move "
+                                  f"metrics.jsonl and hf_export aside to train again")
+        if is_main_process():
+            k = 1
+            while os.path.exists(f"{path}.{k}"):
+                k += 1
+            os.replace(path, f"{path}.{k}")
+            log(f"no checkpoint in {self.ckpt.dir}: training from step 0; the {steps} steps an earlier start "
+                f"logged are kept in {path}.{k}")
+
     def train(self, *, evaluate_after: bool = True) -> dict:
         """Train (resuming from the latest checkpoint), then evaluate with ``cfg.eval`` unless ``evaluate_after`` is
-        false (``softgrpo compare`` evaluates the policy itself) and export; the report holds the per-step metrics."""
+        false (``softgrpo compare`` evaluates the policy itself) and export; the report holds the per-step metrics.
+        One run at a time per output folder (a lock file in it)."""
+        with _output_lock(self.out, f"trainer.output_dir={self.cfg.trainer.output_dir!r}"):
+            return self._train(evaluate_after=evaluate_after)
+
+    def _train(self, *, evaluate_after: bool) -> dict:
         cfg = self.cfg
         start = self.maybe_resume()
         mlog = MetricsLog(self.out, tensorboard=cfg.trainer.tensorboard, resume_step=start)

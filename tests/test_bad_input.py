@@ -97,6 +97,20 @@ def test_convert_refuses_a_folder_of_other_files(qwen_dir, tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
+def test_convert_never_replaces_its_own_source(qwen_dir, tmp_path, capsys):
+    """--overwrite replaces the destination, never the model being read: not the source itself, and not a folder
+    that holds it."""
+    work = tmp_path / "work"
+    src = _copy_model(qwen_dir, work / "src")
+    (work / "notes.txt").write_text("my notes")
+    for dst in (str(work), src):
+        _fails(capsys, ["convert", src, dst, "--overwrite"], dst, "the model being read", "outside it")
+    assert (work / "notes.txt").read_text() == "my notes"
+    assert sorted(os.listdir(src)) == sorted(os.listdir(qwen_dir))
+    assert main(["convert", src, str(work / "src" / "out")]) == 0  # inside the source: nothing of it is replaced
+    assert sorted(os.listdir(src)) == sorted(os.listdir(qwen_dir) + ["out"])
+
+
 def test_convert_refuses_a_file_and_overwrite_cleans_up(qwen_dir, tmp_path, capsys):
     dst = tmp_path / "model.bin"
     dst.write_bytes(b"precious")
@@ -290,6 +304,14 @@ def test_a_mistyped_config_path_is_not_a_bundled_config(tmp_path, capsys):
     (["--config.rl.kl_type=k9"], ["kl_type"]),
     (["--config.rollout.fuse_projections=maybe"], ["rollout.fuse_projections", "expected a bool"]),
     (["--config.rl.grup_size=2"], ["unknown config key 'rl.grup_size'", "Did you mean rl.group_size"]),
+    (["--config.rollout.temperature=0.7"], ["rl.train_temperature=1.0 differs from rollout.temperature=0.7"]),
+    (["--config.data.reasoning_gym.tasks=basic_arithmatic,gcd"],
+     ["data.reasoning_gym.tasks", "no task 'basic_arithmatic'", "did you mean basic_arithmetic"]),
+    (["--config.data.reasoning_gym.tasks=(('gcd', 'x'),)"], ["task 'gcd': the weight 'x' is not a number"]),
+    (["--config.data.reasoning_gym.tasks=(('gcd', 0), ('lcm', 0))"], ["the task weights sum to 0"]),
+    (["--config.data.reasoning_gym.tasks=(('chain_sum', 1, (('min_terms', -2),)),)"],
+     ["task 'chain_sum' refuses the settings {'min_terms': -2}"]),
+    (["--config.data.reasoning_gym.tasks=(('gcd', 1, (('nope', 1),)),)"], ["task 'gcd' refuses", "nope"]),
 ])
 def test_settings_fail_before_loading_and_leave_no_folder(tmp_path, capsys, overrides, must):
     out = tmp_path / "run"

@@ -99,6 +99,8 @@ def test_train_sigint_then_resume(tmp_path):
     assert saved, log  # the interrupt saved a checkpoint although save_every is 1000
     done = [json.loads(line)["step"] for line in open(metrics)]
     assert done == list(range(1, saved[-1] + 1))
+    # every step counts the responses whose reward check did not finish (none here: a 5 s limit, tiny answers)
+    assert all(json.loads(line)["reward_unverified"] == 0 for line in open(metrics))
     # resume: the same command with fewer total steps finishes from the checkpoint
     cmd[cmd.index("--config.trainer.total_steps=40")] = f"--config.trainer.total_steps={saved[-1] + 1}"
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

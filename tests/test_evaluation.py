@@ -114,6 +114,14 @@ def test_summarize():
     assert not any(k.startswith("maj@") for k in s2)
     with pytest.raises(ValueError):
         E.summarize([])
+    # samples whose check did not finish: counted when the records carry the count, shown when there are any
+    assert "unverified" not in s and "unverified" not in E.markdown_table({"b": s})
+    counted = [dict(r, unverified=u) for r, u in zip(_results(), (0, 2, 1))]
+    s3 = E.summarize(counted, ks=(1, 2))
+    assert s3["unverified"] == 3 and s3["pass@1"] == pytest.approx(s["pass@1"])
+    table = E.markdown_table({"b": s3}).splitlines()
+    assert table[0].endswith("| unverified |") and table[2].endswith("| 3 |")
+    assert "unverified" not in E.markdown_table({"b": E.summarize([dict(r, unverified=0) for r in _results()])})
 
 
 def test_summarize_ragged_samples():

@@ -142,11 +142,15 @@ ADVERSARIAL = {
 def test_adversarial_outputs_score_zero_within_bound(pool):
     before = pool.stats.timeouts
     t0 = time.monotonic()
-    got = R.score_batch(list(ADVERSARIAL.values()), ["5"] * len(ADVERSARIAL), pool=pool, timeout_s=TIMEOUT)
+    got, unverified = R.score_rows(list(ADVERSARIAL.values()), ["5"] * len(ADVERSARIAL), pool=pool,
+                                   timeout_s=TIMEOUT)
     elapsed = time.monotonic() - t0
     # "megabytes" has a real box at the end: it is checked (and correct); everything else scores 0
     assert got.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
     assert pool.stats.timeouts - before >= 2  # the two sympy bombs were killed, not waited for
+    # each killed check is flagged (the trainer's reward_unverified, the evaluation's unverified count); the
+    # answers refused unchecked (too deep, too long) and the finished check are not
+    assert unverified.sum() == pool.stats.timeouts - before and not unverified[2:].any(), unverified
     # 2 workers, 2 timed-out tasks + restarts: a few bounds at most, never a hang
     assert elapsed < 3 * TIMEOUT + 10, elapsed
     # the pool recovered: workers replaced, ordinary checks work
@@ -265,6 +269,7 @@ def test_eval_scorer_adversarial_and_size_cap(pool):
     res = R.eval_score_batch(comps, "5", gold_format="expr", pool=pool, timeout_s=TIMEOUT)
     assert time.monotonic() - t0 < 2 * TIMEOUT + 10
     assert res.correct.tolist() == [False, False, True]
+    assert res.unverified.tolist() == [True, False, False] and res.timeouts == 1  # killed, not just wrong
     with pytest.raises(ValueError, match="gold_format"):
         R.eval_score_batch(["x"], "1", gold_format="sympy", workers=0)
 

@@ -326,6 +326,7 @@ def _letter_reward(texts, golds):
                                    ("--config.rl.max_tokens_per_micro_batch=1024", "--config.rl.share_prompt=true",
                                     "--config.rl.group_size=8")],
                          ids=["rows", "tokens", "shared_prompts"])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's reads of a damaged step
 def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
     from softgrpo_jax.train import Run
 
@@ -363,11 +364,83 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
                 assert b[k] == v, (a["step"], k, v, b[k])
     if extra:
         return
-    # an incompatible checkpoint (other model shape) fails clearly and is left intact
+    _resume_refusals(tmp_path, mdir, str(tmp_path / "cut"))
+
+
+def _resume_refusals(tmp_path, mdir, out):
+    """A checkpoint is resumed only by the run it belongs to, and only when it can be read; every refusal is one
+    line that says what to do, and leaves the checkpoints (and the metrics) as they were."""
+    import shutil
+
+    from softgrpo_jax.checkpoint import CheckpointError
+    from softgrpo_jax.train import Run
+
+    ck = os.path.join(out, "checkpoints")
+
+    def resume(path, steps=3, extra=(), model=mdir):
+        return Run(_run_cfg(model, path, steps, extra)).maybe_resume()
+
+    # settings that shape what the run learns: refused, naming them; how it computes may change
+    with pytest.raises(CheckpointError, match=r"other settings: optim.lr 0.01 -> 0.001; rl.algorithm 'softgrpo' "
+                                              r"-> 'grpo'.*trainer.resume_changed=true"):
+        resume(out, extra=("--config.optim.lr=1e-3", "--config.rl.algorithm=grpo"))
+    with pytest.raises(CheckpointError, match=r"holds step 3, past trainer.total_steps=2"):
+        resume(out, steps=2)
+    assert resume(out, steps=4, extra=("--config.rl.micro_batch_size=1", "--config.trainer.progress=true")) == 3
+    # an incompatible checkpoint (another model's shapes): with the model's path changed on purpose, still refused
     other = make_tiny_smollm_dir(str(tmp_path / "m2"), hidden_size=48)
+    with pytest.raises(CheckpointError, match="other settings: model.path"):
+        resume(out, model=other)
     with pytest.raises(ValueError, match="does not match"):
-        Run(_run_cfg(other, str(tmp_path / "cut"), 3)).train()
-    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2", "3"]
+        resume(out, model=other, extra=("--config.trainer.resume_changed=true",))
+    assert sorted(os.listdir(ck)) == ["2", "3"]
+    # a damaged latest step: named, with the earlier step to resume from
+    bad = str(tmp_path / "damaged")
+    shutil.copytree(out, bad)
+    shutil.rmtree(os.path.join(bad, "checkpoints", "3", "opt_state"))
+    with pytest.raises(CheckpointError, match=r"step 3 .* cannot be read \(its opt_state is missing\); move "
+                                              r".*/3 out of .* to resume from step 2"):
+        resume(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(bad, "checkpoints", "3", "params")) for f in fs
+            if os.path.basename(r) == "d"]  # the array data files (orbax's OCDBT layout)
+    assert data
+    for f in data:  # cut short, as by a full disk or a copy that stopped
+        os.truncate(f, 10)
+    with pytest.raises(CheckpointError, match=r"step 3 .* cannot be read .*resume from step 2"):
+        resume(bad)
+    # no checkpoint: an earlier start's metrics are kept beside; a finished run's export is never trained over
+    shutil.rmtree(os.path.join(bad, "checkpoints"))
+    before = open(os.path.join(bad, "metrics.jsonl")).read()
+    os.makedirs(os.path.join(bad, "hf_export"))
+    open(os.path.join(bad, "hf_export", "config.json"), "w").write("{}")
+    with pytest.raises(CheckpointError, match=r"holds a trained run \(3 steps in metrics.jsonl.*no checkpoint"):
+        resume(bad)
+    shutil.rmtree(os.path.join(bad, "hf_export"))
+    with open(os.path.join(bad, "metrics.jsonl"), "a") as f:
+        f.write("[1, 2]\n")  # not an object: skipped like a line cut by a kill
+    assert resume(bad) == 0
+    assert not os.path.exists(os.path.join(bad, "metrics.jsonl"))
+    assert open(os.path.join(bad, "metrics.jsonl.1")).read() == before + "[1, 2]\n"
+    assert sorted(os.listdir(ck)) == ["2", "3"]
+
+
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    """A second run on a folder a run is writing would save over its checkpoints: refused, naming the holder; the
+    folder is free again once the first ends, however it ends."""
+    from softgrpo_jax.checkpoint import CheckpointError
+    from softgrpo_jax.train import _output_lock
+
+    with _output_lock(str(tmp_path), "trainer.output_dir='x'"):
+        with pytest.raises(CheckpointError, match=rf"'x' is in use by another run \(process {os.getpid()} on "):
+            with _output_lock(str(tmp_path), "trainer.output_dir='x'"):
+                pass
+    with pytest.raises(RuntimeError):
+        with _output_lock(str(tmp_path), "x"):
+            raise RuntimeError("a crash")
+    with _output_lock(str(tmp_path), "x"):
+        pass
 
 
 def test_a_training_checkpoint_loads_as_a_model(tmp_path, capsys):

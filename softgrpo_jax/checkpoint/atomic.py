@@ -40,10 +40,17 @@ def _listing(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def check_destination(dst: str, *, overwrite: bool = False, fix: str | None = None) -> None:
+def check_destination(dst: str, *, overwrite: bool = False, fix: str | None = None,
+                      source: str | None = None) -> None:
     """Raise CheckpointError unless ``dst`` may be written: it does not exist, is an empty folder, or is an earlier
-    export of this project that holds only the files it wrote; with ``overwrite`` anything may be replaced.
+    export of this project that holds only the files it wrote; with ``overwrite`` anything may be replaced, except
+    ``source`` (what is being converted), which ``dst`` must neither be nor hold.
     ``fix``: what the message tells the user to do instead of the default (a new destination or ``--overwrite``)."""
+    if source is not None and os.path.lexists(dst):
+        src, d = os.path.realpath(source), os.path.realpath(dst)
+        if src == d or src.startswith(d.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"cannot write {dst}: it {'is' if src == d else 'holds'} the model being read "
+                                  f"({source}), which replacing it would delete; choose a destination outside it")
     parent = os.path.dirname(os.path.abspath(dst))
     p = parent
     while not os.path.exists(p):  # the first existing ancestor must be a folder

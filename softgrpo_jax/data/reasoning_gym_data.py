@@ -30,6 +30,58 @@ DEFAULT_TASKS: tuple = (
 _NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?(/\d+)?$")
 
 
+def parse_tasks(text: str) -> tuple:
+    """``data.reasoning_gym.tasks`` as ``generate`` takes it: comma-separated task names (equal weights, default
+    settings) or a Python literal ``((name, weight, ((key, value), ...)), ...)``; raises ValueError / SyntaxError."""
+    text = text.strip()
+    if text[:1] in ("(", "["):
+        import ast
+
+        return tuple(ast.literal_eval(text))
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def task_problems(tasks: Sequence) -> list[str]:
+    """What is wrong with ``tasks`` (names reasoning-gym does not have, weights, settings its task config refuses),
+    one message each; empty when ``generate`` can use them."""
+    from reasoning_gym.factory import DATASETS
+
+    out, weights = [], []
+    for t in tasks:
+        if isinstance(t, str):
+            t = (t, 1.0)
+        if not isinstance(t, (tuple, list)) or not 2 <= len(t) <= 3 or not isinstance(t[0], str):
+            out.append(f"{t!r} is not a task name or (name, weight[, ((key, value), ...)])")
+            continue
+        name = t[0]
+        if name not in DATASETS:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(DATASETS), n=3)
+            out.append(f"reasoning-gym has no task {name!r}" + (f" (did you mean {', '.join(close)}?)" if close
+                                                                  else ""))
+            continue
+        if isinstance(t[1], bool) or not isinstance(t[1], (int, float)) or not t[1] >= 0:
+            out.append(f"task {name!r}: the weight {t[1]!r} is not a number >= 0")
+            continue
+        weights.append(float(t[1]))
+        items = t[2] if len(t) > 2 and t[2] else ()
+        try:
+            kw = dict(items)
+        except (TypeError, ValueError):
+            out.append(f"task {name!r}: its settings {items!r} are not ((key, value), ...) pairs")
+            continue
+        try:
+            c = DATASETS[name][1](**kw)
+            if hasattr(c, "validate"):
+                c.validate()
+        except Exception as e:  # noqa: BLE001 - the task's own checks (asserts, TypeErrors)
+            out.append(f"task {name!r} refuses the settings {kw}: {type(e).__name__}: {e}")
+    if not out and not sum(weights) > 0:
+        out.append("the task weights sum to 0")
+    return out
+
+
 def normalize_question(q: str) -> str:
     """Key for de-duplication: case-folded, whitespace collapsed."""
     return " ".join(q.split()).casefold()

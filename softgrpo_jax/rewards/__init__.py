@@ -52,7 +52,7 @@ __all__ = [
     "MAX_COMPLETION_CHARS", "MODES", "EvalScores", "PoolStats", "ScoringPool", "brace_depth", "default_workers",
     "eval_correct", "eval_score_batch", "extract_boxed_answer", "extract_lenient_answer", "get_pool", "is_equiv",
     "last_boxed_only_string", "math_reward", "math_verify_answer_correct", "remove_boxed", "score_batch",
-    "strict_string_reward", "strip_string",
+    "score_rows", "strict_string_reward", "strip_string",
 ]
 
 MODES = ("math_verify", "strict_string", "math_verify_lenient")
@@ -75,15 +75,26 @@ def score_batch(completions: Sequence[str], golds: Sequence[str], *, mode: str =
     scores 0.  Answers longer than ``max_answer_chars`` or nested deeper than ``max_brace_depth`` score 0 unchecked.
     ``mode="strict_string"``: the original's boxed-string reward, in-process (linear time, no pool).
     """
+    return score_rows(completions, golds, mode=mode, workers=workers, timeout_s=timeout_s, pool=pool,
+                      max_answer_chars=max_answer_chars, max_brace_depth=max_brace_depth)[0]
+
+
+def score_rows(completions: Sequence[str], golds: Sequence[str], *, mode: str = "math_verify",
+               workers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, pool: ScoringPool | None = None,
+               max_answer_chars: int = MAX_ANSWER_CHARS,
+               max_brace_depth: int = MAX_BRACE_DEPTH) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`score_batch`'s rewards and, per response, whether its check did not finish (past ``timeout_s``, or
+    the worker crashed): those score 0, and the caller counts them."""
     if mode not in MODES:
         raise ValueError(f"unknown reward mode {mode!r}; choose one of {MODES}")
     if len(completions) != len(golds):
         raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
     out = np.zeros(len(completions), np.float32)
+    unverified = np.zeros(len(completions), bool)
     if mode == "strict_string":
         for i, (c, g) in enumerate(zip(completions, golds)):
             out[i] = strict_string_reward(c, str(g))
-        return out
+        return out, unverified
     todo, args = [], []
     extract = extract_lenient_answer if mode == "math_verify_lenient" else extract_boxed_answer
     for i, (c, g) in enumerate(zip(completions, golds)):
@@ -92,14 +103,15 @@ def score_batch(completions: Sequence[str], golds: Sequence[str], *, mode: str =
             todo.append(i)
             args.append((ans, str(g)))
     if not todo:
-        return out
+        return out, unverified
     if workers == 0 and pool is None:
         vals = [math_verify_answer_correct(*a) for a in args]
     else:
         vals = (pool or get_pool(workers, timeout_s=timeout_s)).run("math_verify", args, timeout_s=timeout_s,
-                                                                     default=0.0)
-    out[todo] = np.asarray(vals, np.float32)
-    return out
+                                                                     default=None)
+    unverified[todo] = [v is None for v in vals]
+    out[todo] = np.asarray([0.0 if v is None else v for v in vals], np.float32)
+    return out, unverified
 
 
 def math_reward(completion: str, gold: str, *, mode: str = "math_verify", timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -114,6 +126,7 @@ class EvalScores:
     correct: np.ndarray  # bool [N]
     answers: list  # canonical answer string per completion (None: nothing extracted / timed out), for maj@k
     timeouts: int = 0
+    unverified: np.ndarray | None = None  # bool [N]: the check did not finish (timed out, worker crashed): wrong
 
 
 def eval_score_batch(completions: Sequence[str], golds: Sequence[str] | str, *, gold_format: str | Sequence[str] = "latex",
@@ -136,14 +149,16 @@ def eval_score_batch(completions: Sequence[str], golds: Sequence[str] | str, *, 
     todo = [i for i in range(n) if len(completions[i]) <= max_completion_chars]
     args = [(completions[i], str(golds[i]), fmts[i]) for i in todo]
     timeouts = 0
+    unverified = np.zeros(n, bool)
     if args:
         if workers == 0 and pool is None:
             vals = [eval_correct(*a) for a in args]
         else:
             p = pool or get_pool(workers, timeout_s=timeout_s)
             before = p.stats.timeouts
-            vals = p.run("eval", args, timeout_s=timeout_s, default=(False, None))
+            vals = p.run("eval", args, timeout_s=timeout_s, default=None)
             timeouts = p.stats.timeouts - before
-        for i, (ok, key) in zip(todo, vals):
-            correct[i], answers[i] = bool(ok), key
-    return EvalScores(correct, answers, timeouts)
+        for i, v in zip(todo, vals):
+            ok, key = (False, None) if v is None else v
+            correct[i], answers[i], unverified[i] = bool(ok), key, v is None
+    return EvalScores(correct, answers, timeouts, unverified)

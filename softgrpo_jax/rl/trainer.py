@@ -377,6 +377,8 @@ class MetricsLog:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a kill
+                    if not isinstance(rec, dict):
+                        continue
                     if rec.get("step", 0) <= resume_step and rec.get("kind", "train") == "train":
                         keep.append(line if line.endswith("\n") else line + "\n")
                     elif rec.get("kind") != "train" and rec.get("step", 0) <= resume_step:
@@ -414,9 +416,11 @@ class MetricsLog:
         with open(self.path) as f:
             for line in f:
                 try:
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
         return out
 
 
@@ -430,6 +434,15 @@ def _py(v):
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
+# what tensorstore says when a checkpoint's files cannot be read (cut short, corrupt, gone), as against a checkpoint
+# of other shapes, which orbax refuses before reading
+_READ_ERRORS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error reading", "error while reading")
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint's files are damaged (the message is tensorstore's)."""
+
+
 class Checkpointer:
     """orbax CheckpointManager over (params, opt_state, meta). Saves are atomic (orbax writes a temporary directory and
     renames it), so a kill mid-save leaves the previous checkpoint as the latest good one."""
@@ -455,6 +468,18 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)), force=True)
         self.mgr.wait_until_finished()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.mgr.all_steps())
+
+    def missing_items(self, step: int) -> list[str]:
+        """The items a finished save of ``step`` has and this one lacks (a damaged or hand-edited checkpoint)."""
+        return [n for n in ("params", "opt_state", "meta") if not os.path.isdir(os.path.join(self.dir, str(step), n))]
+
+    def read_meta(self, step: int) -> dict:
+        """The step's metadata (step, seed, data position, the run's config) without reading any weights."""
+        ocp = self.ocp
+        return self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, params, opt_state):
         ocp = self.ocp
 
@@ -467,8 +492,13 @@ class Checkpointer:
                 params=ocp.args.StandardRestore(abstract(pure)),
                 opt_state=ocp.args.StandardRestore(abstract(opt_state)),
                 meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint {self.dir}/{step} does not match this model/optimizer: {e}") from None
+        except Exception as e:  # noqa: BLE001 - orbax raises plain Exceptions too
+            if any(m in str(e) for m in _READ_ERRORS):
+                msg = " ".join(str(e).split()).split(" See full TensorStore")[0]  # (then the whole spec)
+                raise UnreadableCheckpoint(msg[:240]) from None
+            if isinstance(e, (ValueError, KeyError, TypeError)):
+                raise ValueError(f"checkpoint {self.dir}/{step} does not match this model/optimizer: {e}") from None
+            raise
         nnx.replace_by_pure_dict(params, out["params"])
         return params, out["opt_state"], out["meta"]
 
