@@ -51,6 +51,23 @@ def worker(a):
     from softgrpo_jax.sampling import RolloutEngine, SamplingConfig
 
     assert jax.device_count() == 8 and jax.local_device_count() == a.devices
+    # a data set in a folder every process shares: process 0 prepares it, the others wait and read its copy
+    from softgrpo_jax import data as data_lib
+
+    data_dir, built = os.path.join(a.out, "data"), []
+    real_prepare = data_lib.prepare
+
+    def prepare(name, **kw):
+        from softgrpo_jax.data import builders
+
+        b = builders.get_builder(name, data_dir=kw.get("data_dir"), **{
+            k: v for k, v in kw.items() if k not in ("data_dir", "manual_dir", "rebuild")})
+        built.append(not os.path.exists(os.path.join(str(b.data_dir), "dataset_info.json")))
+        return real_prepare(name, **kw)
+
+    data_lib.prepare = prepare
+    questions = [e["question"] for e in data_lib.load_split("reasoning_gym_math", "test", data_dir=data_dir,
+                                                             tasks=("gcd",), train_size=8, test_size=4, seed=3)]
     mesh = dist.make_mesh(MESH)
     model = load_pretrained(a.model, mesh=mesh)
     pol = PolicyState(model, make_optimizer(3e-2), loss_config(base_config().rl, noise="gumbel"), mesh)
@@ -87,7 +104,8 @@ def worker(a):
     out.update({f"m_{k}": np.asarray(v) for k, v in metrics.items()})
     np.savez(os.path.join(a.out, f"proc{a.pid}.npz"), **out)
     with open(os.path.join(a.out, f"proc{a.pid}.json"), "w") as f:
-        json.dump(dict(restored_equal=bool(restored_equal), process_index=jax.process_index(),
+        json.dump(dict(restored_equal=bool(restored_equal), questions=questions, built=built,
+                       process_index=jax.process_index(),
                        process_count=jax.process_count(), main=dist.is_main_process()), f)
     dist.sync("done")
 
@@ -134,6 +152,9 @@ def test_two_processes_match_one(tmp_path):
 
     assert [i["process_index"] for i in info2] == [0, 1] and all(i["process_count"] == 2 for i in info2)
     assert [i["main"] for i in info2] == [True, False]
+    # the shared data folder: built once, by process 0, before process 1 read it; the same problems everywhere
+    assert [i["built"] for i in info2] == [[True], [False]] and info1["built"] == [True]
+    assert info2[0]["questions"] == info2[1]["questions"] == info1["questions"] and len(info1["questions"]) == 4
     assert info1["restored_equal"] and all(i["restored_equal"] for i in info2)
     # each process scored a disjoint half of the batch
     r0, r1 = two[0]["rows"], two[1]["rows"]

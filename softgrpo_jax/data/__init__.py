@@ -92,6 +92,26 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
     return builder
 
 
+def _prepare_once(name: str, **kw):
+    """:func:`prepare` in a multi-process run: process 0 prepares while the others wait, then they read its copy
+    (a data folder they share) or prepare their own (a folder of their own), instead of every process writing
+    the same folder at once. A missing source file fails on every process, before the wait."""
+    import jax
+
+    if jax.process_count() == 1:
+        return prepare(name, **kw)
+    from softgrpo_jax.data import builders
+    from softgrpo_jax.distributed import is_main_process, sync
+
+    root = kw.get("data_dir") or builders.default_data_dir()
+    mdir = os.path.expanduser(kw["manual_dir"]) if kw.get("manual_dir") else builders.default_manual_dir(root)
+    for split in builders.FILE_STEMS.get(name, {}):
+        builders.find_file(name, split, mdir)
+    builder = prepare(name, **kw) if is_main_process() else None
+    sync(f"softgrpo-data-{name}")
+    return builder if builder is not None else prepare(name, **kw)
+
+
 def load_split(name: str, split: str, *, data_dir: str | None = None, manual_dir: str | None = None,
                rebuild: bool = False, **kw) -> Examples:
     """Examples of ``split`` of data set ``name`` as a list of ``{"id", "question", "answer", "source"}`` dicts,
@@ -103,7 +123,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, manual_dir
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(SPLITS)}")
     if split not in SPLITS[name]:
         raise ConfigError(f"{name} has splits {', '.join(SPLITS[name])}, not {split!r}")
-    builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir, rebuild=rebuild, **kw)
+    builder = _prepare_once(name, data_dir=data_dir, manual_dir=manual_dir, rebuild=rebuild, **kw)
     source = builder.as_data_source(split)
     items = [{k: _decode(v) for k, v in source[i].items()} for i in range(len(source))]
     meta = dict(builder.info.metadata or {})
