@@ -22,6 +22,7 @@ under SLURM srun or Open MPI mpirun (auto-detected). See launch/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -371,6 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """A scheduler's SIGTERM outside the training loop (which finishes its step on it: ``GracefulInterrupt``)
+    interrupts like Ctrl-C, so an export or report being written is cleaned up instead of left half-made."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or old not in (signal.SIG_DFL, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv=None):
     """Run one command; bad input ends in one line ``softgrpo: error: ...`` and exit code 2 (``--debug``: the
     traceback)."""
@@ -389,7 +411,8 @@ def main(argv=None):
     handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "convert": cmd_convert,
                "demo": cmd_demo, "plan": cmd_plan, "compare": cmd_compare}[args.cmd]
     try:
-        return handler(args, overrides)
+        with _sigterm_interrupts():
+            return handler(args, overrides)
     except (UserError, UnsupportedModelError, PlanError, OSError) as e:
         if debug:
             raise

@@ -111,6 +111,27 @@ def test_convert_never_replaces_its_own_source(qwen_dir, tmp_path, capsys):
     assert sorted(os.listdir(src)) == sorted(os.listdir(qwen_dir) + ["out"])
 
 
+def test_sigterm_while_writing_leaves_nothing_half_made(tmp_path):
+    """A scheduler's SIGTERM during an export (outside the training loop, which finishes its step on it) interrupts
+    like Ctrl-C: the half-written folder is removed, the earlier destination kept, exit code 130."""
+    dst = tmp_path / "export"
+    dst.mkdir()
+    code = ("import os, signal, sys, time\n"
+            "from softgrpo_jax.checkpoint.atomic import atomic_dir\n"
+            "from softgrpo_jax.cli import _sigterm_interrupts\n"
+            "try:\n"
+            "    with _sigterm_interrupts():\n"
+            f"        with atomic_dir({str(dst)!r}) as tmp:\n"
+            "            open(os.path.join(tmp, 'weights.bin'), 'wb').write(b'x' * 1000)\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "            time.sleep(30)\n"
+            "except KeyboardInterrupt:\n"
+            "    sys.exit(130)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stdout + r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["export"] and os.listdir(dst) == []
+
+
 def test_convert_refuses_a_file_and_overwrite_cleans_up(qwen_dir, tmp_path, capsys):
     dst = tmp_path / "model.bin"
     dst.write_bytes(b"precious")
