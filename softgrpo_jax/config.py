@@ -354,21 +354,34 @@ RESUME_MAY_CHANGE = (
     "trainer.log_every", "trainer.tensorboard", "trainer.progress", "trainer.resume_changed",
     "trainer.compilation_cache", "eval.", "compare.",
 )
-_PATH_KEYS = ("model.path", "ref_model.path")
+PATH_KEYS = ("model.path", "ref_model.path")
 
 
-def resume_differences(saved: dict, cfg: ConfigDict) -> list[str]:
+def resolved_path(path: str) -> str:
+    """A model path as the folder or file it names (the same whatever the working directory); a name that is no
+    path (``smollm2``) or "" as it is."""
+    p = os.path.expanduser(path) if isinstance(path, str) else path
+    return os.path.realpath(p) if isinstance(p, str) and p and os.path.exists(p) else path
+
+
+def resume_differences(saved: dict, cfg: ConfigDict, saved_paths: dict | None = None) -> list[str]:
     """The settings, present in both, in which ``cfg`` differs from ``saved`` (the config a checkpoint stores, as
-    JSON), other than :data:`RESUME_MAY_CHANGE`; model paths are the same where they name the same folder."""
+    JSON), other than :data:`RESUME_MAY_CHANGE`. Model paths are the same where they name the same folder
+    (``saved_paths``: the checkpoint's :func:`resolved_path` of each, as a relative path depends on where the run
+    started). ``trainer.total_steps`` may change unless the learning rate decays over it (``warmup_cosine``)."""
     import json
 
     a, b = flatten(saved), flatten(json.loads(cfg.to_json_best_effort()))
+    saved_paths = saved_paths or {}
+    fixed_length = b.get("optim.schedule") == "warmup_cosine"  # (the only schedule that depends on the length)
     out = []
     for k in sorted(set(a) & set(b)):
+        if k == "trainer.total_steps" and fixed_length and a[k] != b[k]:
+            out.append(k)
+            continue
         if k.startswith(RESUME_MAY_CHANGE) or a[k] == b[k]:
             continue
-        if k in _PATH_KEYS and isinstance(a[k], str) and isinstance(b[k], str) and a[k] and b[k] \
-                and os.path.realpath(a[k]) == os.path.realpath(b[k]):
+        if k in PATH_KEYS and resolved_path(b[k]) in (saved_paths.get(k), resolved_path(a[k])):
             continue
         out.append(k)
     return out
@@ -444,8 +457,8 @@ def validate_config(cfg: ConfigDict) -> None:
 
         try:
             problems = task_problems(parse_tasks(tasks))
-        except (ValueError, SyntaxError) as e:
-            problems = [f"not a Python literal ({e})"]
+        except (ValueError, SyntaxError, TypeError) as e:
+            problems = [f"not a Python literal of tasks ({e})"]
         if problems:
             bad.append(f"data.reasoning_gym.tasks: {'; '.join(problems)}; give comma-separated task names or "
                        "((name, weight, ((key, value), ...)), ...)")

@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from softgrpo_jax import evaluation, rewards
-from softgrpo_jax.config import engine_options, eval_sampling_config, loss_config, sampling_config
+from softgrpo_jax.config import engine_options, eval_sampling_config, loss_config, resolved_path, sampling_config
 from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
@@ -170,32 +170,46 @@ def batch_for_step(problems: list[dict], step: int, batch_size: int, seed: int, 
 
 @contextlib.contextmanager
 def _output_lock(out: str, where: str):
-    """Hold ``out/.softgrpo.lock`` (an advisory lock, process 0 of a run) while a run writes the folder: a second
-    run started on the same folder would save over the first's checkpoints (orbax's temporary folder of a step is
-    the same name) and interleave the metrics."""
-    if not is_main_process():
-        yield
-        return
+    """Hold ``out/.softgrpo.lock`` (an advisory lock, taken by process 0; every process learns the outcome) while a
+    run writes the folder: a second run started on the same folder would save over the first's checkpoints
+    (orbax's temporary folder of a step is the same name) and interleave the metrics. A file system without locks
+    (Lustre mounted noflock, NFS without lockd) runs without one, with a note."""
+    import errno
     import fcntl
 
     from softgrpo_jax.checkpoint import CheckpointError
 
-    f = open(os.path.join(out, ".softgrpo.lock"), "a+")
-    try:
+    f, holder = None, None
+    if is_main_process():
+        f = open(os.path.join(out, ".softgrpo.lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
             f.seek(0)
-            holder = f.read().strip()
-            raise CheckpointError(f"{where} is in use by another run ({holder or 'another process'}); wait for it "
-                                  f"to end, or choose another output folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
+            f.truncate()
+            f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            f.flush()
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+            else:
+                log(f"note: {where}: this file system takes no file locks ({os_error_message(e)}); make sure only "
+                    f"one run writes the folder at a time")
+            f.close()
+            f = None
+    refused = holder is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = bool(int(multihost_utils.broadcast_one_to_all(np.int32(refused))))
+    try:
+        if refused:
+            raise CheckpointError(f"{where} is in use by another run ({holder or 'see process 0'}); wait for it to "
+                                  f"end, or choose another output folder")
         yield
     finally:
-        f.close()  # (closing releases the lock)
+        if f is not None:
+            f.close()  # (closing releases the lock)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -483,7 +497,9 @@ class Run:
     # ---------------------------------------------------------------------------------------------- loop
     def save(self, step: int):
         meta = {"step": step, "seed": self.cfg.trainer.seed, "data_position": step * self.cfg.rl.train_batch_size,
-                "total_steps": self.total_steps, "config": json.loads(self.cfg.to_json_best_effort())}
+                "total_steps": self.total_steps, "config": json.loads(self.cfg.to_json_best_effort()),
+                "resolved_paths": {k: resolved_path(v) for k, v in (("model.path", self.cfg.model.path),
+                                                                    ("ref_model.path", self.cfg.ref_model.path))}}
         try:
             with _quiet_background_tracebacks():
                 self.ckpt.save(step, self.policy.params, self.policy.opt_state, meta)
@@ -531,7 +547,7 @@ class Run:
         except Exception as e:  # noqa: BLE001 - orbax raises plain Exceptions for unreadable data
             raise damaged(one_line(e)) from None
         saved = meta.get("config") if isinstance(meta, dict) else None
-        diff = resume_differences(saved, self.cfg) if isinstance(saved, dict) else []
+        diff = resume_differences(saved, self.cfg, meta.get("resolved_paths")) if isinstance(saved, dict) else []
         if diff:
             a, b = flatten(saved), flatten(json.loads(self.cfg.to_json_best_effort()))
             shown = "; ".join(f"{k} {a[k]!r} -> {b[k]!r}" for k in diff[:4]) + (

@@ -333,6 +333,8 @@ def test_a_mistyped_config_path_is_not_a_bundled_config(tmp_path, capsys):
     (["--config.data.reasoning_gym.tasks=(('chain_sum', 1, (('min_terms', -2),)),)"],
      ["task 'chain_sum' refuses the settings {'min_terms': -2}"]),
     (["--config.data.reasoning_gym.tasks=(('gcd', 1, (('nope', 1),)),)"], ["task 'gcd' refuses", "nope"]),
+    (["--config.data.reasoning_gym.tasks=(5)"], ["data.reasoning_gym.tasks: not a Python literal of tasks"]),
+    (["--config.data.reasoning_gym.tasks=(('gcd', 1, (('seed', 3),)),)"], ["task 'gcd': its seed and size come"]),
 ])
 def test_settings_fail_before_loading_and_leave_no_folder(tmp_path, capsys, overrides, must):
     out = tmp_path / "run"

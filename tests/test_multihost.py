@@ -66,8 +66,12 @@ def worker(a):
         return real_prepare(name, **kw)
 
     data_lib.prepare = prepare
-    questions = [e["question"] for e in data_lib.load_split("reasoning_gym_math", "test", data_dir=data_dir,
-                                                             tasks=("gcd",), train_size=8, test_size=4, seed=3)]
+    from softgrpo_jax.train import _output_lock
+
+    with _output_lock(a.out, "trainer.output_dir"):  # taken by process 0, its outcome told to every process
+        questions = [e["question"] for e in data_lib.load_split("reasoning_gym_math", "test", data_dir=data_dir,
+                                                                 tasks=("gcd",), train_size=8, test_size=4, seed=3)]
+        locked = os.path.exists(os.path.join(a.out, ".softgrpo.lock"))
     mesh = dist.make_mesh(MESH)
     model = load_pretrained(a.model, mesh=mesh)
     pol = PolicyState(model, make_optimizer(3e-2), loss_config(base_config().rl, noise="gumbel"), mesh)
@@ -104,7 +108,7 @@ def worker(a):
     out.update({f"m_{k}": np.asarray(v) for k, v in metrics.items()})
     np.savez(os.path.join(a.out, f"proc{a.pid}.npz"), **out)
     with open(os.path.join(a.out, f"proc{a.pid}.json"), "w") as f:
-        json.dump(dict(restored_equal=bool(restored_equal), questions=questions, built=built,
+        json.dump(dict(restored_equal=bool(restored_equal), questions=questions, built=built, locked=locked,
                        process_index=jax.process_index(),
                        process_count=jax.process_count(), main=dist.is_main_process()), f)
     dist.sync("done")
@@ -154,6 +158,7 @@ def test_two_processes_match_one(tmp_path):
     assert [i["main"] for i in info2] == [True, False]
     # the shared data folder: built once, by process 0, before process 1 read it; the same problems everywhere
     assert [i["built"] for i in info2] == [[True], [False]] and info1["built"] == [True]
+    assert all(i["locked"] for i in info2)
     assert info2[0]["questions"] == info2[1]["questions"] == info1["questions"] and len(info1["questions"]) == 4
     assert info1["restored_equal"] and all(i["restored_equal"] for i in info2)
     # each process scored a disjoint half of the batch

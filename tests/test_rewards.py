@@ -220,11 +220,22 @@ def test_timeouts_do_not_count_as_start_up_failures():
     from softgrpo_jax.rewards.pool import RewardWorkerError
 
     with R.ScoringPool(1, timeout_s=0.2) as p:  # 1 worker: 4 start-up deaths in a row are an error
-        assert p.run("sleep", [(5.0,)] * 6, default=-1) == [-1] * 6
-        assert p.stats.timeouts == 6 and p.stats.restarts == 6
+        assert p.run("sleep", [(5.0,)] * 13, default=-1) == [-1] * 13  # (more than any bound on all restarts)
+        assert p.stats.timeouts == 13 and p.stats.restarts == 13
         p.processes[0].kill()  # the replacement dies while it starts: replaced again, no error
         assert p.run("sleep", [(0.0,)] * 2, default=-1) == [None, None]
     assert issubclass(RewardWorkerError, UserError)  # the command line's one-line error
+
+
+def test_workers_that_cannot_start_end_in_one_error(monkeypatch):
+    import sys
+
+    from softgrpo_jax.rewards.pool import RewardWorkerError
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # every worker exits at once
+    with R.ScoringPool(2, timeout_s=1.0) as p:
+        with pytest.raises(RewardWorkerError, match=r"keep dying at start-up \(7 in a row\); run '/bin/false -m"):
+            p.run("sleep", [(0.0,)])
 
 
 def test_pool_rejects_bad_arguments():

@@ -682,7 +682,10 @@ def test_waves_give_the_same_rollouts(model, monkeypatch):
     eng = RolloutEngine(ms, cfg, pad_id=0, mesh=mesh)
     w = E.weight_bytes(ms.param_tree(), ms.config.dtype)
     row = eng._kv_bytes_per_row(ms, eng._cache_len(32, 6))
-    monkeypatch.setattr(E, "device_memory", lambda mesh: (int((w + 3 * row) / 0.6), 0))
+    from softgrpo_jax.sampling import layout
+
+    for mod in (E, layout):  # the engine's waves and the layout's replication decision read the same memory
+        monkeypatch.setattr(mod, "device_memory", lambda mesh: (int((w + 3 * row) / 0.6), 0))
     assert eng.waves(ms, 32, eng._cache_len(32, 6)) == 2
     for r in (two.generate(prompts, key, n=2, modes=modes, max_new_tokens=budgets),
               eng.generate(prompts, key, n=2, modes=modes, max_new_tokens=budgets)):

@@ -426,7 +426,7 @@ def _resume_refusals(tmp_path, mdir, out):
     assert sorted(os.listdir(ck)) == ["2", "3"]
 
 
-def test_one_run_at_a_time_per_output_folder(tmp_path):
+def test_one_run_at_a_time_per_output_folder(tmp_path, monkeypatch, capsys):
     """A second run on a folder a run is writing would save over its checkpoints: refused, naming the holder; the
     folder is free again once the first ends, however it ends."""
     from softgrpo_jax.checkpoint import CheckpointError
@@ -441,6 +441,45 @@ def test_one_run_at_a_time_per_output_folder(tmp_path):
             raise RuntimeError("a crash")
     with _output_lock(str(tmp_path), "x"):
         pass
+    # a file system that takes no locks (Lustre noflock, NFS without lockd): the run goes on, with a note
+    import errno
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _output_lock(str(tmp_path), "x"):
+        with _output_lock(str(tmp_path), "x"):
+            pass
+    r = capsys.readouterr()
+    assert "takes no file locks" in r.err + r.out
+
+
+def test_resume_differences_by_what_the_settings_mean(tmp_path, monkeypatch):
+    """Settings compare by meaning: a model path by the folder it names (a relative path stored by a run started
+    elsewhere included), the step count only where no schedule is laid out over it."""
+    import json
+
+    from softgrpo_jax.config import resolved_path, resume_differences
+
+    SMOKE_CFG = "demo_smollm2_smoke"  # (the bundled config by name, wherever the working directory is)
+    (tmp_path / "a" / "models" / "base").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    saved = json.loads(get_config(SMOKE_CFG, ["--config.model.path=models/base"]).to_json_best_effort())
+    paths = {"model.path": resolved_path("models/base")}
+    monkeypatch.chdir(tmp_path / "b")
+    here = str(tmp_path / "a" / "models" / "base")
+    assert resume_differences(saved, get_config(SMOKE_CFG, [f"--config.model.path={here}"]), paths) == []
+    assert resume_differences(saved, get_config(SMOKE_CFG, [f"--config.model.path={here}"])) == ["model.path"]
+    assert resume_differences(saved, get_config(SMOKE_CFG, [f"--config.model.path={tmp_path / 'b'}"]),
+                              paths) == ["model.path"]
+    more = [f"--config.model.path={here}", "--config.trainer.total_steps=50", "--config.rl.micro_batch_size=1"]
+    assert resume_differences(saved, get_config(SMOKE_CFG, more), paths) == []
+    cos = ["--config.optim.schedule=warmup_cosine", "--config.optim.warmup_steps=2"]
+    saved_cos = json.loads(get_config(SMOKE_CFG, ["--config.model.path=models/base", *cos]).to_json_best_effort())
+    assert resume_differences(saved_cos, get_config(SMOKE_CFG, more + cos), paths) == ["trainer.total_steps"]
 
 
 def test_a_training_checkpoint_loads_as_a_model(tmp_path, capsys):

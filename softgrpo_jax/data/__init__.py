@@ -93,23 +93,35 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
 
 
 def _prepare_once(name: str, **kw):
-    """:func:`prepare` in a multi-process run: process 0 prepares while the others wait, then they read its copy
-    (a data folder they share) or prepare their own (a folder of their own), instead of every process writing
-    the same folder at once. A missing source file fails on every process, before the wait."""
+    """:func:`prepare` in a multi-process run (``jax.distributed`` initialised; every process calls it, as it calls
+    :func:`load_split`): process 0 prepares while the others wait, then they read its copy (a data folder they
+    share) or prepare their own (a folder of their own), instead of every process writing the same folder at once.
+    An error of process 0 ends every process, with its message."""
     import jax
 
-    if jax.process_count() == 1:
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
         return prepare(name, **kw)
-    from softgrpo_jax.data import builders
-    from softgrpo_jax.distributed import is_main_process, sync
+    import numpy as np
+    from jax.experimental import multihost_utils
 
-    root = kw.get("data_dir") or builders.default_data_dir()
-    mdir = os.path.expanduser(kw["manual_dir"]) if kw.get("manual_dir") else builders.default_manual_dir(root)
-    for split in builders.FILE_STEMS.get(name, {}):
-        builders.find_file(name, split, mdir)
-    builder = prepare(name, **kw) if is_main_process() else None
-    sync(f"softgrpo-data-{name}")
-    return builder if builder is not None else prepare(name, **kw)
+    from softgrpo_jax.data.files import DataFileError
+    from softgrpo_jax.distributed import is_main_process
+
+    builder, err = None, None
+    if is_main_process():
+        try:
+            builder = prepare(name, **kw)
+        except Exception as e:  # noqa: BLE001 - told to the others below, then raised here
+            err = e
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(err is not None)))
+    if err is not None:
+        raise err
+    if failed:
+        raise DataFileError(f"data set {name}: process 0 could not prepare it (its error says why); fix that and "
+                            f"start the run again")
+    if builder is not None:
+        return builder
+    return prepare(name, **{**kw, "rebuild": False})  # (process 0 rebuilt it already where asked)
 
 
 def load_split(name: str, split: str, *, data_dir: str | None = None, manual_dir: str | None = None,

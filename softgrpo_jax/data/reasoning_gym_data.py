@@ -37,14 +37,21 @@ def parse_tasks(text: str) -> tuple:
     if text[:1] in ("(", "["):
         import ast
 
-        return tuple(ast.literal_eval(text))
+        v = ast.literal_eval(text)
+        if not isinstance(v, (tuple, list)):
+            raise ValueError(f"{text} is not a tuple of tasks")
+        return tuple(v)
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def task_problems(tasks: Sequence) -> list[str]:
     """What is wrong with ``tasks`` (names reasoning-gym does not have, weights, settings its task config refuses),
-    one message each; empty when ``generate`` can use them."""
-    from reasoning_gym.factory import DATASETS
+    one message each; empty when ``generate`` can use them (or reasoning-gym is not installed here: the machine
+    that generates the problems checks them)."""
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        return []
 
     out, weights = [], []
     for t in tasks:
@@ -70,6 +77,10 @@ def task_problems(tasks: Sequence) -> list[str]:
             kw = dict(items)
         except (TypeError, ValueError):
             out.append(f"task {name!r}: its settings {items!r} are not ((key, value), ...) pairs")
+            continue
+        if {"seed", "size"} & set(kw):
+            out.append(f"task {name!r}: its seed and size come from data.reasoning_gym.seed / train_size / "
+                       "test_size, not from its settings")
             continue
         try:
             c = DATASETS[name][1](**kw)
