@@ -24,8 +24,8 @@ from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState,
-                                     UnreadableCheckpoint, make_optimizer, processed_slots, rollout_to_batch,
-                                     split_micro, token_budget_groups)
+                                     UnreadableCheckpoint, make_optimizer, processed_slots, read_jsonl,
+                                     rollout_to_batch, split_micro, token_budget_groups)
 from softgrpo_jax.sampling import RolloutEngine
 
 
@@ -210,20 +210,6 @@ def _output_lock(out: str, where: str):
     finally:
         if f is not None:
             f.close()  # (closing releases the lock)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    """The JSON objects of a JSON-lines file (lines cut by a kill, and anything but objects, skipped)."""
-    out = []
-    with open(path, errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -586,7 +572,7 @@ class Run:
         path = os.path.join(self.out, "metrics.jsonl")
         steps = 0
         if os.path.isfile(path):
-            steps = sum(1 for r in _read_jsonl(path) if r.get("kind", "train") == "train")
+            steps = sum(1 for r in read_jsonl(path) if r.get("kind", "train") == "train")
         if not steps:
             return
         export = os.path.join(self.out, "hf_export")

@@ -410,18 +410,21 @@ class MetricsLog:
             self.tb.flush()
 
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        out = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict):
-                    out.append(rec)
-        return out
+        return read_jsonl(self.path) if os.path.exists(self.path) else []
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file (lines cut by a kill, and anything but objects, skipped)."""
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
 
 
 def _py(v):
