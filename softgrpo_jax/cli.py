@@ -122,10 +122,16 @@ def cmd_eval(args, overrides):
 
     if not is_main_process():  # every process holds the same results; one writes them
         return 0
+    kept = None
+    if os.path.isdir(out) and os.listdir(out):  # an earlier evaluation (another model, maybe): kept, not replaced
+        from softgrpo_jax.fs import set_aside
+
+        kept = set_aside(out)
     summaries = evaluation.write_reports(out, res, ks=ks, config={"model": cfg.model.path, "mode": cfg.eval.mode},
                                          title=cfg.name)
     print(evaluation.markdown_table(summaries))
-    log(f"wrote {out}/summary.md, summary.json, pass_at_k.png ({timing})")
+    log(f"wrote {out}/summary.md, summary.json, pass_at_k.png ({timing})"
+        + (f"; the earlier evaluation there is kept in {kept}" if kept else ""))
     return 0
 
 

@@ -1,5 +1,6 @@
-"""File-system modes: what ``open`` and ``mkdir`` give by default (0666 / 0777 less the umask), for the files and
-folders that are first made private by ``mkstemp`` or a library and then become the user's output."""
+"""File-system helpers: the modes ``open`` and ``mkdir`` give by default (0666 / 0777 less the umask), for the files
+and folders that are first made private by ``mkstemp`` or a library and then become the user's output; and keeping an
+earlier output beside a new one."""
 
 from __future__ import annotations
 
@@ -24,4 +25,14 @@ def default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-__all__ = ["current_umask", "default_file_mode"]
+def set_aside(path: str) -> str:
+    """Rename ``path`` (a file or folder) to the first free ``path.N`` (N = 1, 2, ...) and return the new name: an
+    earlier result is kept beside the new one rather than overwritten."""
+    k = 1
+    while os.path.lexists(f"{path}.{k}"):
+        k += 1
+    os.replace(path, f"{path}.{k}")
+    return f"{path}.{k}"
+
+
+__all__ = ["current_umask", "default_file_mode", "set_aside"]

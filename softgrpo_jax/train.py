@@ -21,6 +21,7 @@ from ml_collections import ConfigDict
 from softgrpo_jax import evaluation, rewards
 from softgrpo_jax.config import engine_options, eval_sampling_config, loss_config, resolved_path, sampling_config
 from softgrpo_jax.errors import debug_enabled, os_errno_in, os_error_message
+from softgrpo_jax.fs import set_aside
 from softgrpo_jax.distributed import allgather_rows, is_main_process, local_rows, make_mesh, to_host
 from softgrpo_jax.rl.objective import group_advantages, loss_denominator
 from softgrpo_jax.rl.trainer import (Checkpointer, GracefulInterrupt, MetricsLog, PolicyState,
@@ -581,12 +582,9 @@ class Run:
                                   f"{export}) but no checkpoint to resume from; choose a new output folder, or move "
                                   f"metrics.jsonl and hf_export aside to train again")
         if is_main_process():
-            k = 1
-            while os.path.exists(f"{path}.{k}"):
-                k += 1
-            os.replace(path, f"{path}.{k}")
+            kept = set_aside(path)
             log(f"no checkpoint in {self.ckpt.dir}: training from step 0; the {steps} steps an earlier start "
-                f"logged are kept in {path}.{k}")
+                f"logged are kept in {kept}")
 
     def train(self, *, evaluate_after: bool = True) -> dict:
         """Train (resuming from the latest checkpoint), then evaluate with ``cfg.eval`` unless ``evaluate_after`` is

@@ -74,6 +74,14 @@ def test_eval_writes_reports(tmp_path):
     for k in ("pass@1", "pass@2", "unbiased_pass@2", "maj@2", "mean_response_tokens"):
         assert k in s
     assert os.path.getsize(os.path.join(out, "eval", "pass_at_k.png")) > 1000
+    # a second evaluation into the same folder keeps the first one beside it
+    rc = main(["eval", "--config", "configs/demo_smollm2_smoke.py", f"--config.model.path={d}",
+               f"--config.trainer.output_dir={out}", "--config.eval.n_samples=2", "--config.eval.ks=(1,2)",
+               "--config.data.eval_limit=2", "--config.trainer.mesh=(1,1,-1)"])
+    assert rc == 0
+    new = json.load(open(os.path.join(out, "eval", "summary.json")))["summaries"]["reasoning_gym"]
+    old = json.load(open(os.path.join(out, "eval.1", "summary.json")))["summaries"]["reasoning_gym"]
+    assert (new["n_problems"], new["n_samples"]) == (2, 2) and old == s
 
 
 def test_train_sigint_then_resume(tmp_path):
