@@ -866,6 +866,29 @@ def test_token_logprobs_score_mask(tiny):
     assert np.all(got[np.asarray(batch["soft_mask"])] <= -1.0 + 1e-6)
 
 
+def test_token_logprobs_ignore_ytil_outside_soft_steps(tiny):
+    """ytil at padding and at discrete steps (NaN, huge) changes neither the log-probs nor the gradient, which
+    stays finite: a masked-out branch must not carry 0 * NaN back."""
+    _, model = tiny
+    batch = make_batch(model.config.vocab_size, seed=5)
+    outside = ~(np.asarray(batch["attention_mask"]) & np.asarray(batch["soft_mask"]))
+    y = np.asarray(batch["topk_ytil"]).copy()
+    y[outside] = np.nan
+    y[outside & (np.arange(y.shape[1]) % 2 == 0)[None]] = 1e30
+    dirty = {**batch, "topk_ytil": jnp.asarray(y)}
+    w = jnp.asarray(batch["loss_mask"], jnp.float32)
+
+    def f(m, b):
+        return jnp.sum(w * rl.token_logprobs(m, b, tau=0.1))
+
+    clean_lp, dirty_lp = (np.asarray(rl.token_logprobs(model, b, tau=0.1)) for b in (batch, dirty))
+    np.testing.assert_array_equal(dirty_lp, clean_lp)
+    g1, g2 = (nnx.jit(nnx.grad(f))(model, b) for b in (batch, dirty))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert np.all(np.isfinite(np.asarray(b)))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
 # ------------------------------------------------------------------------------------------------ loss_fn on a model
 def _named_grads(grads):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(grads)}

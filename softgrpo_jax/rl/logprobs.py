@@ -277,6 +277,9 @@ def token_logprobs(model, batch: Mapping[str, Any], *, tau, temperature: float =
     mask = jnp.asarray(batch["attention_mask"], bool)
     B, T = tokens.shape
     disc = discrete_positions(batch, discrete_from_ids=discrete_from_ids)
+    # ytil counts only at real soft steps; whatever stands elsewhere (padding, leftovers at discrete steps, even a
+    # NaN) must reach neither the inputs nor, through a masked-out branch, the gradient
+    batch = {**batch, "topk_ytil": jnp.where((mask & ~disc)[..., None], batch["topk_ytil"], 0.0)}
 
     emb = rebuild_inputs(model.embedding_table(), batch, tau=tau, discrete_from_ids=discrete_from_ids)
     if "prefix_idx" in batch:  # shared prompts: the rows hold responses only (see the docstring)
