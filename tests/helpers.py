@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 # LLVM's optimisation of the machine code XLA:CPU emits, off in test processes: the tests' programs are many and

@@ -450,7 +450,6 @@ def _escape_model(path, tok_dir):
     """A tiny Llama whose every next token is ESC (0x1b): the layers add nothing, dimension 0 of every embedding is
     1, the final norm keeps only that dimension, and only ESC's output row reads it."""
     import torch
-    import transformers
 
     from softgrpo_jax import load_tokenizer
 

@@ -113,7 +113,7 @@ def test_train_sigint_then_resume(tmp_path):
     cmd[cmd.index("--config.trainer.total_steps=40")] = f"--config.trainer.total_steps={saved[-1] + 1}"
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"resumed from" in r.stdout + r.stderr
+    assert "resumed from" in r.stdout + r.stderr
     steps = [json.loads(line)["step"] for line in open(metrics) if json.loads(line)["kind"] == "train"]
     assert steps == list(range(1, saved[-1] + 2))
     assert os.path.isfile(os.path.join(out, "hf_export", "config.json"))

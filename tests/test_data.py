@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from softgrpo_jax import data as D
-from softgrpo_jax.data import builders as B
 from softgrpo_jax.data import reasoning_gym_data as G
 
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."

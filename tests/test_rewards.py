@@ -267,7 +267,6 @@ EVAL_TABLE = [
 def test_eval_scorer_table(pool):
     comps, golds, fmts = zip(*[(c, g, f) for c, g, f, _ in EVAL_TABLE])
     res = R.eval_score_batch(list(comps), list(golds), gold_format=list(fmts), pool=pool, timeout_s=10.0)
-    want = [w for *_, w in EVAL_TABLE]
     bad = [(c, g, w, x) for (c, g, _, w), x in zip(EVAL_TABLE, res.correct.tolist()) if w != x]
     assert not bad, bad
     assert res.answers[1] == res.answers[2] == "1/2"  # canonical answers for voting

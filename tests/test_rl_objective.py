@@ -658,9 +658,8 @@ def test_loss_gradient_vs_torch_autograd(tiny):
     """The trainer's loss (``loss_fn``, on-policy: ratio 1, no KL) has the gradient of -sum(adv * lp) / N, and it
     equals torch autograd through transformers' model and the Gumbel density written in torch, for every parameter:
     soft and discrete targets, slots clamped by the clip (no gradient) and inside it. No slot sits on a clip
-    boundary (there, whether a slot gets gradient is decided by float rounding: README, "A numerical fact")."""
-    import torch
-
+    boundary (there, without the slot records, float rounding decides whether a slot gets gradient: docs/algorithm.md,
+    "Quirks of the original", 8)."""
     from softgrpo_jax.checkpoint.hf import hf_name_to_param
 
     torch_model, model = tiny
