@@ -100,6 +100,8 @@ def base_config() -> ConfigDict:
         max_tokens_per_micro_batch=0,  # > 0: token-budget micro-batches instead (rows grouped by length, at most
         #   this many padded tokens per device each, padded to their own length bucket: rl/batching.py); 0 = fixed
         #   rows (micro_batch_size), every row padded to the longest
+        new_shape_cost=0.1,  # token-budget micro-batches: a shape not compiled yet costs this share of a
+        #   micro-batch's budget in the plan (micro-batches reuse compiled lengths; 0: padding alone decides)
         share_prompt=False,  # token-budget micro-batches only: where it saves a third of the token slots or more,
         #   a micro-batch computes each distinct prompt once and its rows continue it (the same loss). Pays where
         #   prompts are long against the responses; uses XLA's attention for those micro-batches (no cuDNN/splash)
@@ -348,7 +350,7 @@ RESUME_MAY_CHANGE = (
     "name", "model.remat", "model.attention", "data.data_dir", "data.manual_dir", "data.eval", "data.eval_limit",
     "rollout.embed_impl", "rollout.layout", "rollout.attention", "rollout.schedule", "rollout.chunk_steps",
     "rollout.fuse_projections", "rollout.max_rows_per_device", "rl.micro_batch_size",
-    "rl.max_tokens_per_micro_batch", "rl.share_prompt", "rl.old_logprobs", "rl.logprob_chunk_size",
+    "rl.max_tokens_per_micro_batch", "rl.new_shape_cost", "rl.share_prompt", "rl.old_logprobs", "rl.logprob_chunk_size",
     "reward.workers", "reward.timeout_s", "trainer.output_dir", "trainer.total_steps", "trainer.save_every",
     "trainer.keep_checkpoints", "trainer.eval_every", "trainer.eval_before", "trainer.export_hf", "trainer.mesh",
     "trainer.log_every", "trainer.tensorboard", "trainer.progress", "trainer.resume_changed",
@@ -521,6 +523,7 @@ def validate_config(cfg: ConfigDict) -> None:
     need(not rl.share_prompt or rl.max_tokens_per_micro_batch > 0,
          "rl.share_prompt=true needs token-budget micro-batches (rl.max_tokens_per_micro_batch > 0)")
     num_check("rl.kl_coef", lambda v: v >= 0, ">= 0")
+    num_check("rl.new_shape_cost", lambda v: 0 <= v < float("inf"), ">= 0 and finite")
     # optim
     num_check("optim.lr", lambda v: v >= 0, ">= 0")
     num_check("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")

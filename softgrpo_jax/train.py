@@ -282,6 +282,7 @@ class Run:
         self.loss_cfg = loss_config(cfg.rl, noise=cfg.rollout.noise)
         self.policy = PolicyState(model, tx, self.loss_cfg, self.mesh, ref_model=ref)
         self.share_prompt = bool(cfg.rl.share_prompt) and cfg.rl.max_tokens_per_micro_batch > 0
+        self.micro_shapes: set[tuple[int, int]] = set()  # token-budget micro-batch shapes (T, R) compiled so far
         self.rollout_mode = mode
         samp = dataclasses.replace(sampling_config(cfg.rollout), mode=mode)
         # prompts are left-padded to length buckets of at least 128 tokens: few compiled shapes
@@ -434,11 +435,17 @@ class Run:
         for m in range(n_mini):
             rows = {k: v[m * mini_rows:(m + 1) * mini_rows] for k, v in batch.items()}
             groups = []
-            for g in token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp, prompt_width=prompt_width):
+            planned = token_budget_groups(rows, rl.max_tokens_per_micro_batch, n_dp, prompt_width=prompt_width,
+                                          known=self.micro_shapes, new_shape_cost=rl.new_shape_cost)
+            # one micro-batch per call: a compiled program then depends on the shape (T, R) alone, not on how many
+            # micro-batches of it a mini-batch has, so later steps reuse it
+            for g in (jax.tree.map(lambda a, i=i: a[i:i + 1], g) for g in planned for i in range(len(g["tokens"]))):
+                if "prefix_idx" not in g:
+                    self.micro_shapes.add((g["tokens"].shape[2], g["tokens"].shape[1]))
                 p, r = processed_slots(g)
                 processed, real = processed + p, real + r
-                n_micro += g["tokens"].shape[0]
-                n_shared += g["tokens"].shape[0] if "prefix_idx" in g else 0
+                n_micro += 1
+                n_shared += 1 if "prefix_idx" in g else 0
                 mb = self.policy.put(g)
                 if first_on_policy and m == 0:  # placeholders when later mini-batches have old log-probs
                     old = None if n_mini == 1 else self.policy.put(np.zeros(g["tokens"].shape, np.float32))
@@ -485,6 +492,8 @@ class Run:
     def save(self, step: int):
         meta = {"step": step, "seed": self.cfg.trainer.seed, "data_position": step * self.cfg.rl.train_batch_size,
                 "total_steps": self.total_steps, "config": json.loads(self.cfg.to_json_best_effort()),
+                # the token-budget shapes compiled so far: a resumed run plans (and so sums) as the unbroken one
+                "micro_batch_shapes": sorted([int(T), int(R)] for T, R in self.micro_shapes),
                 "resolved_paths": {k: resolved_path(v) for k, v in (("model.path", self.cfg.model.path),
                                                                     ("ref_model.path", self.cfg.ref_model.path))}}
         try:
@@ -561,6 +570,7 @@ class Run:
             raise CheckpointError(f"{msg}; the run in {where} was made with another model or optimizer: choose a "
                                   f"new output folder") from None
         self.policy.params, self.policy.opt_state = params, opt
+        self.micro_shapes = {(int(T), int(R)) for T, R in meta.get("micro_batch_shapes") or []}
         log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
         return int(latest)
 

@@ -135,3 +135,39 @@ def test_shared_prompt_plan_and_gather(n_dev, groups, n, budget, prompt, cap):
         assert prompt == 512 and all(p.prompts is not None for p in chosen)
     if processed >= 0.8 * rows_only:
         assert all(p.prompts is None for p in chosen)
+
+
+@pytest.mark.parametrize("n_dev,B,budget,cap,prompt", [(1, 32, 4096, 1024, 128), (8, 256, 16384, 8192, 1024)])
+def test_plan_reuses_compiled_shapes(n_dev, B, budget, cap, prompt):
+    """With the shapes of earlier plans known and a cost on new ones, later plans reuse them (padding to a longer
+    known length where that holds the rows within the budget): far fewer shapes over many batches, every row still
+    once and within the budget, a little more padding. Without known shapes the cost changes nothing."""
+    def run(cost, steps=12):
+        known, processed, real, new = set(), 0, 0, []
+        for s in range(steps):
+            L = _lengths(B, cap, prompt, seed=100 + s)
+            plans = plan_micro_batches(L, budget, n_dev, known=known, new_shape_cost=cost)
+            seen = np.concatenate([p.rows[~p.filler] for p in plans])
+            np.testing.assert_array_equal(np.sort(seen), np.arange(B))
+            for p in plans:
+                R = p.rows.shape[1]
+                assert R % n_dev == 0 and L[p.rows].max() <= p.length
+                assert R // n_dev * p.length <= max(budget, p.length)
+                assert not p.filler.all(axis=1).any()
+            processed += sum(p.rows.size * p.length for p in plans)
+            real += int(L.sum())
+            shapes = {(p.length, p.rows.shape[1]) for p in plans}
+            new.append(len(shapes - known))
+            known |= shapes
+        return len(known), 1 - real / processed, new
+
+    free, pad_free, _ = run(0.0)
+    kept, pad_kept, new = run(0.1)
+    assert kept <= free // 2, (kept, free)
+    assert sum(new[1:]) <= new[0]  # the first batch's shapes serve most later ones
+    assert pad_kept <= pad_free + 0.06, (pad_kept, pad_free)
+    L = _lengths(B, cap, prompt)
+    a, b = plan_micro_batches(L, budget, n_dev), plan_micro_batches(L, budget, n_dev, new_shape_cost=0.5)
+    assert [(p.length, p.rows.tolist()) for p in a] == [(p.length, p.rows.tolist()) for p in b]
+    with pytest.raises(ValueError, match="new_shape_cost"):
+        plan_micro_batches(L, budget, n_dev, new_shape_cost=-1)

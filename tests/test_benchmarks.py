@@ -79,6 +79,9 @@ CASES = {
         ["--small"],
         [rf"\| static \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|", rf"\| chunked \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
          r"check: the same lengths True; .*: ok"]),
+    "count_train_shapes": (
+        ["--small"],
+        [rf"\| 0 \| {NUM}% \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|", rf"\| 0.1 \| {NUM}% \| {NUM} \|"]),
     "bench_soft_embed": (  # the Pallas GPU kernel in interpret mode; --no-sweep: its default tile only
         ["--small", "--interpret", "--no-sweep"],
         [rf"\| training N=200 \| Pallas fused \| {NUM} us per call \|", r"correctness OK"]),

@@ -362,6 +362,14 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path, extra):
         for k, v in a.items():
             if not any(s in k for s in skip):
                 assert b[k] == v, (a["step"], k, v, b[k])
+    if len(extra) == 1:  # the token-budget shapes compiled so far travel with the checkpoints, so resumed plans
+        from softgrpo_jax.rl.trainer import Checkpointer  # are the unbroken run's
+
+        shapes = [Checkpointer(str(tmp_path / d / "checkpoints")).read_meta(3)["micro_batch_shapes"]
+                  for d in ("full", "cut")]
+        assert shapes[0] and shapes[0] == shapes[1], shapes
+        again = Run(_run_cfg(mdir, str(tmp_path / "cut"), 3, extra), reward_fn=_letter_reward)
+        assert again.maybe_resume() == 3 and again.micro_shapes == {tuple(x) for x in shapes[1]}
     if extra:
         return
     _resume_refusals(tmp_path, mdir, str(tmp_path / "cut"))

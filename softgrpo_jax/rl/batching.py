@@ -58,7 +58,8 @@ class MicroBatches:
 
 
 def plan_micro_batches(lengths, max_tokens: int, n_devices: int = 1, *, granule: int = 64,
-                       steps: int = 8, overhead_share: float = 1 / 32) -> list[MicroBatches]:
+                       steps: int = 8, overhead_share: float = 1 / 32, known=(),
+                       new_shape_cost: float = 0.0) -> list[MicroBatches]:
     """Group rows of real lengths ``lengths`` [B] into micro-batches of at most ``max_tokens`` padded tokens per
     device (one row per device at least, whatever its length).
 
@@ -70,14 +71,27 @@ def plan_micro_batches(lengths, max_tokens: int, n_devices: int = 1, *, granule:
     read once per pass; a larger share gives fewer, fuller micro-batches and fewer compiled shapes, a smaller one
     less padding: 1/32 kept it near 7% on RL-like lengths); powers of two keep the number of compiled shapes
     small. Micro-batches of one shape are returned
-    together (the trainer scans over them)."""
+    together.
+
+    Every shape is a compiled program (one for the update, one for the log-prob passes), and a run meets new lengths
+    at every step. ``known``: the shapes ``(length, rows)`` compiled already; a micro-batch may take one of them
+    whenever it holds its rows within the budget (padding to a longer known length), and, once ``known`` holds
+    anything, a shape not in it costs ``new_shape_cost`` of a micro-batch's budget more. A small cost settles a run
+    on a few dozen shapes at little extra padding (``benchmarks/count_train_shapes.py``); 0: padding alone decides."""
     lengths = np.asarray(lengths, np.int64)
     if max_tokens <= 0 or n_devices <= 0:
         raise ValueError(f"max_tokens ({max_tokens}) and n_devices ({n_devices}) must be positive")
+    if new_shape_cost < 0:
+        raise ValueError(f"new_shape_cost must be >= 0, got {new_shape_cost}")
     order = np.argsort(-lengths, kind="stable")
     B = len(order)
     buckets = [token_bucket(max(int(lengths[r]), 1), granule, steps) for r in order]
     overhead = max_tokens * n_devices * overhead_share
+    known = {(int(T), int(R)) for T, R in known}
+    # known shapes this plan may use: rows dealt evenly to the devices, within the budget (one row per device always)
+    usable = sorted((T, R) for T, R in known if R % n_devices == 0 and (R == n_devices or R // n_devices * T
+                                                                          <= max_tokens))
+    penalty = new_shape_cost * max_tokens * n_devices if known else 0.0
     best = np.full(B + 1, np.inf)
     choice = [None] * (B + 1)
     best[B] = 0.0
@@ -85,16 +99,16 @@ def plan_micro_batches(lengths, max_tokens: int, n_devices: int = 1, *, granule:
         T = buckets[i]
         cap = max(1, max_tokens // T)
         sizes = sorted({c for c in (2 ** e for e in range(cap.bit_length())) if c <= cap} | {cap})
-        for c in sizes:
-            j = min(B, i + c * n_devices)
-            cost = c * n_devices * T + overhead + best[j]
+        for L, R in [(T, c * n_devices) for c in sizes] + [s for s in usable if s[0] >= T]:
+            j = min(B, i + R)
+            cost = R * L + overhead + best[j] + (0.0 if (L, R) in known else penalty)
             if cost < best[i]:
-                best[i], choice[i] = cost, (c, j)
+                best[i], choice[i] = cost, (L, R, j)
     groups: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     i = 0
     while i < B:
-        c, j = choice[i]
-        T, R = buckets[i], c * n_devices
+        T, R, j = choice[i]
+        c = R // n_devices
         take = order[i:j]
         filler = np.zeros(R, bool)
         if len(take) < R:
@@ -264,15 +278,17 @@ SHARE_AT = 2 / 3
 
 
 def plan_token_budget(batch: dict[str, np.ndarray], max_tokens: int, n_devices: int = 1, *, granule: int = 64,
-                      prompt_width: int | None = None, overhead_share: float = 1 / 32) -> list[MicroBatches]:
+                      prompt_width: int | None = None, overhead_share: float = 1 / 32, known=(),
+                      new_shape_cost: float = 0.0) -> list[MicroBatches]:
     """The micro-batches of a trainer batch: ``plan_micro_batches`` over its rows, or, with ``prompt_width`` (its
     prompt columns), ``plan_prefix_micro_batches`` where that processes at most ``SHARE_AT`` of the token slots
     (each micro-batch counting ``overhead_share`` of the budget, as the plans do): shared prompts win where prompts
     weigh against the responses, rows where the responses' lengths matter more than their prompts. (The margin:
     a shared micro-batch costs more per slot on XLA:CPU, two passes and no fused attention; a SmolLM2 update over
-    4 prompts x 8 rows with 1.33x fewer slots ran 1.02x faster, with 2.9x fewer 2.26x faster.)"""
+    4 prompts x 8 rows with 1.33x fewer slots ran 1.02x faster, with 2.9x fewer 2.26x faster.) ``known`` and
+    ``new_shape_cost``: ``plan_micro_batches``' (the rows' plan only)."""
     rows = plan_micro_batches(row_lengths(batch), max_tokens, n_devices, granule=granule,
-                              overhead_share=overhead_share)
+                              overhead_share=overhead_share, known=known, new_shape_cost=new_shape_cost)
     if not prompt_width:
         return rows
     pid, plen, rlen = prompt_ids(batch, prompt_width)

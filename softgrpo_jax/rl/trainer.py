@@ -87,13 +87,16 @@ def split_micro(batch: dict[str, np.ndarray], n_micro: int) -> dict[str, np.ndar
 
 
 def token_budget_groups(batch: dict[str, np.ndarray], max_tokens: int, n_devices: int = 1, *, granule: int = 64,
-                        prompt_width: int | None = None) -> list[dict[str, np.ndarray]]:
+                        prompt_width: int | None = None, known=(),
+                        new_shape_cost: float = 0.0) -> list[dict[str, np.ndarray]]:
     """A mini-batch (rows of a ``rollout_to_batch`` batch) as token-budget micro-batches (``rl.batching``): one
     dict per micro-batch shape, arrays ``[n_micro, R, T, ...]``, R divisible by ``n_devices``, T a multiple of
     ``granule``. ``prompt_width`` (the batch's prompt columns, ``Rollout.prompt_tokens.shape[1]``): shared
     prompts where they process fewer token slots (``plan_token_budget``), each distinct prompt of a micro-batch
-    computed once (``gather_prefix_micro_batches``' layout)."""
-    plans = plan_token_budget(batch, max_tokens, n_devices, granule=granule, prompt_width=prompt_width)
+    computed once (``gather_prefix_micro_batches``' layout). ``known`` / ``new_shape_cost``: shapes ``(T, R)``
+    compiled already, and what a new one costs (``plan_micro_batches``)."""
+    plans = plan_token_budget(batch, max_tokens, n_devices, granule=granule, prompt_width=prompt_width,
+                              known=known, new_shape_cost=new_shape_cost)
     return [gather_micro_batches(batch, p) if p.prompts is None else
             gather_prefix_micro_batches(batch, p, prompt_width) for p in plans]
 
