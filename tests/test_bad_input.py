@@ -319,6 +319,7 @@ def test_a_mistyped_config_path_is_not_a_bundled_config(tmp_path, capsys):
     (["--config.rl.group_size=-3"], ["rl.group_size=-3"]),
     (["--config.rl.train_batch_size=3"], ["rl.train_batch_size=3", "rl.mini_batch_size=2"]),
     (["--config.rl.micro_batch_size=3"], ["rl.micro_batch_size=3", "does not split"]),
+    (["--config.rl.new_shape_cost=-0.5"], ["rl.new_shape_cost=-0.5 must be >= 0 and finite"]),
     (["--config.trainer.mesh=(0,1,1)"], ["trainer.mesh"]),
     (["--config.rollout.mode=hard", "--config.rollout.top_p=0"], ["rollout.mode='hard'", "rollout.top_p=0"]),
     (["--config.data.train=gsm9k"], ["data.train='gsm9k'"]),
