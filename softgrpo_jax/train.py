@@ -570,7 +570,10 @@ class Run:
             raise CheckpointError(f"{msg}; the run in {where} was made with another model or optimizer: choose a "
                                   f"new output folder") from None
         self.policy.params, self.policy.opt_state = params, opt
-        self.micro_shapes = {(int(T), int(R)) for T, R in meta.get("micro_batch_shapes") or []}
+        try:  # (only what the plans reuse: a checkpoint without it resumes with none)
+            self.micro_shapes = {(int(T), int(R)) for T, R in meta.get("micro_batch_shapes") or []}
+        except (TypeError, ValueError):
+            self.micro_shapes = set()
         log(f"resumed from {self.ckpt.dir}/{latest} (data position {meta.get('data_position')})")
         return int(latest)
 
